@@ -1,0 +1,1 @@
+"""Core building blocks: NestedMap, Params, BaseLayer, layers and the GPipe pipeline."""
