@@ -1,0 +1,76 @@
+"""ModelParams: the base class of a registered experiment config.
+
+Invariant: a config is only Params. `Model()` returns one tree with the children `task`,
+`train` and `input` plus the registry `name`, and in every registered config the network's
+Params sit at `task.network`, so tools (the trainer, size and cost reports, the partitioner)
+find the network in the same place whatever the task.
+
+A config declares, it does not build: this module and the configs import no ML framework.
+"""
+
+from __future__ import annotations
+
+from lingvo_gpipe.core import hyperparams
+
+# The package whose modules are registered experiment configs; their names omit it.
+PARAMS_PACKAGE = 'params'
+
+
+class ModelParams:
+  """Base class of an experiment config; register a subclass with `@RegisterModel`.
+
+  Subclasses must override `Task()` and may override `Train()` and `Input()`, usually by
+  calling the base method and changing a few fields.
+  """
+
+  @classmethod
+  def RegistryName(cls) -> str:
+    """The name this config is registered and looked up under (`--model=`).
+
+    Its module path below the `params` package plus its class name: class `AmoebaNetD` in
+    module `params.image.cifar10` is `image.cifar10.AmoebaNetD`. A class defined outside
+    `params` keeps its full module path.
+    """
+    module = cls.__module__
+    prefix = PARAMS_PACKAGE + '.'
+    if module.startswith(prefix):
+      module = module[len(prefix):]
+    return f'{module}.{cls.__qualname__}'
+
+  def Task(self) -> hyperparams.Params:
+    """Params of what is learned; the network's Params must be the child `network`."""
+    raise NotImplementedError(
+        f'{type(self).__module__}.{type(self).__qualname__} must override Task() to return '
+        'the task Params (with the network Params at task.network).')
+
+  def Train(self) -> hyperparams.Params:
+    """Params of the training loop: optimizer, learning rate, step counts."""
+    p = hyperparams.Params()
+    p.Define('optimizer', 'sgd', "Optimizer name, e.g. 'sgd', 'momentum', 'adam', 'rmsprop'.")
+    p.Define('learning_rate', 0.1, 'Base learning rate, before any schedule.')
+    p.Define('momentum', 0.9, "Momentum coefficient; used by optimizers that have one.")
+    p.Define('clip_gradient_norm', 0.0,
+             'If > 0, clip the global norm of all gradients to this value; 0 disables.')
+    p.Define('max_steps', 1000, 'Number of training steps to run.')
+    p.Define('log_interval_steps', 100, 'Log loss and metrics every this many steps.')
+    p.Define('save_interval_steps', 500, 'Write a checkpoint every this many steps.')
+    return p
+
+  def Input(self) -> hyperparams.Params:
+    """Params of the input generator: batch size, where the data lives, which splits."""
+    p = hyperparams.Params()
+    p.Define('batch_size', 32, 'Global batch size, before splitting into micro-batches.')
+    p.Define('data_dir', None,
+             'Directory of the prepared data set; None uses the input generator default.')
+    p.Define('train_split', 'train', 'Name of the split to train on.')
+    p.Define('eval_split', 'test', 'Name of the split to evaluate on.')
+    return p
+
+  def Model(self) -> hyperparams.Params:
+    """The whole experiment as one Params tree: `name`, `task`, `train`, `input`."""
+    p = hyperparams.Params()
+    p.Define('name', self.RegistryName(), 'Registry name of this config (--model=).')
+    p.Define('task', self.Task(), 'What is learned; the network Params are at task.network.')
+    p.Define('train', self.Train(), 'Training loop settings.')
+    p.Define('input', self.Input(), 'Input generator settings.')
+    return p

@@ -1,0 +1,1 @@
+"""Minimal example configs showing how to register a model (see toy.py)."""

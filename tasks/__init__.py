@@ -1,0 +1,1 @@
+"""Tasks: what is learned (image classification, machine translation, language modelling)."""
