@@ -1,0 +1,87 @@
+"""Splits a mini-batch into micro-batches and merges them back.
+
+Invariant: `Merge(Split(x, ...)) == x` for any nested structure of tensors
+whose leaves share the batch dimension. With `num_micro_batches=M` the batch
+is cut into exactly M pieces whose sizes differ by at most one, larger ones
+first (B=10, M=4 gives 3, 3, 2, 2); with `micro_batch_size=s` into pieces of s
+and a smaller last one. Nothing is truncated or padded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import tensorflow as tf
+
+
+def MicroBatchSizes(batch_size: int,
+                    num_micro_batches: Optional[int] = None,
+                    micro_batch_size: Optional[int] = None) -> list[int]:
+  """Sizes of the micro-batches of a batch of `batch_size` examples.
+
+  Exactly one of `num_micro_batches` and `micro_batch_size` must be given.
+  """
+  if (num_micro_batches is None) == (micro_batch_size is None):
+    raise ValueError('Give exactly one of num_micro_batches and '
+                     f'micro_batch_size; got {num_micro_batches} and '
+                     f'{micro_batch_size}.')
+  if batch_size < 1:
+    raise ValueError(f'Batch size must be >= 1 to split it, got {batch_size}.')
+  if micro_batch_size is not None:
+    if micro_batch_size < 1:
+      raise ValueError(f'micro_batch_size must be >= 1, got {micro_batch_size}.')
+    full, rest = divmod(batch_size, micro_batch_size)
+    return [micro_batch_size] * full + ([rest] if rest else [])
+  if num_micro_batches < 1:
+    raise ValueError(f'num_micro_batches must be >= 1, got {num_micro_batches}.')
+  if num_micro_batches > batch_size:
+    raise ValueError(
+        f'num_micro_batches={num_micro_batches} exceeds the batch size '
+        f'{batch_size}: every micro-batch needs at least one example. Use at '
+        f'most {batch_size} micro-batches or a larger batch.')
+  base, extra = divmod(batch_size, num_micro_batches)
+  return [base + 1] * extra + [base] * (num_micro_batches - extra)
+
+
+def BatchSize(inputs: Any, batch_dim: int = 0) -> int:
+  """The static batch size shared by every leaf of `inputs`."""
+  sizes = set()
+  for leaf in tf.nest.flatten(inputs):
+    shape = tf.TensorShape(leaf.shape)
+    if shape.rank is None or shape.rank <= batch_dim:
+      raise ValueError(f'An input of shape {shape} has no batch dimension '
+                       f'{batch_dim}; every input leaf must be batched.')
+    sizes.add(shape[batch_dim])
+  if None in sizes:
+    raise ValueError(
+        f'The batch dimension {batch_dim} is not statically known (input '
+        'shapes vary); give tf.function an input_signature with a fixed batch '
+        'size or fix the shapes, so micro-batches can be sized when tracing.')
+  if len(sizes) != 1:
+    raise ValueError(
+        f'Input leaves disagree on the batch size along dim {batch_dim}: '
+        f'{sorted(sizes)}. Every input must have the same batch size.')
+  return sizes.pop()
+
+
+def Split(inputs: Any, sizes: list[int], batch_dim: int = 0) -> list[Any]:
+  """Splits every leaf of `inputs` along `batch_dim` into pieces of `sizes`."""
+  leaves = tf.nest.flatten(inputs)
+  if len(sizes) == 1:
+    return [inputs]
+  pieces = [tf.split(leaf, sizes, axis=batch_dim) for leaf in leaves]
+  return [
+      tf.nest.pack_sequence_as(inputs, [p[m] for p in pieces])
+      for m in range(len(sizes))
+  ]
+
+
+def Merge(micro_batches: list[Any], batch_dim: int = 0) -> Any:
+  """Concatenates micro-batches leaf by leaf along `batch_dim`."""
+  if not micro_batches:
+    raise ValueError('Merge needs at least one micro-batch.')
+  if len(micro_batches) == 1:
+    return micro_batches[0]
+  flat = [tf.nest.flatten(mb) for mb in micro_batches]
+  merged = [tf.concat(list(parts), axis=batch_dim) for parts in zip(*flat)]
+  return tf.nest.pack_sequence_as(micro_batches[0], merged)

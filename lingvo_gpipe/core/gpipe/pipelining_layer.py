@@ -1,0 +1,223 @@
+"""PipeliningLayer: GPipe behind one layer: partition, place, micro-batch, recompute.
+
+Invariant: for any number of cells K, micro-batches M and recompute mode, its
+outputs and gradients equal those of running its layers in sequence on each
+micro-batch (BatchNorm: statistics per micro-batch in training, moving
+averages updated once per mini-batch from all micro-batches). The layer only
+wires together single-purpose modules: partition (which layers form cell k),
+placement (where cell k runs), microbatch (how the batch is cut), and
+pipeline (the fill-drain schedule with its own backward).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import tensorflow as tf
+from absl import logging
+
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import microbatch
+from lingvo_gpipe.core.gpipe import partition
+from lingvo_gpipe.core.gpipe import pipeline
+from lingvo_gpipe.core.gpipe import placement as placement_lib
+from lingvo_gpipe.core.gpipe import profile
+from lingvo_gpipe.core.gpipe import report as report_lib
+from lingvo_gpipe.core.layers import combinators
+from lingvo_gpipe.core.nested_map import NestedMap
+
+PLACEMENT_BACKENDS = ('devices', 'tpu')
+
+
+class PipeliningLayer(base_layer.BaseLayer):
+  """Sequential layers split into K cells on K devices, run as a GPipe pipeline."""
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('cell_tpl', None, 'A list of layer Params, one per cell (cell k '
+             'feeds cell k+1). Give this or `layers`.')
+    p.Define('layers', None, 'A flat list of sequential layer Params, split '
+             'into num_partitions cells by partition_method or balance.')
+    p.Define('num_partitions', 1, 'K, the number of cells when `layers` is '
+             'given.')
+    p.Define('partition_method', 'params', 'How `layers` is balanced: '
+             "'params' (parameter count), 'flops' (FPropMeta), 'time' or "
+             "'memory' (profiled on the cells' devices).")
+    p.Define('balance', None, 'Explicit number of layers per cell (overrides '
+             'partition_method), e.g. [3, 5].')
+    p.Define('input_shapes', None, 'Shapes of FProp inputs (a list, one per '
+             'argument, batch included), needed by the flops/time/memory '
+             'partition methods and for a static FLOPs report.')
+    p.Define('num_micro_batches', 1, 'M, the number of micro-batches a batch '
+             'is split into (sizes differ by at most one).')
+    p.Define('micro_batch_size', None, 'If set, cut the batch into '
+             'micro-batches of this size (last may be smaller) instead of M.')
+    p.Define('batch_dim', 0, 'The batch dimension of every input and output.')
+    p.Define('recompute', 'always', 'Re-materialization: '
+             f'{", ".join(pipeline.RECOMPUTE_MODES)}.')
+    p.Define('placement_backend', 'devices', "'devices' (local or remote "
+             "TensorFlow device names) or 'tpu' (logical cores of the current "
+             'TPUStrategy; build the layer under strategy.scope()).')
+    p.Define('devices', None, 'Device names for cells, e.g. '
+             "['/device:GPU:0', '/device:GPU:1'] or "
+             "['/job:worker/task:0/device:CPU:0', ...]; None: this process's "
+             'GPUs, else its CPU devices. Fewer devices than cells: round robin.')
+    return p
+
+  def __init__(self, params):
+    super().__init__(params)
+    p = self.params
+    self._CheckParams()
+    cell_params = self._CellParams()
+    self.placement = self._MakePlacement(len(cell_params))
+    cells = []
+    for k, cp in enumerate(cell_params):
+      with self.placement.CellScope(k):
+        cells.append(self.CreateChild(f'cell_{k}', cp))
+    self.cells = cells
+    self._traced_input_shapes = None
+    logging.info('%s', report_lib.FormatTable(self.Report()))
+
+  # --- construction ------------------------------------------------------------
+
+  def _CheckParams(self) -> None:
+    p = self.params
+    if (p.cell_tpl is None) == (p.layers is None):
+      raise ValueError(f'{self.path}: give exactly one of cell_tpl (one Params '
+                       'per cell) and layers (a flat list to partition).')
+    chosen = p.cell_tpl if p.cell_tpl is not None else p.layers
+    if not isinstance(chosen, (list, tuple)) or not chosen:
+      raise ValueError(f'{self.path}: cell_tpl/layers must be a non-empty list '
+                       f'of layer Params, got {chosen!r}.')
+    if p.recompute not in pipeline.RECOMPUTE_MODES:
+      raise ValueError(f'{self.path}: recompute={p.recompute!r}; valid: '
+                       f'{", ".join(pipeline.RECOMPUTE_MODES)}.')
+    if p.partition_method not in partition.PARTITION_METHODS:
+      raise ValueError(f'{self.path}: partition_method={p.partition_method!r}; '
+                       f'valid: {", ".join(partition.PARTITION_METHODS)}.')
+    if p.placement_backend not in PLACEMENT_BACKENDS:
+      raise ValueError(f'{self.path}: placement_backend='
+                       f'{p.placement_backend!r}; valid: '
+                       f'{", ".join(PLACEMENT_BACKENDS)}.')
+    if p.micro_batch_size is None and p.num_micro_batches < 1:
+      raise ValueError(f'{self.path}: num_micro_batches must be >= 1, got '
+                       f'{p.num_micro_batches}.')
+
+  @classmethod
+  def CellBalance(cls, p) -> list[int]:
+    """Layers per cell: from cell_tpl, balance, or the partition method."""
+    if p.cell_tpl is not None:
+      return [1] * len(p.cell_tpl)
+    if p.balance is not None:
+      if len(p.balance) != p.num_partitions and p.num_partitions != 1:
+        raise ValueError(f'balance={p.balance} has {len(p.balance)} cells but '
+                         f'num_partitions={p.num_partitions}.')
+      return partition.ValidateBalance(p.balance, len(p.layers))
+    if p.num_partitions > len(p.layers):
+      raise ValueError(f'num_partitions={p.num_partitions} exceeds the '
+                       f'{len(p.layers)} layers; each cell needs a layer.')
+    costs = cls.LayerCosts(p)
+    return partition.Balance(costs, p.num_partitions)
+
+  @classmethod
+  def LayerCosts(cls, p) -> list[float]:
+    method = p.partition_method
+    if method in ('params', 'flops'):
+      shapes = None if p.input_shapes is None else tuple(
+          base_layer.ToShape(tuple(p.input_shapes)))
+      return partition.StaticLayerCosts(p.layers, method, shapes)
+    if p.input_shapes is None:
+      raise ValueError(f"partition_method={method!r} profiles each layer and "
+                       'needs input_shapes (one shape per FProp argument).')
+    return profile.ProfileLayers(p.layers, method,
+                                 base_layer.ToShape(tuple(p.input_shapes)))
+
+  @classmethod
+  def _CellParamsOf(cls, p) -> list:
+    if p.cell_tpl is not None:
+      return list(p.cell_tpl)
+    balance = cls.CellBalance(p)
+    cells, start = [], 0
+    for k, size in enumerate(balance):
+      cells.append(combinators.Sequential.Params().Set(
+          name=f'cell_{k}', sub=list(p.layers[start:start + size])))
+      start += size
+    return cells
+
+  def _CellParams(self) -> list:
+    return self._CellParamsOf(self.params)
+
+  def _MakePlacement(self, num_cells: int) -> placement_lib.Placement:
+    p = self.params
+    if p.placement_backend == 'tpu':
+      return placement_lib.TpuPlacement(num_cells, tf.distribute.get_strategy())
+    devices = p.devices or placement_lib.LocalDevices()
+    return placement_lib.DevicePlacement(num_cells, devices)
+
+  # --- computation ---------------------------------------------------------------
+
+  def MicroBatchSizes(self, inputs: Any) -> list[int]:
+    p = self.params
+    batch = microbatch.BatchSize(inputs, p.batch_dim)
+    if p.micro_batch_size is not None:
+      return microbatch.MicroBatchSizes(batch, micro_batch_size=p.micro_batch_size)
+    return microbatch.MicroBatchSizes(batch, num_micro_batches=p.num_micro_batches)
+
+  def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
+    p = self.params
+    x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    self._traced_input_shapes = tuple(
+        tf.nest.map_structure(lambda t: t.shape, inputs))
+    sizes = self.MicroBatchSizes(x)
+    thetas = [theta[f'cell_{k}'] for k in range(len(self.cells))]
+    return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
+                                recompute=p.recompute, batch_dim=p.batch_dim)
+
+  # --- static size, cost and report --------------------------------------------
+
+  @classmethod
+  def NumParams(cls, p) -> int:
+    return sum(c.cls.NumParams(c) for c in cls._CellParamsOf(p))
+
+  @classmethod
+  def FPropMeta(cls, p, *input_shapes):
+    shapes = tuple(input_shapes)
+    flops = 0
+    for c in cls._CellParamsOf(p):
+      meta = c.cls.FPropMeta(c, *shapes)
+      flops += meta.flops
+      shapes = tuple(meta.out_shapes)
+    return base_layer.Meta(flops, *shapes)
+
+  def Report(self) -> NestedMap:
+    """Where every layer went: per cell its layers, params, FLOPs, device.
+
+    FLOPs are per whole batch and need input_shapes or a first FProp; peak
+    memory is reported where the placement backend can measure it.
+    """
+    p = self.params
+    shapes = (tuple(base_layer.ToShape(tuple(p.input_shapes)))
+              if p.input_shapes is not None else self._traced_input_shapes)
+    cell_params = self._CellParams()
+    balance = self.CellBalance(p)
+    cells, start = [], 0
+    for k, (cp, size) in enumerate(zip(cell_params, balance)):
+      info = NestedMap(
+          cell=k, first_layer=start, num_layers=size,
+          layer_names=[l.name for l in (p.layers[start:start + size]
+                                        if p.layers is not None else [cp])],
+          num_params=cp.cls.NumParams(cp), device=self.placement.Device(k),
+          flops=None, peak_bytes=self.placement.PeakMemory(k))
+      if shapes is not None:
+        meta = cp.cls.FPropMeta(cp, *shapes)
+        info.flops = meta.flops
+        shapes = tuple(meta.out_shapes)
+      cells.append(info)
+      start += size
+    m = p.num_micro_batches if p.micro_batch_size is None else None
+    k = len(cells)
+    return NestedMap(
+        num_cells=k, num_micro_batches=m, recompute=p.recompute,
+        bubble_fraction=None if m is None else (k - 1) / (m + k - 1),
+        cells=cells)

@@ -1,0 +1,149 @@
+"""Where pipeline cell k runs: one interface, one implementation per backend.
+
+Invariant: the pipeline asks a Placement only two things, a scope to build and
+run cell k's ops in (`CellScope(k)`) and how to mark tensors as belonging to
+cell k (`Annotate(k, tensors)`); it never learns which backend it runs on.
+Local and remote devices use `tf.device`; TPU cores use the TPUStrategy's
+logical-device annotations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import tensorflow as tf
+
+
+class Placement:
+  """Base: K device slots for K cells."""
+
+  def __init__(self, num_cells: int):
+    self.num_cells = num_cells
+
+  def Device(self, cell: int) -> str:
+    """A human-readable name of cell `cell`'s device (for reports)."""
+    raise TypeError(f'{type(self).__name__} must override Device.')
+
+  def CellScope(self, cell: int) -> contextlib.AbstractContextManager:
+    """Context in which cell `cell`'s variables and ops are created."""
+    return tf.device(self.Device(cell))
+
+  def Annotate(self, cell: int, tensors: Any) -> Any:
+    """Marks tensors as cell `cell`'s; identity where scopes suffice."""
+    return tensors
+
+  def PeakMemory(self, cell: int) -> Optional[int]:
+    """Peak bytes of the cell's device if the backend can tell, else None."""
+    return None
+
+  def _CheckCell(self, cell: int) -> None:
+    if not 0 <= cell < self.num_cells:
+      raise ValueError(f'Cell {cell} is out of range for {self.num_cells} '
+                       'placed cells.')
+
+
+def _Canonical(name: str) -> str:
+  return tf.DeviceSpec.from_string(name).to_string()
+
+
+class DevicePlacement(Placement):
+  """Cells on named TensorFlow devices, local or remote.
+
+  Local examples: '/device:CPU:0', '/device:GPU:1' (logical CPU devices from
+  `tf.config.set_logical_device_configuration` are fine). Remote workers of a
+  cluster: '/job:worker/task:1/device:CPU:0'. With fewer devices than cells,
+  cells are assigned round robin, which keeps a K-cell model runnable (not
+  faster) on fewer devices.
+  """
+
+  def __init__(self, num_cells: int, devices: Sequence[str]):
+    super().__init__(num_cells)
+    if not devices:
+      raise ValueError('DevicePlacement needs at least one device name.')
+    self.devices = [_Canonical(d) for d in devices]
+
+  def Device(self, cell: int) -> str:
+    self._CheckCell(cell)
+    return self.devices[cell % len(self.devices)]
+
+  def PeakMemory(self, cell: int) -> Optional[int]:
+    spec = tf.DeviceSpec.from_string(self.Device(cell))
+    if spec.job is not None or spec.device_type is None:
+      return None  # a remote worker's allocator is not readable from here
+    try:
+      info = tf.config.experimental.get_memory_info(
+          f'{spec.device_type}:{spec.device_index or 0}')
+    except (ValueError, tf.errors.OpError):
+      return None  # this device's allocator does not track memory
+    return int(info['peak'])
+
+
+def LocalDevices(device_type: Optional[str] = None) -> list[str]:
+  """Logical devices of this process: GPUs if any (or `device_type`), else CPUs."""
+  if device_type is None:
+    device_type = 'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'
+  return [d.name for d in tf.config.list_logical_devices(device_type)]
+
+
+def SplitCpu(num_devices: int) -> list[str]:
+  """Splits the physical CPU into `num_devices` logical devices.
+
+  Must run before TensorFlow initializes its devices (before any op runs).
+  The logical devices share one allocator and one thread pool: good for
+  testing placement, not for measuring per-device memory or speed-up.
+  """
+  cpus = tf.config.list_physical_devices('CPU')
+  existing = tf.config.get_logical_device_configuration(cpus[0])
+  if existing is not None and len(existing) == num_devices:
+    return LocalDevices('CPU')
+  try:
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
+  except RuntimeError as e:
+    have = len(tf.config.list_logical_devices('CPU'))
+    if have >= num_devices:
+      return LocalDevices('CPU')[:num_devices]
+    raise RuntimeError(
+        f'Cannot split the CPU into {num_devices} devices: TensorFlow is '
+        f'already initialized with {have}. Split it at program start.') from e
+  return LocalDevices('CPU')
+
+
+class TpuPlacement(Placement):
+  """Cells on the logical TPU cores of one replica, under a TPUStrategy.
+
+  The strategy is built with a DeviceAssignment giving each replica K logical
+  cores (`tf.tpu.experimental.DeviceAssignment.build(topology,
+  computation_shape=[1, 1, 1, K])` with `num_replicas`), and the pipeline runs
+  inside `strategy.run`. There, `experimental_assign_to_logical_device` pins
+  a tensor (and the ops computing from it) to logical core k of the replica.
+  Runs only on a TPU host; it was not exercised on a TPU here.
+  """
+
+  def __init__(self, num_cells: int, strategy: Any):
+    super().__init__(num_cells)
+    assignment = getattr(strategy.extended, 'experimental_device_assignment',
+                         None) or getattr(strategy.extended,
+                                          '_device_assignment', None)
+    cores = getattr(assignment, 'num_cores_per_replica', None)
+    if cores is not None and cores < num_cells:
+      raise ValueError(f'The TPUStrategy gives {cores} logical cores per '
+                       f'replica, fewer than the {num_cells} pipeline cells; '
+                       'build its DeviceAssignment with computation_shape '
+                       f'[1, 1, 1, {num_cells}].')
+    self.strategy = strategy
+
+  def Device(self, cell: int) -> str:
+    self._CheckCell(cell)
+    return f'TPU logical core {cell}'
+
+  def CellScope(self, cell: int) -> contextlib.AbstractContextManager:
+    self._CheckCell(cell)
+    return contextlib.nullcontext()
+
+  def Annotate(self, cell: int, tensors: Any) -> Any:
+    self._CheckCell(cell)
+    return tf.nest.map_structure(
+        lambda t: self.strategy.experimental_assign_to_logical_device(t, cell),
+        tensors)

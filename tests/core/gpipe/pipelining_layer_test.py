@@ -1,0 +1,260 @@
+"""PipeliningLayer equals the sequential model, for every K, M and recompute mode.
+
+The reference runs the same layers one after another on each micro-batch
+(GPipe's definition: BatchNorm uses per-micro-batch statistics in training and
+updates its moving averages once from all micro-batches).
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import microbatch
+from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.layers import activations
+from lingvo_gpipe.core.layers import conv
+from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import dropout
+from lingvo_gpipe.core.layers import normalization
+from lingvo_gpipe.core.layers import pooling
+
+PipeliningLayer = pipelining_layer.PipeliningLayer
+
+
+def _Mlp(num_layers=8, dim=6):
+  return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim, output_dim=dim,
+                                   activation='tanh')
+          for i in range(num_layers)]
+
+
+def _ConvNet():
+  layers = []
+  channels = 3
+  for i, out in enumerate([4, 4, 8, 8]):
+    layers.append(conv.Conv2D.Params().Set(
+        name=f'conv{i}', filter_shape=[3, 3, channels, out],
+        stride=2 if i == 2 else 1))
+    layers.append(normalization.BatchNorm.Params().Set(name=f'bn{i}', dim=out))
+    layers.append(activations.Activation.Params().Set(name=f'relu{i}'))
+    channels = out
+  layers.append(pooling.GlobalAvgPool.Params().Set(name='pool'))
+  layers.append(dense.Dense.Params().Set(name='logits', input_dim=8,
+                                         output_dim=3, activation='none'))
+  return layers
+
+
+def _Pipeline(layers, k, m, recompute):
+  return PipeliningLayer.Params().Set(
+      name='pipe', layers=layers, num_partitions=k, num_micro_batches=m,
+      recompute=recompute,
+      devices=[f'/device:CPU:{i}' for i in range(k)]).Instantiate()
+
+
+def _Reference(pipe, x, sizes, theta):
+  """The layers in sequence on each micro-batch; stats applied once."""
+  collector = base_layer.StatsCollector()
+  outs = []
+  for m, xm in enumerate(microbatch.Split(x, sizes)):
+    with base_layer.Context(micro_batch=m, stats_collector=collector):
+      y = xm
+      for k, cell in enumerate(pipe.cells):
+        y = cell.FProp(theta[f'cell_{k}'], y)
+    outs.append(y)
+  collector.ApplyAll()
+  return microbatch.Merge(outs)
+
+
+def _LossAndGrads(fn, pipe, x):
+  variables = pipe.trainable_variables
+  with base_layer.Context(training=True, step=3):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = fn(pipe.theta, x)
+      loss = tf.reduce_sum(y * y) + tf.reduce_sum(tf.sin(y))
+    grads = tape.gradient(loss, list(variables) + [x])
+  return loss, grads
+
+
+def _MovingStats(pipe):
+  return [v.numpy() for v in pipe.vars.Flatten() if not v.trainable]
+
+
+def _Check(layers, x, k, m, recompute):
+  pipe = _Pipeline(layers, k, m, recompute)
+  sizes = pipe.MicroBatchSizes(x)
+  start = _MovingStats(pipe)
+  loss, grads = _LossAndGrads(pipe.FProp, pipe, x)
+  piped_stats = _MovingStats(pipe)
+  for v, s in zip([v for v in pipe.vars.Flatten() if not v.trainable], start):
+    v.assign(s)
+  ref_loss, ref_grads = _LossAndGrads(
+      lambda theta, x: _Reference(pipe, x, sizes, theta), pipe, x)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  for a, b in zip(piped_stats, _MovingStats(pipe)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  return pipe
+
+
+_GRID = list(itertools.product([1, 2, 4], [1, 2, 3, 4, 8],
+                               ['always', 'never']))
+
+
+@pytest.mark.parametrize('k,m,recompute', _GRID)
+def test_mlp_equals_sequential(k, m, recompute):
+  # Batch 10: divisible by 1 and 2, not by 3, 4 or 8 (ragged micro-batches).
+  x = tf.random.stateless_normal([10, 6], [1, k * 10 + m])
+  _Check(_Mlp(), x, k, m, recompute)
+
+
+@pytest.mark.parametrize('k,m,recompute', _GRID)
+def test_convnet_with_batchnorm_equals_sequential(k, m, recompute):
+  x = tf.random.stateless_normal([8 if m != 3 else 7, 6, 6, 3], [2, k * 10 + m])
+  pipe = _Check(_ConvNet(), x, k, m, recompute)
+  assert len(pipe.cells) == k
+
+
+def test_except_last_and_tf_function():
+  pipe = _Pipeline(_Mlp(), 2, 4, 'except_last')
+  x = tf.random.stateless_normal([8, 6], [3, 3])
+  loss, grads = tf.function(lambda x: _LossAndGrads(pipe.FProp, pipe, x))(x)
+  ref_loss, ref_grads = _LossAndGrads(
+      lambda theta, x: _Reference(pipe, x, [2] * 4, theta), pipe, x)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_nested_inputs_with_integer_leaves():
+  """A NestedMap input (values with int lengths) flows through the cells."""
+
+  class Masked(base_layer.BaseLayer):
+
+    @classmethod
+    def Params(cls):
+      p = super().Params()
+      p.Define('dim', 4, '')
+      return p
+
+    def __init__(self, params):
+      super().__init__(params)
+      self.CreateChild('fc', dense.Dense.Params().Set(
+          input_dim=self.params.dim, output_dim=self.params.dim))
+
+    def FProp(self, theta, inputs):
+      mask = tf.sequence_mask(inputs.lengths, tf.shape(inputs.x)[1],
+                              tf.float32)[..., None]
+      out = inputs.copy()
+      out.x = self.fc.FProp(theta.fc, inputs.x) * mask
+      return out
+
+  layers = [Masked.Params().Set(name=f'm{i}') for i in range(4)]
+  pipe = _Pipeline(layers, 2, 3, 'always')
+  inputs = base_layer.NestedMap(
+      x=tf.random.stateless_normal([5, 3, 4], [4, 4]),
+      lengths=tf.constant([1, 2, 3, 3, 2]))
+  with tf.GradientTape() as tape:
+    out = pipe.FPropDefaultTheta(inputs)
+    loss = tf.reduce_sum(out.x ** 2)
+  assert out.lengths.dtype == tf.int32
+  np.testing.assert_array_equal(out.lengths, inputs.lengths)
+  with tf.GradientTape() as ref_tape:
+    ref = _Reference(pipe, inputs, [2, 2, 1], pipe.theta)
+    ref_loss = tf.reduce_sum(ref.x ** 2)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for g, r in zip(tape.gradient(loss, pipe.trainable_variables),
+                  ref_tape.gradient(ref_loss, pipe.trainable_variables)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_masks_repeat_under_recompute_and_vary_per_micro_batch():
+  layers = [dense.Dense.Params().Set(name='fc', input_dim=6, output_dim=6,
+                                     activation='none'),
+            dropout.Dropout.Params().Set(name='drop', keep_prob=0.5)]
+  pipe = _Pipeline(layers, 2, 2, 'always')
+  x = tf.ones([4, 6])
+  # Gradients (computed from the recomputed forward) equal the reference's,
+  # which uses each micro-batch's mask once: so the masks were the same.
+  with base_layer.Context(training=True, step=7):
+    with tf.GradientTape() as tape:
+      y = pipe.FPropDefaultTheta(x)
+      loss = tf.reduce_sum(y * y)
+    grads = tape.gradient(loss, pipe.trainable_variables)
+    with tf.GradientTape() as ref_tape:
+      ref = _Reference(pipe, x, [2, 2], pipe.theta)
+      ref_loss = tf.reduce_sum(ref * ref)
+    ref_grads = ref_tape.gradient(ref_loss, pipe.trainable_variables)
+  np.testing.assert_allclose(y, ref)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-6)
+  zeros = (y.numpy() == 0)
+  # Both micro-batches see identical rows of x, yet their masks differ.
+  assert not np.array_equal(zeros[:2], zeros[2:])
+  with base_layer.Context(training=True, step=8):
+    other_step = pipe.FPropDefaultTheta(x).numpy() == 0
+  assert not np.array_equal(zeros, other_step)
+
+
+def test_cells_are_placed_on_their_devices():
+  pipe = _Pipeline(_Mlp(num_layers=4), 4, 2, 'always')
+  for k, cell in enumerate(pipe.cells):
+    for v in cell.vars.Flatten():
+      assert v.device.endswith(f'CPU:{k}'), (k, v.name, v.device)
+
+  @tf.function
+  def Step(x):
+    with base_layer.Context(training=True):
+      with tf.GradientTape() as tape:
+        y = pipe.FPropDefaultTheta(x)
+      return tape.gradient(y, pipe.trainable_variables)
+
+  graph = Step.get_concrete_function(tf.TensorSpec([4, 6])).graph
+  matmuls = [op for op in graph.get_operations() if op.type == 'MatMul']
+  seen = set()
+  for op in matmuls:
+    device = op.device
+    assert '/device:CPU:' in device, (op.name, device)
+    seen.add(device[-1])
+  # Forward and backward matmuls of all four cells, each on its own device.
+  assert seen == {'0', '1', '2', '3'}
+  for op in matmuls:
+    cell = [c for c in op.name.split('/') if c.startswith('cell_')]
+    if cell:
+      assert op.device.endswith(f'CPU:{cell[0][5:]}'), (op.name, op.device)
+
+
+def test_report_lists_every_layer_once():
+  p = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Mlp(num_layers=7), num_partitions=3,
+      num_micro_batches=4, input_shapes=[[8, 6]],
+      devices=['/device:CPU:0', '/device:CPU:1', '/device:CPU:2'])
+  pipe = p.Instantiate()
+  report = pipe.Report()
+  assert [c.num_layers for c in report.cells] == [3, 2, 2] or sum(
+      c.num_layers for c in report.cells) == 7
+  names = [n for c in report.cells for n in c.layer_names]
+  assert names == [f'fc{i}' for i in range(7)]
+  assert report.bubble_fraction == pytest.approx(2 / 6)
+  assert sum(c.num_params for c in report.cells) == PipeliningLayer.NumParams(p)
+  assert all(c.flops > 0 for c in report.cells)
+  assert [c.device for c in report.cells] == [
+      f'/device:CPU:{i}' for i in range(3)]
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(layers=None), 'exactly one of cell_tpl'),
+    (dict(recompute='sometimes'), "recompute='sometimes'"),
+    (dict(partition_method='size'), "partition_method='size'"),
+    (dict(num_partitions=9), 'num_partitions=9 exceeds the 8 layers'),
+    (dict(balance=[3, 3], num_partitions=2), 'sums to 6, but there are 8'),
+    (dict(partition_method='flops', num_partitions=2), 'needs the input shapes'),
+])
+def test_bad_params_raise_clear_errors(overrides, message):
+  p = PipeliningLayer.Params().Set(name='pipe', layers=_Mlp())
+  p.Set(**overrides)
+  with pytest.raises(ValueError, match=message):
+    p.Instantiate()

@@ -1,0 +1,51 @@
+"""Tests of the fill-drain schedule and the schedule simulator."""
+
+import pytest
+
+from lingvo_gpipe.core.gpipe import schedule
+
+
+def test_fill_drain_clocks():
+  s = schedule.FillDrain(2, 3)
+  clocks = [[(t.kind, t.cell, t.micro_batch) for t in c] for c in s.Clocks()]
+  assert clocks == [
+      [('F', 0, 0)], [('F', 0, 1), ('F', 1, 0)], [('F', 0, 2), ('F', 1, 1)],
+      [('F', 1, 2)],
+      [('B', 1, 2)], [('B', 1, 1), ('B', 0, 2)], [('B', 1, 0), ('B', 0, 1)],
+      [('B', 0, 0)]]
+
+
+@pytest.mark.parametrize('k,m', [(1, 1), (1, 8), (2, 1), (2, 4), (4, 8),
+                                 (8, 32)])
+def test_simulated_bubble_matches_formula(k, m):
+  s = schedule.FillDrain(k, m)
+  result = schedule.Simulate(s, [1.0] * k, [2.0] * k)
+  assert result.bubble_fraction == pytest.approx((k - 1) / (m + k - 1))
+  assert s.TheoreticalBubble() == pytest.approx((k - 1) / (m + k - 1))
+  assert result.step_time == pytest.approx(3.0 * (m + k - 1))
+
+
+def test_slowest_cell_sets_the_pace():
+  result = schedule.Simulate(schedule.FillDrain(2, 4), [1.0, 3.0], [1.0, 3.0])
+  # Cell 1 works 4 × (3 + 3) back to back, after waiting for cell 0 once.
+  assert result.step_time == pytest.approx(1 + 24 + 1)
+
+
+def test_memory_with_and_without_recompute():
+  s = schedule.FillDrain(2, 4)
+  with_rc = schedule.Simulate(s, [1, 1], [1, 1], boundary_bytes=[10, 10],
+                              internal_bytes=[100, 100], recompute=True)
+  without = schedule.Simulate(s, [1, 1], [1, 1], boundary_bytes=[10, 10],
+                              internal_bytes=[100, 100], recompute=False)
+  # Recompute keeps M boundaries plus one micro-batch's internals at a time.
+  assert with_rc.peak_bytes == [4 * 10 + 100] * 2
+  assert without.peak_bytes == [4 * 110] * 2
+
+
+def test_errors():
+  with pytest.raises(ValueError, match='one per cell'):
+    schedule.Simulate(schedule.FillDrain(2, 2), [1.0], [1.0, 1.0])
+  with pytest.raises(ValueError, match="Unknown schedule 'gpipe2'"):
+    schedule.MakeSchedule('gpipe2', 2, 2)
+  with pytest.raises(ValueError, match='>= 1 cell'):
+    schedule.FillDrain(0, 2)
