@@ -54,10 +54,19 @@ def _Gated(deps: Sequence[Any], value: Any) -> Any:
     return tf.nest.map_structure(tf.identity, value)
 
 
+def _Add(a: Any, b: Any) -> Any:
+  """a + b; sparse gradients (e.g. of an embedding table) stay sparse."""
+  if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+    return tf.IndexedSlices(tf.concat([a.values, b.values], 0),
+                            tf.concat([a.indices, b.indices], 0),
+                            a.dense_shape)
+  return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
 def _AddGrads(acc: Optional[list], grads: list) -> list:
   if acc is None:
     return list(grads)
-  return [a if g is None else (g if a is None else a + g)
+  return [a if g is None else (g if a is None else _Add(a, g))
           for a, g in zip(acc, grads)]
 
 
