@@ -130,8 +130,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     if p.input_shapes is None:
       raise ValueError(f"partition_method={method!r} profiles each layer and "
                        'needs input_shapes (one shape per FProp argument).')
-    return profile.ProfileLayers(p.layers, method,
-                                 base_layer.ToShape(tuple(p.input_shapes)))
+    device = (p.devices or placement_lib.LocalDevices())[0]
+    return profile.ProfileLayers(p.layers, method, tuple(p.input_shapes),
+                                 device=device)
 
   @classmethod
   def _CellParamsOf(cls, p) -> list:
@@ -151,7 +152,14 @@ class PipeliningLayer(base_layer.BaseLayer):
   def _MakePlacement(self, num_cells: int) -> placement_lib.Placement:
     p = self.params
     if p.placement_backend == 'tpu':
-      return placement_lib.TpuPlacement(num_cells, tf.distribute.get_strategy())
+      strategy = tf.distribute.get_strategy()
+      if not isinstance(strategy, (tf.distribute.TPUStrategy,
+                                   tf.distribute.experimental.TPUStrategy)):
+        raise ValueError(
+            f"{self.path}: placement_backend='tpu' needs a TPUStrategy scope, "
+            f'found {type(strategy).__name__}. Build the layer under '
+            'placement.MakeTpuStrategy(tpu, num_cells).scope().')
+      return placement_lib.TpuPlacement(num_cells, strategy)
     devices = p.devices or placement_lib.LocalDevices()
     return placement_lib.DevicePlacement(num_cells, devices)
 

@@ -123,9 +123,8 @@ class TpuPlacement(Placement):
 
   def __init__(self, num_cells: int, strategy: Any):
     super().__init__(num_cells)
-    assignment = getattr(strategy.extended, 'experimental_device_assignment',
-                         None) or getattr(strategy.extended,
-                                          '_device_assignment', None)
+    # TPUExtended keeps the DeviceAssignment it was built with here.
+    assignment = getattr(strategy.extended, '_device_assignment', None)
     cores = getattr(assignment, 'num_cores_per_replica', None)
     if cores is not None and cores < num_cells:
       raise ValueError(f'The TPUStrategy gives {cores} logical cores per '
@@ -147,3 +146,67 @@ class TpuPlacement(Placement):
     return tf.nest.map_structure(
         lambda t: self.strategy.experimental_assign_to_logical_device(t, cell),
         tensors)
+
+
+def TpuComputationShape(num_cells: int, mesh_shape: Sequence[int]) -> list[int]:
+  """The block of TPU cores ([x, y, z, core]) that holds one K-cell replica.
+
+  Fills a chip's cores first, then chips along x, y and z of the mesh, so a
+  pipeline's neighbouring cells sit on neighbouring cores.
+  """
+  cores_per_chip = int(mesh_shape[-1])
+  if num_cells <= cores_per_chip:
+    if cores_per_chip % num_cells:
+      raise ValueError(f'{num_cells} cells do not evenly share a chip of '
+                       f'{cores_per_chip} cores; use a divisor of it or a '
+                       f'multiple of {cores_per_chip}.')
+    return [1, 1, 1, num_cells]
+  if num_cells % cores_per_chip:
+    raise ValueError(f'{num_cells} cells need whole chips of {cores_per_chip} '
+                     f'cores: use a multiple of {cores_per_chip}.')
+  remaining = num_cells // cores_per_chip
+  shape = [1, 1, 1, cores_per_chip]
+  for dim in range(3):
+    extent = max(d for d in range(1, int(mesh_shape[dim]) + 1)
+                 if remaining % d == 0)
+    shape[dim] = extent
+    remaining //= extent
+  if remaining != 1:
+    raise ValueError(f'{num_cells} cells do not fit one block of the TPU mesh '
+                     f'{list(mesh_shape)}.')
+  return shape
+
+
+def BuildTpuDeviceAssignment(topology: Any, num_cells: int,
+                             num_replicas: Optional[int] = None) -> Any:
+  """A DeviceAssignment giving each replica `num_cells` logical cores.
+
+  Args:
+    topology: a tf.tpu.experimental.Topology (from initialize_tpu_system).
+    num_cells: K, logical cores per replica (one per pipeline cell).
+    num_replicas: data-parallel replicas; None uses every core.
+  """
+  total = int(topology.num_tasks * topology.num_tpus_per_task)
+  if num_replicas is None:
+    if total % num_cells:
+      raise ValueError(f'{total} TPU cores do not split into replicas of '
+                       f'{num_cells} cells.')
+    num_replicas = total // num_cells
+  shape = TpuComputationShape(num_cells, topology.mesh_shape)
+  return tf.tpu.experimental.DeviceAssignment.build(
+      topology, computation_shape=shape, num_replicas=num_replicas)
+
+
+def MakeTpuStrategy(tpu: str, num_cells: int,
+                    num_replicas: Optional[int] = None) -> Any:
+  """Connects to a TPU and returns a TPUStrategy with K cores per replica.
+
+  Build the PipeliningLayer (placement_backend='tpu') under the returned
+  strategy's scope and run steps with `strategy.run`. Needs a TPU host.
+  """
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+  tf.config.experimental_connect_to_cluster(resolver)
+  topology = tf.tpu.experimental.initialize_tpu_system(resolver)
+  assignment = BuildTpuDeviceAssignment(topology, num_cells, num_replicas)
+  return tf.distribute.TPUStrategy(
+      resolver, experimental_device_assignment=assignment)
