@@ -53,7 +53,7 @@ def _MemoryInfo(device: str) -> dict:
 
 def ProfileLayers(layer_params: Sequence[base_layer.Params], method: str,
                   input_shapes: Sequence[Any], repeats: int = 3,
-                  device: str = 'CPU:0') -> list[float]:
+                  device: str = '/device:CPU:0') -> list[float]:
   """Per-layer seconds ('time') or peak bytes ('memory') of forward+backward.
 
   Args:
@@ -62,13 +62,16 @@ def ProfileLayers(layer_params: Sequence[base_layer.Params], method: str,
     input_shapes: FProp arguments of the first layer as shapes or TensorSpecs
       (integer specs get zeros, e.g. token ids).
     repeats: measured runs after one warm-up.
-    device: the device whose allocator 'memory' reads.
+    device: where layers are built and run, and whose allocator 'memory'
+      reads (a local device).
   """
   if method not in ('time', 'memory'):
     raise ValueError(f'ProfileLayers measures time or memory, not {method!r}.')
+  spec = tf.DeviceSpec.from_string(device)
+  allocator = f'{spec.device_type or "CPU"}:{spec.device_index or 0}'
   inputs = tuple(_Samples(tuple(input_shapes)))
   costs = []
-  with base_layer.Context(training=True):
+  with base_layer.Context(training=True), tf.device(device):
     for p in layer_params:
       layer = p.Instantiate()
       variables = layer.trainable_variables
@@ -88,11 +91,11 @@ def ProfileLayers(layer_params: Sequence[base_layer.Params], method: str,
       samples = []
       for _ in range(repeats):
         if method == 'memory':
-          before = _MemoryInfo(device)['current']
-          tf.config.experimental.reset_memory_stats(device)
+          before = _MemoryInfo(allocator)['current']
+          tf.config.experimental.reset_memory_stats(allocator)
           result = Step(*inputs)
           tf.nest.map_structure(lambda t: t.numpy(), result[0])
-          samples.append(float(_MemoryInfo(device)['peak'] - before))
+          samples.append(float(_MemoryInfo(allocator)['peak'] - before))
         else:
           start = time.perf_counter()
           result = Step(*inputs)
