@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -27,12 +28,22 @@ from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import transformer
+from lingvo_gpipe.core.nested_map import NestedMap
 
-_STACK = flags.DEFINE_enum('stack', 'dense', ['dense'],
-                           'Which layer stack to build.')
-_NUM_LAYERS = flags.DEFINE_integer('num_layers', 24, 'Layers in the stack.')
-_DIM = flags.DEFINE_integer('dim', 512, 'Width of every layer.')
-_BATCH = flags.DEFINE_integer('batch', 4096, 'Mini-batch size.')
+_STACK = flags.DEFINE_enum(
+    'stack', 'dense', ['dense', 'transformer'], 'dense: Dense(dim) relu '
+    'layers on random vectors; transformer: a Transformer-L shaped language '
+    'model (d_ff = 4 dim, untied softmax) on random token ids.')
+_NUM_LAYERS = flags.DEFINE_integer('num_layers', 24, 'Layers in the stack '
+                                   '(Transformer blocks for transformer).')
+_DIM = flags.DEFINE_integer('dim', 512, 'Width of every layer (d_model).')
+_BATCH = flags.DEFINE_integer('batch', 4096, 'Mini-batch size (sequences '
+                              'for transformer).')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'transformer: tokens per '
+                                'sequence.')
+_NUM_HEADS = flags.DEFINE_integer('num_heads', 4, 'transformer: heads.')
+_VOCAB = flags.DEFINE_integer('vocab_size', 2048, 'transformer: vocabulary.')
 _PLAIN = flags.DEFINE_bool('plain', False, 'Run the layers in sequence under '
                            'one tape, without PipeliningLayer.')
 _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 1, 'K cells; more '
@@ -45,10 +56,33 @@ _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
 
-def _Layers() -> list:
-  return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=_DIM.value,
-                                   output_dim=_DIM.value)
-          for i in range(_NUM_LAYERS.value)]
+
+def _DenseStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
+  layers = [dense.Dense.Params().Set(name=f'fc{i}', input_dim=_DIM.value,
+                                     output_dim=_DIM.value)
+            for i in range(_NUM_LAYERS.value)]
+  x = tf.random.stateless_normal([_BATCH.value, _DIM.value], [0, 1])
+  return layers, x, lambda y: tf.reduce_mean(y * y)
+
+
+def _TransformerStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
+  d, vocab = _DIM.value, _VOCAB.value
+  layers = [transformer.TransformerEmbedding.Params().Set(
+      name='emb', vocab_size=vocab, model_dim=d)]
+  layers += [transformer.TransformerLayer.Params().Set(
+      name=f'layer{i}', model_dim=d, num_heads=_NUM_HEADS.value,
+      hidden_dim=4 * d, causal=True) for i in range(_NUM_LAYERS.value)]
+  layers.append(transformer.TransformerSoftmax.Params().Set(
+      name='softmax', model_dim=d, vocab_size=vocab))
+  shape = [_BATCH.value, _SEQ_LEN.value]
+  ids = tf.random.stateless_uniform(shape, [0, 2], maxval=vocab, dtype=tf.int32)
+  inputs = NestedMap(ids=ids, labels=tf.roll(ids, -1, axis=1),
+                     paddings=tf.zeros(shape))
+  return layers, inputs, lambda out: transformer.XentLoss(out).avg_xent
+
+
+def _Stack():
+  return _DenseStack() if _STACK.value == 'dense' else _TransformerStack()
 
 
 def Measure() -> dict:
@@ -58,14 +92,13 @@ def Measure() -> dict:
     devices = placement.SplitCpu(k)
   else:
     devices = ['/device:CPU:0']
-  layers = _Layers()
+  layers, x, loss_fn = _Stack()
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=k,
       num_micro_batches=_NUM_MICRO_BATCHES.value, recompute=_RECOMPUTE.value,
       devices=devices)
   model = p.Instantiate()
   variables = model.trainable_variables
-  x = tf.random.stateless_normal([_BATCH.value, _DIM.value], [0, 1])
 
   @tf.function
   def Step(x):
@@ -77,7 +110,7 @@ def Measure() -> dict:
             y = cell.FProp(model.theta[f'cell_{k_}'], y)
         else:
           y = model.FPropDefaultTheta(x)
-        loss = tf.reduce_mean(y * y)
+        loss = loss_fn(y)
       grads = tape.gradient(loss, variables)
     return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
@@ -89,9 +122,10 @@ def Measure() -> dict:
     start = time.perf_counter()
     tf.nest.map_structure(lambda t: t.numpy(), Step(x))
     times.append(time.perf_counter() - start)
-    peaks.append(tf.config.experimental.get_memory_info('CPU:0')['peak'] -
-                 before)
-  return dict(peak_bytes=int(min(peaks)), step_seconds=min(times),
+    peaks.append(tf.config.experimental.get_memory_info('CPU:0')['peak'])
+    base = before
+  return dict(peak_bytes=int(min(peaks)) - base, peak_total_bytes=min(peaks),
+              step_seconds=min(times),
               num_params=pipelining_layer.PipeliningLayer.NumParams(p),
               plain=_PLAIN.value, num_partitions=k,
               num_micro_batches=_NUM_MICRO_BATCHES.value,

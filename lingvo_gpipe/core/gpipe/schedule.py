@@ -170,3 +170,17 @@ def _PeakBytes(cell_timeline, boundary: float, internal: float,
       peak = max(peak, kept + (internal if recompute else 0.0))
       kept -= boundary + (0.0 if recompute else internal)
   return peak
+
+
+def TimesFromFlops(cell_flops: Sequence[float], flops_per_second: float = 1.0,
+                   recompute: bool = True) -> tuple[list[float], list[float]]:
+  """(forward, backward) seconds per cell estimated from FLOPs.
+
+  A backward pass costs about twice its forward (gradients for inputs and
+  weights), plus one more forward when the cell is re-materialized.
+  """
+  if flops_per_second <= 0:
+    raise ValueError(f'flops_per_second must be > 0, got {flops_per_second}.')
+  forward = [f / flops_per_second for f in cell_flops]
+  factor = 3.0 if recompute else 2.0
+  return forward, [factor * t for t in forward]

@@ -49,3 +49,16 @@ def test_errors():
     schedule.MakeSchedule('gpipe2', 2, 2)
   with pytest.raises(ValueError, match='>= 1 cell'):
     schedule.FillDrain(0, 2)
+
+
+def test_times_from_flops_feed_the_simulator():
+  forward, backward = schedule.TimesFromFlops([2e9, 4e9], 1e9, recompute=True)
+  assert forward == [2.0, 4.0] and backward == [6.0, 12.0]
+  _, no_rc = schedule.TimesFromFlops([2e9], 1e9, recompute=False)
+  assert no_rc == [4.0]
+  result = schedule.Simulate(schedule.FillDrain(2, 4), forward, backward)
+  # The slower cell sets the pace: 4 micro-batches of 16 s, after a 2 s fill
+  # and before a 6 s drain.
+  assert result.step_time == pytest.approx(2 + 4 * 16 + 6)
+  with pytest.raises(ValueError, match='flops_per_second must be > 0'):
+    schedule.TimesFromFlops([1.0], 0)
