@@ -201,8 +201,10 @@ class PipeliningLayer(base_layer.BaseLayer):
   def Report(self) -> NestedMap:
     """Where every layer went: per cell its layers, params, FLOPs, device.
 
-    FLOPs are per whole batch and need input_shapes or a first FProp; peak
-    memory is reported where the placement backend can measure it.
+    FLOPs are per whole batch and need input_shapes or a first FProp. Peak
+    memory is per device where the backend can tell (GPUs); logical CPU
+    devices share one allocator, so for them only the process's peak is
+    known (process_peak_bytes).
     """
     p = self.params
     shapes = (tuple(base_layer.ToShape(tuple(p.input_shapes)))
@@ -228,4 +230,5 @@ class PipeliningLayer(base_layer.BaseLayer):
     return NestedMap(
         num_cells=k, num_micro_batches=m, recompute=p.recompute,
         bubble_fraction=None if m is None else (k - 1) / (m + k - 1),
+        process_peak_bytes=placement_lib.AllocatorPeak('CPU:0'),
         cells=cells)

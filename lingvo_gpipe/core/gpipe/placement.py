@@ -71,12 +71,21 @@ class DevicePlacement(Placement):
     spec = tf.DeviceSpec.from_string(self.Device(cell))
     if spec.job is not None or spec.device_type is None:
       return None  # a remote worker's allocator is not readable from here
-    try:
-      info = tf.config.experimental.get_memory_info(
-          f'{spec.device_type}:{spec.device_index or 0}')
-    except (ValueError, tf.errors.OpError):
-      return None  # this device's allocator does not track memory
-    return int(info['peak'])
+    if (spec.device_type == 'CPU' and
+        len(tf.config.list_logical_devices('CPU')) > 1):
+      return None  # logical CPUs share one allocator: not per device
+    return AllocatorPeak(f'{spec.device_type}:{spec.device_index or 0}')
+
+
+def AllocatorPeak(device: str = 'CPU:0') -> Optional[int]:
+  """Peak bytes of a local device's allocator, or None if it keeps no stats.
+
+  For CPUs this is the whole process (logical CPU devices share it).
+  """
+  try:
+    return int(tf.config.experimental.get_memory_info(device)['peak'])
+  except (ValueError, tf.errors.OpError):
+    return None
 
 
 def LocalDevices(device_type: Optional[str] = None) -> list[str]:

@@ -42,4 +42,7 @@ def FormatTable(report: NestedMap) -> str:
       f'recompute={report.recompute}, bubble='
       f'{"-" if bubble is None else f"{bubble:.1%}"} (theoretical '
       '(K-1)/(M+K-1))')
+  if report.get('process_peak_bytes') is not None:
+    lines.append(f'process peak memory: {_Human(report.process_peak_bytes)}B '
+                 '(host allocator, all CPU devices)')
   return '\n'.join(lines)

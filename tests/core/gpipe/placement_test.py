@@ -96,3 +96,10 @@ def test_tpu_placement_annotates_every_tensor_with_its_core():
     pass
   with pytest.raises(ValueError, match='fewer than the 8 pipeline cells'):
     placement.TpuPlacement(8, strategy)
+
+
+def test_allocator_peak_sees_a_large_tensor():
+  tf.config.experimental.reset_memory_stats('CPU:0')
+  x = tf.ones([1024, 1024])
+  assert placement.AllocatorPeak('CPU:0') >= x.shape.num_elements() * 4
+  assert placement.AllocatorPeak('TPU:0') is None
