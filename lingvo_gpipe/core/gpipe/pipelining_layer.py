@@ -69,7 +69,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     super().__init__(params)
     p = self.params
     self._CheckParams()
-    cell_params = self._CellParams()
+    # Partition once: the time and memory methods profile every layer.
+    self.balance = self.CellBalance(p)
+    cell_params = self._CellParamsOf(p, self.balance)
     self.placement = self._MakePlacement(len(cell_params))
     cells = []
     for k, cp in enumerate(cell_params):
@@ -135,19 +137,17 @@ class PipeliningLayer(base_layer.BaseLayer):
                                  device=device)
 
   @classmethod
-  def _CellParamsOf(cls, p) -> list:
+  def _CellParamsOf(cls, p, balance: Optional[list[int]] = None) -> list:
+    """Params of each cell: cell_tpl, or Sequentials over the balanced layers."""
     if p.cell_tpl is not None:
       return list(p.cell_tpl)
-    balance = cls.CellBalance(p)
+    balance = balance or cls.CellBalance(p)
     cells, start = [], 0
     for k, size in enumerate(balance):
       cells.append(combinators.Sequential.Params().Set(
           name=f'cell_{k}', sub=list(p.layers[start:start + size])))
       start += size
     return cells
-
-  def _CellParams(self) -> list:
-    return self._CellParamsOf(self.params)
 
   def _MakePlacement(self, num_cells: int) -> placement_lib.Placement:
     p = self.params
@@ -185,40 +185,48 @@ class PipeliningLayer(base_layer.BaseLayer):
   # --- static size, cost and report --------------------------------------------
 
   @classmethod
+  def _AllLayers(cls, p) -> list:
+    return list(p.cell_tpl if p.cell_tpl is not None else p.layers)
+
+  @classmethod
   def NumParams(cls, p) -> int:
-    return sum(c.cls.NumParams(c) for c in cls._CellParamsOf(p))
+    return sum(l.cls.NumParams(l) for l in cls._AllLayers(p))
 
   @classmethod
   def FPropMeta(cls, p, *input_shapes):
     shapes = tuple(input_shapes)
     flops = 0
-    for c in cls._CellParamsOf(p):
-      meta = c.cls.FPropMeta(c, *shapes)
+    for layer in cls._AllLayers(p):
+      meta = layer.cls.FPropMeta(layer, *shapes)
       flops += meta.flops
       shapes = tuple(meta.out_shapes)
     return base_layer.Meta(flops, *shapes)
 
-  def Report(self) -> NestedMap:
-    """Where every layer went: per cell its layers, params, FLOPs, device.
+  @classmethod
+  def StaticReport(cls, p, input_shapes: Any = None,
+                   balance: Optional[list[int]] = None) -> NestedMap:
+    """Where every layer goes, from Params alone: per cell layers, params, FLOPs.
 
-    FLOPs are per whole batch and need input_shapes or a first FProp. Peak
-    memory is per device where the backend can tell (GPUs); logical CPU
-    devices share one allocator, so for them only the process's peak is
-    known (process_peak_bytes).
+    Args:
+      p: PipeliningLayer Params.
+      input_shapes: shapes of FProp's inputs (whole batch); default
+        p.input_shapes. Without them FLOPs are None.
+      balance: layers per cell if already partitioned (else partitions p).
     """
-    p = self.params
-    shapes = (tuple(base_layer.ToShape(tuple(p.input_shapes)))
-              if p.input_shapes is not None else self._traced_input_shapes)
-    cell_params = self._CellParams()
-    balance = self.CellBalance(p)
+    if input_shapes is None and p.input_shapes is not None:
+      input_shapes = tuple(base_layer.ToShape(tuple(p.input_shapes)))
+    shapes = None if input_shapes is None else tuple(input_shapes)
+    balance = balance or cls.CellBalance(p)
+    devices = p.devices or []
     cells, start = [], 0
-    for k, (cp, size) in enumerate(zip(cell_params, balance)):
-      info = NestedMap(
-          cell=k, first_layer=start, num_layers=size,
-          layer_names=[l.name for l in (p.layers[start:start + size]
-                                        if p.layers is not None else [cp])],
-          num_params=cp.cls.NumParams(cp), device=self.placement.Device(k),
-          flops=None, peak_bytes=self.placement.PeakMemory(k))
+    for k, (cp, size) in enumerate(zip(cls._CellParamsOf(p, balance),
+                                       balance)):
+      names = ([l.name for l in p.layers[start:start + size]]
+               if p.layers is not None else [cp.name])
+      info = NestedMap(cell=k, first_layer=start, num_layers=size,
+                       layer_names=names, num_params=cp.cls.NumParams(cp),
+                       device=devices[k % len(devices)] if devices else None,
+                       flops=None, peak_bytes=None)
       if shapes is not None:
         meta = cp.cls.FPropMeta(cp, *shapes)
         info.flops = meta.flops
@@ -230,5 +238,20 @@ class PipeliningLayer(base_layer.BaseLayer):
     return NestedMap(
         num_cells=k, num_micro_batches=m, recompute=p.recompute,
         bubble_fraction=None if m is None else (k - 1) / (m + k - 1),
-        process_peak_bytes=placement_lib.AllocatorPeak('CPU:0'),
-        cells=cells)
+        process_peak_bytes=None, cells=cells)
+
+  def Report(self) -> NestedMap:
+    """StaticReport plus each cell's device and the memory figures.
+
+    FLOPs are per whole batch and need input_shapes or a first FProp. Peak
+    memory is per device where the backend can tell (GPUs); logical CPU
+    devices share one allocator, so for them only the process's peak is
+    known (process_peak_bytes).
+    """
+    report = self.StaticReport(self.params, self._traced_input_shapes,
+                               self.balance)
+    for k, cell in enumerate(report.cells):
+      cell.device = self.placement.Device(k)
+      cell.peak_bytes = self.placement.PeakMemory(k)
+    report.process_peak_bytes = placement_lib.AllocatorPeak('CPU:0')
+    return report

@@ -65,3 +65,23 @@ def test_memory_partition_balances_measured_peaks():
       input_shapes=[[512, 64]], devices=['/device:CPU:0', '/device:CPU:1'])
   balance = p.cls.CellBalance(p)
   assert sum(balance) == 5 and len(balance) == 2
+
+
+def test_profiling_happens_once_per_layer_build(monkeypatch):
+  calls = []
+  real = profile.ProfileLayers
+
+  def Counting(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(profile, 'ProfileLayers', Counting)
+  p = pipelining_layer.PipeliningLayer.Params().Set(
+      name='pipe', layers=_Layers([16] * 5), num_partitions=2,
+      partition_method='time', input_shapes=[[8, 16]],
+      devices=['/device:CPU:0', '/device:CPU:1'])
+  pipe = p.Instantiate()
+  pipe.Report()
+  pipe.Report()
+  assert pipelining_layer.PipeliningLayer.NumParams(p) == 4 * (16 * 16 + 16)
+  assert len(calls) == 1
