@@ -1,0 +1,1 @@
+"""Language modelling: the One Billion Word benchmark (lm1b)."""

@@ -1,0 +1,1 @@
+"""Text utilities shared by the sequence tasks: subword vocabulary, fixed-length sequences."""
