@@ -197,3 +197,29 @@ def test_to_shape_maps_nested_structures():
   assert shapes.b[1].as_list() == [None, 4]
   with pytest.raises(TypeError, match='Cannot read a shape'):
     base_layer.ToShape('abc')
+
+
+def test_sizing_is_memoized_per_configuration_not_per_name():
+  calls = []
+
+  class Counted(base_layer.BaseLayer):
+
+    @classmethod
+    def Params(cls):
+      p = super().Params()
+      p.Define('dim', 2, '')
+      return p
+
+    def __init__(self, params):
+      super().__init__(params)
+      calls.append(1)
+      self.CreateVariable('w', base_layer.WeightParams([self.params.dim] * 2))
+
+  p = Counted.Params()
+  assert [Counted.NumParams(p.Copy().Set(name=n)) for n in 'abc'] == [4] * 3
+  assert len(calls) == 1
+  assert Counted.NumParams(p.Copy().Set(dim=3)) == 9
+  assert len(calls) == 2
+  # A Params mutated after sizing is not confused with its old self.
+  p.dim = 5
+  assert Counted.NumParams(p) == 25
