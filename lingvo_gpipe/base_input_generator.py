@@ -33,6 +33,8 @@ class BaseInputGenerator:
              "generator's default (e.g. ~/tensorflow_datasets).")
     p.Define('seed', 1234, 'Shuffle seed of the training stream.')
     p.Define('shuffle_buffer', 10000, 'Shuffle buffer of the training stream.')
+    p.Define('train_split', 'train', 'Split the trainer trains on.')
+    p.Define('eval_split', 'test', 'Split the evaluator reports on.')
     return p
 
   def __init__(self, params: hyperparams.InstantiableParams):

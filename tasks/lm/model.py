@@ -1,0 +1,108 @@
+"""Transformer language model: a decoder-only flat list of pipelinable layers.
+
+The network is a PipeliningLayer over
+
+    [TransformerEmbedding 'emb', TransformerLayer 'layer_i' (causal) × L,
+     TransformerSoftmax 'softmax']
+
+through which NestedMap(ids, paddings) flows: 'emb' turns ids into vec, each
+layer replaces vec, 'softmax' replaces vec by logits; paddings pass through
+(they mask the attention keys). LmTask scores the merged logits against the
+batch's labels. `TransformerLParams` is GPipe's Transformer-L (Huang et al.
+2019, Table 1): d_model 2048, d_ff 8192, 32 heads, a 32k vocabulary, untied
+embedding and softmax; L = 3, 13, 103, 415, 1663 give 282.2M ... 83.9B
+parameters, which NumParams reports from Params alone in well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lingvo_gpipe import base_task
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.layers import transformer
+from lingvo_gpipe.core.nested_map import NestedMap
+from tasks import metrics
+
+
+def TransformerLmParams(vocab_size: int,
+                        model_dim: int,
+                        num_heads: int,
+                        hidden_dim: int,
+                        num_layers: int,
+                        dropout: float = 0.0,
+                        num_partitions: int = 1,
+                        num_micro_batches: int = 1,
+                        name: str = 'lm',
+                        **pipeline_params: Any) -> base_layer.Params:
+  """PipeliningLayer Params of a pre-LN decoder-only Transformer LM.
+
+  Args:
+    vocab_size: vocabulary size (embedding and softmax, untied).
+    model_dim: d_model.
+    num_heads: attention heads; divides model_dim.
+    hidden_dim: d_ff of each feed-forward.
+    num_layers: L, the causal TransformerLayers.
+    dropout: drop probability of the embedding, residual branches, attention
+      probabilities and feed-forward activations (keep_prob = 1 - dropout).
+    num_partitions: K, cells of the pipeline.
+    num_micro_batches: M, micro-batches per batch.
+    name: the network's name.
+    **pipeline_params: other PipeliningLayer fields (devices, recompute,
+      partition_method, balance, input_shapes, ...).
+  """
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'TransformerLmParams: dropout is {dropout}; it must be '
+                     'in [0, 1).')
+  if num_layers < 1:
+    raise ValueError(f'TransformerLmParams: num_layers must be >= 1, got '
+                     f'{num_layers}.')
+  keep = 1.0 - dropout
+  layers = [transformer.TransformerEmbedding.Params().Set(
+      name='emb', vocab_size=vocab_size, model_dim=model_dim, keep_prob=keep)]
+  block = transformer.TransformerLayer.Params().Set(
+      model_dim=model_dim, num_heads=num_heads, hidden_dim=hidden_dim,
+      causal=True, residual_keep_prob=keep, atten_keep_prob=keep,
+      relu_keep_prob=keep)
+  layers += [block.Copy().Set(name=f'layer_{i}') for i in range(num_layers)]
+  layers.append(transformer.TransformerSoftmax.Params().Set(
+      name='softmax', model_dim=model_dim, vocab_size=vocab_size))
+  return pipelining_layer.PipeliningLayer.Params().Set(
+      name=name, layers=layers, num_partitions=num_partitions,
+      num_micro_batches=num_micro_batches, **pipeline_params)
+
+
+def TransformerLParams(num_layers: int, **kwargs: Any) -> base_layer.Params:
+  """GPipe Table 1's Transformer-L with `num_layers` layers.
+
+  d_model 2048, d_ff 8192, 32 heads, vocabulary 32000; any argument of
+  TransformerLmParams (dropout, num_partitions, num_micro_batches, devices,
+  ...) may be given or overridden in kwargs.
+  """
+  table_1 = dict(vocab_size=32000, model_dim=2048, num_heads=32,
+                 hidden_dim=8192, name='transformer_l')
+  table_1.update(kwargs)
+  return TransformerLmParams(num_layers=num_layers, **table_1)
+
+
+class LmTask(base_task.BaseTask):
+  """Language modelling: batches NestedMap(ids, labels, paddings), each [b, T].
+
+  Metrics, each weighted by the number of non-padded tokens: loss
+  (cross-entropy, label-smoothed if asked), log_pplx (negative
+  log-likelihood per token; perplexity is its exp), token_accuracy.
+  """
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('label_smoothing', 0.0, 'ε in [0, 1) of the loss; log_pplx is '
+             'always unsmoothed.')
+    return p
+
+  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
+    out = self.network.FProp(theta.network,
+                             NestedMap(ids=batch.ids, paddings=batch.paddings))
+    return metrics.SequenceMetrics(out.logits, batch.labels, batch.paddings,
+                                   self.params.label_smoothing)

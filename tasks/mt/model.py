@@ -1,0 +1,318 @@
+"""Transformer translation: an encoder-decoder as one flat, pipelinable list.
+
+The network is a PipeliningLayer over the flat list
+
+    [TransformerEmbedding 'src_emb',
+     TransformerLayer 'enc_i' × num_encoder_layers,
+     EncoderToDecoder 'enc_dec',
+     TransformerLayer 'dec_i' (causal, cross-attention) × num_decoder_layers,
+     TransformerSoftmax 'softmax']
+
+so GPipe may cut it anywhere, encoder and decoder alike. Invariant: one
+NestedMap flows through every layer, each replacing only what it computes and
+passing every other key through, so the target side rides along with each
+micro-batch through the encoder's cells and the encoder output rides along
+through the decoder's:
+
+    src_emb   NestedMap(ids, paddings, tgt=NestedMap(ids, paddings))
+              -> (vec, paddings, tgt)                        [ids consumed]
+    enc_i     (vec, paddings, tgt) -> same keys, new vec
+    enc_dec   -> (vec, paddings, aux_vec, aux_paddings)       [tgt consumed:
+              aux_vec = LayerNorm(encoder vec), aux_paddings = source paddings,
+              vec = target embedding of tgt.ids, paddings = tgt.paddings]
+    dec_i     -> same keys, new vec
+    softmax   -> (logits, paddings, aux_vec, aux_paddings)   [vec consumed]
+
+The loss is computed by MtTask from the merged logits against tgt.labels.
+Greedy decoding (an eval-only path) runs the same layers without the
+pipeline, one after another on one device set, with the pipeline's own theta.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from lingvo_gpipe import base_task
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.layers import combinators
+from lingvo_gpipe.core.layers import normalization
+from lingvo_gpipe.core.layers import transformer
+from lingvo_gpipe.core.nested_map import NestedMap
+from tasks import metrics
+
+PAD_ID, EOS_ID, SOS_ID = 0, 1, 2
+
+
+def _Require(where: str, inputs: Any, key: str, why: str) -> Any:
+  if not isinstance(inputs, dict) or key not in inputs:
+    keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+    raise ValueError(f'{where}: inputs need the key {key!r} ({why}); got '
+                     f'{keys}.')
+  return inputs[key]
+
+
+class EncoderToDecoder(base_layer.BaseLayer):
+  """The encoder's end and the decoder's start, as one pipelinable layer.
+
+  NestedMap(vec, paddings, tgt=NestedMap(ids, paddings, ...), ...) ->
+  NestedMap(vec, paddings, aux_vec, aux_paddings, ...):
+  aux_vec = LayerNorm(vec) (the pre-LN encoder stack's final norm) and
+  aux_paddings = paddings; then `tgt` goes through a TransformerEmbedding and
+  its outputs (vec from tgt.ids, tgt.paddings, any other tgt keys) become the
+  top-level keys. Other keys pass through unchanged.
+  """
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('model_dim', 0, 'Model dimension d of encoder and decoder.')
+    p.Define('tgt_vocab_size', 0, 'Target vocabulary size (embedding rows).')
+    p.Define('final_norm', True, 'LayerNorm the encoder output (a pre-LN '
+             "stack's last sub-block output is not normalized).")
+    p.Define('scale_sqrt_depth', True, 'Scale target embeddings by '
+             'sqrt(model_dim).')
+    p.Define('keep_prob', 1.0, 'Dropout keep_prob of the target embedding.')
+    return p
+
+  @classmethod
+  def _SubParams(cls, p) -> NestedMap:
+    subs = NestedMap()
+    if p.final_norm:
+      subs.enc_norm = normalization.LayerNorm.Params().Set(dim=p.model_dim)
+    subs.tgt_emb = transformer.TransformerEmbedding.Params().Set(
+        vocab_size=p.tgt_vocab_size, model_dim=p.model_dim,
+        scale_sqrt_depth=p.scale_sqrt_depth, keep_prob=p.keep_prob)
+    return subs
+
+  def __init__(self, params):
+    super().__init__(params)
+    for name, sub in self._SubParams(self.params).items():
+      self.CreateChild(name, sub)
+
+  def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
+    vec = _Require(self.path, inputs, 'vec', 'the encoder output')
+    tgt = _Require(self.path, inputs, 'tgt',
+                   'NestedMap(ids, paddings) of the target side')
+    _Require(self.path, tgt, 'ids', 'target token ids [batch, tgt_time]')
+    out = self._Source(inputs)
+    if self.params.final_norm:
+      vec = self.enc_norm.FProp(theta.enc_norm, vec)
+    out.aux_vec = vec
+    out.update(self.tgt_emb.FProp(theta.tgt_emb, NestedMap(tgt)))
+    return out
+
+  @staticmethod
+  def _Source(inputs: Any) -> NestedMap:
+    """inputs without vec and tgt; paddings renamed aux_paddings."""
+    out = NestedMap(inputs)
+    del out['vec'], out['tgt']
+    if 'paddings' in out:
+      out.aux_paddings = out.pop('paddings')
+    return out
+
+  @classmethod
+  def FPropMeta(cls, p, input_shapes):
+    shapes = base_layer.ToShape(input_shapes)
+    vec = _Require(p.name, shapes, 'vec', 'the encoder output')
+    tgt = _Require(p.name, shapes, 'tgt', 'NestedMap(ids, paddings)')
+    subs = cls._SubParams(p)
+    out = cls._Source(shapes)
+    flops = 0
+    if p.final_norm:
+      flops += normalization.LayerNorm.FPropMeta(subs.enc_norm, vec).flops
+    out.aux_vec = vec
+    emb = transformer.TransformerEmbedding.FPropMeta(subs.tgt_emb,
+                                                     NestedMap(tgt))
+    out.update(emb.out_shapes[0])
+    return base_layer.Meta(flops + emb.flops, out)
+
+
+def _LayerParams(name: str, model_dim: int, num_heads: int, hidden_dim: int,
+                 keep_prob: float, decoder: bool) -> base_layer.Params:
+  return transformer.TransformerLayer.Params().Set(
+      name=name, model_dim=model_dim, num_heads=num_heads,
+      hidden_dim=hidden_dim, causal=decoder, has_aux_atten=decoder,
+      residual_keep_prob=keep_prob, atten_keep_prob=keep_prob,
+      relu_keep_prob=keep_prob)
+
+
+def TransformerParams(src_vocab_size: int,
+                      tgt_vocab_size: int,
+                      model_dim: int = 512,
+                      num_heads: int = 8,
+                      hidden_dim: int = 2048,
+                      num_encoder_layers: int = 6,
+                      num_decoder_layers: int = 6,
+                      dropout: float = 0.1,
+                      num_partitions: int = 1,
+                      num_micro_batches: int = 1,
+                      name: str = 'transformer',
+                      **pipeline_params: Any) -> base_layer.Params:
+  """PipeliningLayer Params of a pre-LN Transformer encoder-decoder.
+
+  Args:
+    src_vocab_size: source vocabulary size.
+    tgt_vocab_size: target vocabulary size (untied from the source).
+    model_dim: d_model.
+    num_heads: attention heads; divides model_dim.
+    hidden_dim: d_ff of each feed-forward.
+    num_encoder_layers: encoder TransformerLayers.
+    num_decoder_layers: decoder TransformerLayers.
+    dropout: drop probability of embeddings, residual branches, attention
+      probabilities and feed-forward activations (keep_prob = 1 - dropout).
+    num_partitions: K, cells of the pipeline.
+    num_micro_batches: M, micro-batches per batch.
+    name: the network's name.
+    **pipeline_params: other PipeliningLayer fields (devices, recompute,
+      partition_method, balance, input_shapes, ...).
+
+  Returns:
+    The Params of the flat layer list described in the module docstring.
+  """
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'TransformerParams: dropout is {dropout}; it must be in '
+                     '[0, 1).')
+  keep = 1.0 - dropout
+  layers = [transformer.TransformerEmbedding.Params().Set(
+      name='src_emb', vocab_size=src_vocab_size, model_dim=model_dim,
+      keep_prob=keep)]
+  layers += [_LayerParams(f'enc_{i}', model_dim, num_heads, hidden_dim, keep,
+                          decoder=False) for i in range(num_encoder_layers)]
+  layers.append(EncoderToDecoder.Params().Set(
+      name='enc_dec', model_dim=model_dim, tgt_vocab_size=tgt_vocab_size,
+      keep_prob=keep))
+  layers += [_LayerParams(f'dec_{i}', model_dim, num_heads, hidden_dim, keep,
+                          decoder=True) for i in range(num_decoder_layers)]
+  layers.append(transformer.TransformerSoftmax.Params().Set(
+      name='softmax', model_dim=model_dim, vocab_size=tgt_vocab_size))
+  return pipelining_layer.PipeliningLayer.Params().Set(
+      name=name, layers=layers, num_partitions=num_partitions,
+      num_micro_batches=num_micro_batches, **pipeline_params)
+
+
+def NetworkInputs(batch: NestedMap) -> NestedMap:
+  """The network's input from an MT batch: source and target ids and paddings.
+
+  tgt.labels stay out of the network: MtTask scores the logits against them.
+  """
+  return NestedMap(ids=batch.src.ids, paddings=batch.src.paddings,
+                   tgt=NestedMap(ids=batch.tgt.ids,
+                                 paddings=batch.tgt.paddings))
+
+
+def SequentialLayers(layer: base_layer.BaseLayer,
+                     theta: NestedMap) -> list[tuple[Any, Any]]:
+  """(layer, theta) of each layer a PipeliningLayer/Sequential runs, in turn."""
+  if isinstance(layer, pipelining_layer.PipeliningLayer):
+    return [pair for k, cell in enumerate(layer.cells)
+            for pair in SequentialLayers(cell, theta[f'cell_{k}'])]
+  if isinstance(layer, combinators.Sequential):
+    return [pair for sub, sub_theta in zip(layer.sub, theta.sub)
+            for pair in SequentialLayers(sub, sub_theta)]
+  return [(layer, theta)]
+
+
+class MtTask(base_task.BaseTask):
+  """Translation of NestedMap(src=(ids, paddings), tgt=(ids, labels, paddings)).
+
+  Metrics (each weighted by the number of non-padded target tokens): loss
+  (label-smoothed cross-entropy), log_pplx (negative log-likelihood per
+  token), token_accuracy. Decode: greedy decoding; CreateDecodeMetrics:
+  corpus BLEU on token ids and sequence accuracy (exact match).
+  """
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('label_smoothing', 0.0, 'ε in [0, 1) of the token '
+             'cross-entropy loss (0.1 in the Transformer paper).')
+    p.Define('max_decode_len', 64, 'Tokens greedy decoding emits at most, '
+             'EOS included.')
+    p.Define('sos_id', SOS_ID, 'Id that starts every target (tgt.ids[:, 0]).')
+    p.Define('eos_id', EOS_ID, 'Id that ends every target; decoding stops '
+             'there and metrics strip it and all after it.')
+    return p
+
+  def __init__(self, params):
+    if params.max_decode_len < 1:
+      raise ValueError(f'{params.name}: max_decode_len must be >= 1, got '
+                       f'{params.max_decode_len}.')
+    super().__init__(params)
+
+  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
+    out = self.network.FProp(theta.network, NetworkInputs(batch))
+    return metrics.SequenceMetrics(out.logits, batch.tgt.labels,
+                                   batch.tgt.paddings,
+                                   self.params.label_smoothing)
+
+  def Decode(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
+    """NestedMap(hyp_ids [b, max_decode_len], ref_ids [b, T]) for BLEU."""
+    hyp_ids = self.GreedyDecode(theta, batch.src)
+    labels = batch.tgt.labels
+    ref_ids = tf.where(batch.tgt.paddings > 0.5, tf.zeros_like(labels), labels)
+    return NestedMap(hyp_ids=hyp_ids, ref_ids=ref_ids)
+
+  def CreateDecodeMetrics(self) -> metrics.SequenceDecodeMetrics:
+    return metrics.SequenceDecodeMetrics(eos_id=self.params.eos_id,
+                                         pad_id=PAD_ID)
+
+  def GreedyDecode(self, theta: NestedMap, src: NestedMap) -> tf.Tensor:
+    """Greedy decoding of src NestedMap(ids, paddings): [b, max_decode_len].
+
+    int32; row i holds the argmax tokens y_1, y_2, ... up to and including
+    the first EOS, then padding (0). Eval only and not pipelined: the encoder
+    layers run once, then each step runs EncoderToDecoder and the decoder
+    layers on the whole fixed-length target buffer [SOS, y_1, ..., 0, ...]
+    (causal attention makes position t depend on y_≤t only) and reads
+    position t's logits; the loop ends when every row has emitted EOS.
+    """
+    p = self.params
+    layers = SequentialLayers(self.network, theta.network)
+    starts = [i for i, (layer, _) in enumerate(layers)
+              if isinstance(layer, EncoderToDecoder)]
+    if len(starts) != 1:
+      raise ValueError(f'{self.path}: greedy decoding needs exactly one '
+                       f'EncoderToDecoder layer in the network, found '
+                       f'{len(starts)}.')
+    encoder, decoder = layers[:starts[0]], layers[starts[0]:]
+    length = p.max_decode_len
+    ids = src.ids
+    batch_size = ids.shape[0] if ids.shape[0] is not None else tf.shape(ids)[0]
+
+    with base_layer.Context(training=False):
+      source = NestedMap(ids=ids, paddings=src.paddings)
+      for layer, layer_theta in encoder:
+        source = layer.FProp(layer_theta, source)
+
+      def Write(buffer, position, values):
+        # one_hot of an index past the end is all zeros: nothing written.
+        return buffer + tf.one_hot(position, length, dtype=tf.int32) * (
+            values[:, tf.newaxis])
+
+      def Step(t, targets, hyp, done):
+        x = source.copy()
+        x.tgt = NestedMap(ids=targets,
+                          paddings=tf.zeros(tf.shape(targets), tf.float32))
+        for layer, layer_theta in decoder:
+          x = layer.FProp(layer_theta, x)
+        next_ids = tf.argmax(tf.gather(x.logits, t, axis=1), axis=-1,
+                             output_type=tf.int32)
+        next_ids = tf.where(done, tf.zeros_like(next_ids), next_ids)
+        return (t + 1, Write(targets, t + 1, next_ids), Write(hyp, t, next_ids),
+                tf.logical_or(done, tf.equal(next_ids, p.eos_id)))
+
+      def NotFinished(t, targets, hyp, done):
+        del targets, hyp
+        return tf.logical_and(t < length,
+                              tf.logical_not(tf.reduce_all(done)))
+
+      targets = Write(tf.zeros([batch_size, length], tf.int32), 0,
+                      tf.fill([batch_size], tf.constant(p.sos_id, tf.int32)))
+      _, _, hyp, _ = tf.while_loop(
+          NotFinished, Step,
+          (tf.constant(0), targets, tf.zeros([batch_size, length], tf.int32),
+           tf.zeros([batch_size], tf.bool)))
+    return hyp
