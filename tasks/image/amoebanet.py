@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
-from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.layers import conv
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import dropout
@@ -37,7 +37,6 @@ from lingvo_gpipe.core.nested_map import NestedMap
 from tasks.image import amoebanet_ops as ops
 
 Params = hyperparams.Params
-PipeliningLayer = pipelining_layer.PipeliningLayer
 
 # --- genotypes ----------------------------------------------------------------
 
@@ -511,24 +510,7 @@ def AmoebaNetLayers(p) -> list[Params]:
   return layers
 
 
-def PipelineParams(p) -> Params:
-  """The PipeliningLayer Params that run AmoebaNetLayers(p) as `p.pipeline` says.
-
-  Partitioning by 'flops', 'time' or 'memory' without input_shapes uses one
-  image of p.image_size (costs scale with the batch; the balance does not).
-  """
-  pipe = p.pipeline.Copy()
-  if pipe.layers is not None or pipe.cell_tpl is not None:
-    raise ValueError(f'{p.name}: pipeline.layers and pipeline.cell_tpl are '
-                     'filled from the network fields; leave them None.')
-  pipe.Set(name='pipeline', layers=AmoebaNetLayers(p))
-  if pipe.input_shapes is None and pipe.partition_method != 'params':
-    h, w = conv.Pair(p.name, 'image_size', p.image_size)
-    pipe.input_shapes = [[1, h, w, p.input_channels]]
-  return pipe
-
-
-class AmoebaNet(base_layer.BaseLayer):
+class AmoebaNet(pipelined_network.PipelinedNetwork):
   """AmoebaNet-B/D: its flat layer list run by a PipeliningLayer child.
 
   FProp(theta, images or NestedMap(image, ...)) returns NestedMap(logits,
@@ -562,34 +544,17 @@ class AmoebaNet(base_layer.BaseLayer):
              'over this many steps (the public code\'s burn-in).')
     p.Define('dense_dropout_keep_prob', 1.0, 'Keep prob of the head dropout.')
     p.Define('batch_norm_decay', 0.997, 'Moving-average decay of every BN.')
-    p.Define('pipeline', PipeliningLayer.Params(), 'How the layers are '
-             'pipelined (num_partitions, num_micro_batches, partition_method, '
-             'recompute, devices, ...); layers is filled in, leave it None.')
     return p
 
-  def __init__(self, params):
-    super().__init__(params)
-    self.CreateChild('pipeline', PipelineParams(self.params))
-
-  def FProp(self, theta: NestedMap, inputs: Any) -> NestedMap:
-    return self.pipeline.FProp(theta.pipeline, inputs)
-
-  def Report(self) -> NestedMap:
-    """The pipeline's report: layers, params, FLOPs and device per cell."""
-    return self.pipeline.Report()
+  @classmethod
+  def Layers(cls, p) -> list[Params]:
+    return AmoebaNetLayers(p)
 
   @classmethod
-  def NumParams(cls, p) -> int:
-    return sum(layer.cls.NumParams(layer) for layer in AmoebaNetLayers(p))
-
-  @classmethod
-  def FPropMeta(cls, p, input_shapes):
-    shapes, flops = input_shapes, 0
-    for layer in AmoebaNetLayers(p):
-      meta = layer.cls.FPropMeta(layer, shapes)
-      flops += meta.flops
-      shapes = meta.out_shapes[0]
-    return base_layer.Meta(flops, shapes)
+  def DefaultInputShapes(cls, p) -> Any:
+    # One image: costs scale with the batch, the balance does not.
+    h, w = conv.Pair(p.name, 'image_size', p.image_size)
+    return [[1, h, w, p.input_channels]]
 
 
 def NetworkParams(num_cells: int, num_filters: int, *, num_partitions: int = 1,

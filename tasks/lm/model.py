@@ -20,10 +20,53 @@ from typing import Any
 
 from lingvo_gpipe import base_task
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics
+
+
+class TransformerLm(pipelined_network.PipelinedNetwork):
+  """A pre-LN decoder-only Transformer LM, pipelined.
+
+  Its layers: TransformerEmbedding, num_layers causal TransformerLayers,
+  TransformerSoftmax; NestedMap(ids, paddings) in, (logits, paddings) out.
+  """
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('vocab_size', 32000, 'Vocabulary (embedding and softmax, '
+             'untied).')
+    p.Define('model_dim', 2048, 'd_model.')
+    p.Define('num_heads', 32, 'Attention heads; divides model_dim.')
+    p.Define('hidden_dim', 8192, 'd_ff of each feed-forward.')
+    p.Define('num_layers', 3, 'L, the causal TransformerLayers.')
+    p.Define('dropout', 0.0, 'Drop probability of the embedding, residual '
+             'branches, attention probabilities and feed-forward activations.')
+    return p
+
+  @classmethod
+  def Layers(cls, p) -> list:
+    if not 0.0 <= p.dropout < 1.0:
+      raise ValueError(f'{p.name}: dropout is {p.dropout}; it must be in '
+                       '[0, 1).')
+    if p.num_layers < 1:
+      raise ValueError(f'{p.name}: num_layers must be >= 1, got '
+                       f'{p.num_layers}.')
+    keep = 1.0 - p.dropout
+    layers = [transformer.TransformerEmbedding.Params().Set(
+        name='emb', vocab_size=p.vocab_size, model_dim=p.model_dim,
+        keep_prob=keep)]
+    block = transformer.TransformerLayer.Params().Set(
+        model_dim=p.model_dim, num_heads=p.num_heads,
+        hidden_dim=p.hidden_dim, causal=True, residual_keep_prob=keep,
+        atten_keep_prob=keep, relu_keep_prob=keep)
+    layers += [block.Copy().Set(name=f'layer_{i}')
+               for i in range(p.num_layers)]
+    layers.append(transformer.TransformerSoftmax.Params().Set(
+        name='softmax', model_dim=p.model_dim, vocab_size=p.vocab_size))
+    return layers
 
 
 def TransformerLmParams(vocab_size: int,
@@ -36,41 +79,15 @@ def TransformerLmParams(vocab_size: int,
                         num_micro_batches: int = 1,
                         name: str = 'lm',
                         **pipeline_params: Any) -> base_layer.Params:
-  """PipeliningLayer Params of a pre-LN decoder-only Transformer LM.
-
-  Args:
-    vocab_size: vocabulary size (embedding and softmax, untied).
-    model_dim: d_model.
-    num_heads: attention heads; divides model_dim.
-    hidden_dim: d_ff of each feed-forward.
-    num_layers: L, the causal TransformerLayers.
-    dropout: drop probability of the embedding, residual branches, attention
-      probabilities and feed-forward activations (keep_prob = 1 - dropout).
-    num_partitions: K, cells of the pipeline.
-    num_micro_batches: M, micro-batches per batch.
-    name: the network's name.
-    **pipeline_params: other PipeliningLayer fields (devices, recompute,
-      partition_method, balance, input_shapes, ...).
-  """
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'TransformerLmParams: dropout is {dropout}; it must be '
-                     'in [0, 1).')
-  if num_layers < 1:
-    raise ValueError(f'TransformerLmParams: num_layers must be >= 1, got '
-                     f'{num_layers}.')
-  keep = 1.0 - dropout
-  layers = [transformer.TransformerEmbedding.Params().Set(
-      name='emb', vocab_size=vocab_size, model_dim=model_dim, keep_prob=keep)]
-  block = transformer.TransformerLayer.Params().Set(
-      model_dim=model_dim, num_heads=num_heads, hidden_dim=hidden_dim,
-      causal=True, residual_keep_prob=keep, atten_keep_prob=keep,
-      relu_keep_prob=keep)
-  layers += [block.Copy().Set(name=f'layer_{i}') for i in range(num_layers)]
-  layers.append(transformer.TransformerSoftmax.Params().Set(
-      name='softmax', model_dim=model_dim, vocab_size=vocab_size))
-  return pipelining_layer.PipeliningLayer.Params().Set(
-      name=name, layers=layers, num_partitions=num_partitions,
-      num_micro_batches=num_micro_batches, **pipeline_params)
+  """TransformerLm Params; pipeline_params are other PipeliningLayer fields
+  (devices, recompute, partition_method, balance, input_shapes, ...)."""
+  p = TransformerLm.Params().Set(
+      name=name, vocab_size=vocab_size, model_dim=model_dim,
+      num_heads=num_heads, hidden_dim=hidden_dim, num_layers=num_layers,
+      dropout=dropout)
+  p.pipeline.Set(num_partitions=num_partitions,
+                 num_micro_batches=num_micro_batches, **pipeline_params)
+  return p
 
 
 def TransformerLParams(num_layers: int, **kwargs: Any) -> base_layer.Params:

@@ -3,9 +3,9 @@
 The network is a PipeliningLayer over the flat list
 
     [TransformerEmbedding 'src_emb',
-     TransformerLayer 'enc_i' × num_encoder_layers,
+     TransformerLayer 'enc_i' × num_layers,
      EncoderToDecoder 'enc_dec',
-     TransformerLayer 'dec_i' (causal, cross-attention) × num_decoder_layers,
+     TransformerLayer 'dec_i' (causal, cross-attention) × num_layers,
      TransformerSoftmax 'softmax']
 
 so GPipe may cut it anywhere, encoder and decoder alike. Invariant: one
@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from lingvo_gpipe import base_task
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import normalization
@@ -139,58 +140,70 @@ def _LayerParams(name: str, model_dim: int, num_heads: int, hidden_dim: int,
       relu_keep_prob=keep_prob)
 
 
+class Transformer(pipelined_network.PipelinedNetwork):
+  """A pre-LN Transformer encoder-decoder, pipelined as one flat layer list."""
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('src_vocab_size', 32000, 'Source vocabulary size.')
+    p.Define('tgt_vocab_size', 32000, 'Target vocabulary size (untied from '
+             'the source).')
+    p.Define('model_dim', 512, 'd_model.')
+    p.Define('num_heads', 8, 'Attention heads; divides model_dim.')
+    p.Define('hidden_dim', 2048, 'd_ff of each feed-forward.')
+    p.Define('num_layers', 6, 'TransformerLayers in the encoder and again in '
+             'the decoder.')
+    p.Define('dropout', 0.1, 'Drop probability of embeddings, residual '
+             'branches, attention probabilities and feed-forward activations.')
+    return p
+
+  @classmethod
+  def Layers(cls, p) -> list:
+    if not 0.0 <= p.dropout < 1.0:
+      raise ValueError(f'{p.name}: dropout is {p.dropout}; it must be in '
+                       '[0, 1).')
+    if p.num_layers < 1:
+      raise ValueError(f'{p.name}: num_layers must be >= 1, got '
+                       f'{p.num_layers}.')
+    keep = 1.0 - p.dropout
+    layers = [transformer.TransformerEmbedding.Params().Set(
+        name='src_emb', vocab_size=p.src_vocab_size, model_dim=p.model_dim,
+        keep_prob=keep)]
+    layers += [_LayerParams(f'enc_{i}', p.model_dim, p.num_heads,
+                            p.hidden_dim, keep, decoder=False)
+               for i in range(p.num_layers)]
+    layers.append(EncoderToDecoder.Params().Set(
+        name='enc_dec', model_dim=p.model_dim,
+        tgt_vocab_size=p.tgt_vocab_size, keep_prob=keep))
+    layers += [_LayerParams(f'dec_{i}', p.model_dim, p.num_heads,
+                            p.hidden_dim, keep, decoder=True)
+               for i in range(p.num_layers)]
+    layers.append(transformer.TransformerSoftmax.Params().Set(
+        name='softmax', model_dim=p.model_dim, vocab_size=p.tgt_vocab_size))
+    return layers
+
+
 def TransformerParams(src_vocab_size: int,
                       tgt_vocab_size: int,
                       model_dim: int = 512,
                       num_heads: int = 8,
                       hidden_dim: int = 2048,
-                      num_encoder_layers: int = 6,
-                      num_decoder_layers: int = 6,
+                      num_layers: int = 6,
                       dropout: float = 0.1,
                       num_partitions: int = 1,
                       num_micro_batches: int = 1,
                       name: str = 'transformer',
                       **pipeline_params: Any) -> base_layer.Params:
-  """PipeliningLayer Params of a pre-LN Transformer encoder-decoder.
-
-  Args:
-    src_vocab_size: source vocabulary size.
-    tgt_vocab_size: target vocabulary size (untied from the source).
-    model_dim: d_model.
-    num_heads: attention heads; divides model_dim.
-    hidden_dim: d_ff of each feed-forward.
-    num_encoder_layers: encoder TransformerLayers.
-    num_decoder_layers: decoder TransformerLayers.
-    dropout: drop probability of embeddings, residual branches, attention
-      probabilities and feed-forward activations (keep_prob = 1 - dropout).
-    num_partitions: K, cells of the pipeline.
-    num_micro_batches: M, micro-batches per batch.
-    name: the network's name.
-    **pipeline_params: other PipeliningLayer fields (devices, recompute,
-      partition_method, balance, input_shapes, ...).
-
-  Returns:
-    The Params of the flat layer list described in the module docstring.
-  """
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'TransformerParams: dropout is {dropout}; it must be in '
-                     '[0, 1).')
-  keep = 1.0 - dropout
-  layers = [transformer.TransformerEmbedding.Params().Set(
-      name='src_emb', vocab_size=src_vocab_size, model_dim=model_dim,
-      keep_prob=keep)]
-  layers += [_LayerParams(f'enc_{i}', model_dim, num_heads, hidden_dim, keep,
-                          decoder=False) for i in range(num_encoder_layers)]
-  layers.append(EncoderToDecoder.Params().Set(
-      name='enc_dec', model_dim=model_dim, tgt_vocab_size=tgt_vocab_size,
-      keep_prob=keep))
-  layers += [_LayerParams(f'dec_{i}', model_dim, num_heads, hidden_dim, keep,
-                          decoder=True) for i in range(num_decoder_layers)]
-  layers.append(transformer.TransformerSoftmax.Params().Set(
-      name='softmax', model_dim=model_dim, vocab_size=tgt_vocab_size))
-  return pipelining_layer.PipeliningLayer.Params().Set(
-      name=name, layers=layers, num_partitions=num_partitions,
-      num_micro_batches=num_micro_batches, **pipeline_params)
+  """Transformer Params; pipeline_params are other PipeliningLayer fields
+  (devices, recompute, partition_method, balance, input_shapes, ...)."""
+  p = Transformer.Params().Set(
+      name=name, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+      model_dim=model_dim, num_heads=num_heads, hidden_dim=hidden_dim,
+      num_layers=num_layers, dropout=dropout)
+  p.pipeline.Set(num_partitions=num_partitions,
+                 num_micro_batches=num_micro_batches, **pipeline_params)
+  return p
 
 
 def NetworkInputs(batch: NestedMap) -> NestedMap:
@@ -206,6 +219,8 @@ def NetworkInputs(batch: NestedMap) -> NestedMap:
 def SequentialLayers(layer: base_layer.BaseLayer,
                      theta: NestedMap) -> list[tuple[Any, Any]]:
   """(layer, theta) of each layer a PipeliningLayer/Sequential runs, in turn."""
+  if isinstance(layer, pipelined_network.PipelinedNetwork):
+    return SequentialLayers(layer.pipeline, theta.pipeline)
   if isinstance(layer, pipelining_layer.PipeliningLayer):
     return [pair for k, cell in enumerate(layer.cells)
             for pair in SequentialLayers(cell, theta[f'cell_{k}'])]

@@ -9,6 +9,7 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.gpipe import microbatch
+from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks.image import amoebanet
 from tasks.image import amoebanet_ops as ops
@@ -42,7 +43,7 @@ def test_config_overrides_reach_the_network_fields():
   hyperparams.ApplyOverrides(p, 'num_cells=36;num_filters=544;'
                              'pipeline.num_micro_batches=4')
   assert amoebanet.AmoebaNet.NumParams(p) == 1_053_293_776
-  assert amoebanet.PipelineParams(p).num_micro_batches == 4
+  assert amoebanet.AmoebaNet.PipelineParams(p).num_micro_batches == 4
   q = amoebanet.AmoebaNet.Params().FromText(p.ToText())
   assert q == p
 
@@ -50,14 +51,14 @@ def test_config_overrides_reach_the_network_fields():
 def test_partition_by_flops_without_building():
   p = amoebanet.NetworkParams(18, 208, num_partitions=4,
                               partition_method='flops')
-  pipe = amoebanet.PipelineParams(p)
+  pipe = amoebanet.AmoebaNet.PipelineParams(p)
   assert pipe.input_shapes == [[1, 224, 224, 3]]
-  balance = amoebanet.PipeliningLayer.CellBalance(pipe)
+  balance = PipeliningLayer.CellBalance(pipe)
   assert len(balance) == 4 and sum(balance) == len(pipe.layers) == 24
   meta = amoebanet.AmoebaNet.FPropMeta(p, [1, 224, 224, 3])
   assert meta.out_shapes[0].logits.as_list() == [1, 1000]
   # The layer costs are the chained FPropMeta FLOPs, so they sum to the whole.
-  costs = amoebanet.PipeliningLayer.LayerCosts(pipe)
+  costs = PipeliningLayer.LayerCosts(pipe)
   assert sum(costs) == meta.flops
 
 

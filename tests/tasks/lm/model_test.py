@@ -23,16 +23,18 @@ _TABLE_1 = [(3, 282.2e6), (13, 785.8e6), (103, 5.3e9), (415, 21.0e9),
 def test_transformer_l_matches_gpipe_table_1():
   for num_layers, paper in _TABLE_1:
     p = model.TransformerLParams(num_layers, num_partitions=4)
-    ours = PipeliningLayer.NumParams(p)
+    ours = model.TransformerLm.NumParams(p)
     assert ours == 50_358_272 * num_layers + 131_108_096
     assert abs(ours - paper) / paper < 0.01, (num_layers, ours, paper)
-    assert len(p.layers) == num_layers + 2
-  block = p.layers[1]
+    assert p.num_layers == num_layers
+    pipe = model.TransformerLm.PipelineParams(p)
+    assert len(pipe.layers) == num_layers + 2
+  block = pipe.layers[1]
   assert (block.model_dim, block.hidden_dim, block.num_heads,
           block.causal) == (2048, 8192, 32, True)
-  assert p.layers[0].vocab_size == p.layers[-1].vocab_size == 32000
+  assert pipe.layers[0].vocab_size == pipe.layers[-1].vocab_size == 32000
   # 4 cells of nearly equal size, by parameter count.
-  assert sum(PipeliningLayer.CellBalance(p)) == 1665
+  assert sum(PipeliningLayer.CellBalance(pipe)) == 1665
 
 
 def test_lm_task_metrics_pipelined():
@@ -42,7 +44,7 @@ def test_lm_task_metrics_pipelined():
       dropout=0.1, num_partitions=2, num_micro_batches=2,
       devices=['/device:CPU:0', '/device:CPU:1'])
   task = model.LmTask.Params().Set(name='lm', network=network).Instantiate()
-  assert len(task.network.cells) == 2
+  assert len(task.network.pipeline.cells) == 2
   ids = tf.random.stateless_uniform([4, 6], [1, 1], 1, vocab, tf.int32)
   paddings = 1.0 - tf.sequence_mask([6, 5, 3, 1], 6, tf.float32)
   batch = NestedMap(ids=ids, labels=tf.roll(ids, -1, axis=1),
@@ -59,6 +61,6 @@ def test_lm_task_metrics_pipelined():
 
 def test_params_errors():
   with pytest.raises(ValueError, match='num_layers must be >= 1'):
-    model.TransformerLParams(0)
+    model.TransformerLm.NumParams(model.TransformerLParams(0))
   with pytest.raises(ValueError, match='dropout is 1.5'):
-    model.TransformerLParams(3, dropout=1.5)
+    model.TransformerLParams(3, dropout=1.5).Instantiate()
