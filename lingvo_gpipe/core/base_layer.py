@@ -248,7 +248,8 @@ def ToShape(value: Any) -> Any:
   if _IsShapeLeaf(value):
     return tf.TensorShape(getattr(value, 'shape', value))
   if isinstance(value, dict):
-    return type(value)((k, ToShape(v)) for k, v in value.items())
+    # A NestedMap, also when the shapes were read back from Params text.
+    return NestedMap((k, ToShape(v)) for k, v in value.items())
   if isinstance(value, (list, tuple)):
     return type(value)(ToShape(v) for v in value)
   raise TypeError(f'Cannot read a shape from {value!r} ({type(value).__name__}).')

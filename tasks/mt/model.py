@@ -206,6 +206,14 @@ def TransformerParams(src_vocab_size: int,
   return p
 
 
+def NetworkInputShapes(batch_size: int, src_len: int,
+                       tgt_len: int) -> NestedMap:
+  """Shapes of NetworkInputs for a batch, e.g. for the pipeline's input_shapes."""
+  return NestedMap(ids=[batch_size, src_len], paddings=[batch_size, src_len],
+                   tgt=NestedMap(ids=[batch_size, tgt_len],
+                                 paddings=[batch_size, tgt_len]))
+
+
 def NetworkInputs(batch: NestedMap) -> NestedMap:
   """The network's input from an MT batch: source and target ids and paddings.
 

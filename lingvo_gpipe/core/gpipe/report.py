@@ -27,7 +27,7 @@ def FormatTable(report: NestedMap) -> str:
     names = c.layer_names
     span = names[0] if len(names) == 1 else f'{names[0]}..{names[-1]}'
     rows.append((str(c.cell), str(c.num_layers), span, _Human(c.num_params),
-                 _Human(c.flops), c.device, _Human(c.peak_bytes)))
+                 _Human(c.flops), c.device or '-', _Human(c.peak_bytes)))
   total_params = sum(c.num_params for c in report.cells)
   flops = [c.flops for c in report.cells]
   total_flops = None if None in flops else sum(flops)

@@ -1,0 +1,69 @@
+r"""Prints a registered model's size and cost per pipeline cell, without building it.
+
+  python -m lingvo_gpipe.tools.model_size --model=image.imagenet.AmoebaNetD_18_208
+  python -m lingvo_gpipe.tools.model_size --model=lm.lm1b.TransformerL \
+      --params_override='task.network.num_layers=1663'
+
+Parameters are counted from Params alone (nothing is allocated), so an 84B
+parameter model is sized in seconds. FLOPs need the network's input shapes.
+The last line is always `num_params: <integer>`.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from lingvo_gpipe import model_registry
+from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.gpipe import report as report_lib
+
+_MODEL = flags.DEFINE_string('model', None, 'Registered model name, e.g. '
+                             'image.cifar10.AmoebaNetD; see --list_models.')
+_OVERRIDE = flags.DEFINE_string('params_override', '', "Overrides, e.g. "
+                                "'task.network.num_layers=13; input.batch_size=8'.")
+_LIST = flags.DEFINE_bool('list_models', False, 'List registered models.')
+
+
+def PipelineParams(network):
+  """The PipeliningLayer Params a network is, or builds (its PipelineParams)."""
+  if issubclass(network.cls, pipelining_layer.PipeliningLayer):
+    return network
+  build = getattr(network.cls, 'PipelineParams', None)
+  return build(network) if build is not None else None
+
+
+def SizeReport(params) -> str:
+  """The text the tool prints for model Params (with task.network)."""
+  network = params.task.network
+  lines = [f'model: {params.name}']
+  pipe = PipelineParams(network)
+  if pipe is not None:
+    lines.append(report_lib.FormatTable(
+        pipelining_layer.PipeliningLayer.StaticReport(pipe)))
+  num_params = network.cls.NumParams(network)
+  lines.append(f'num_params: {num_params}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _LIST.value:
+    print('\n'.join(model_registry.ListModels()))
+    return
+  if not _MODEL.value:
+    raise app.UsageError('--model is required (see --list_models).')
+  try:
+    params = model_registry.GetParams(_MODEL.value)
+    if _OVERRIDE.value:
+      hyperparams.ApplyOverrides(params, _OVERRIDE.value)
+  except (ValueError, AttributeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(SizeReport(params))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,12 @@
+"""CIFAR-10 (tfds 'cifar10'): AmoebaNet-D, pipelined. See params/image/cifar.py."""
+
+from lingvo_gpipe import model_registry
+from params.image import cifar
+
+
+@model_registry.RegisterModel
+class AmoebaNetD(cifar.AmoebaNetDCifar):
+  """AmoebaNet-D (18, 128) at 32x32, 4 cells x 8 micro-batches, 10 classes."""
+
+  NUM_CLASSES = 10
+  DATASET = 'cifar10'

@@ -1,0 +1,36 @@
+"""One Billion Word (tfds 'lm1b'): Transformer-L of GPipe Table 1.
+
+d_model 2048, d_ff 8192, 32 heads, 32k vocabulary, untied; set the depth
+with task.network.num_layers (Table 1: 3, 13, 103, 415, 1663 layers). The
+paper's Pipeline-8 runs used 8 partitions and 32 micro-batches.
+"""
+
+from lingvo_gpipe import model_params
+from lingvo_gpipe import model_registry
+from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core.nested_map import NestedMap
+from tasks.lm import input_generator
+from tasks.lm import model
+
+_MAX_LEN = 256
+_BATCH = 64
+
+
+@model_registry.RegisterModel
+class TransformerL(model_params.ModelParams):
+  """Transformer-L, 13 layers (Table 1's single-accelerator GPipe column)."""
+
+  def Task(self) -> hyperparams.Params:
+    network = model.TransformerLParams(
+        13, num_partitions=8, num_micro_batches=32,
+        input_shapes=[NestedMap(ids=[_BATCH, _MAX_LEN],
+                                paddings=[_BATCH, _MAX_LEN])])
+    return model.LmTask.Params().Set(name='lm1b', network=network)
+
+  def Train(self) -> hyperparams.Params:
+    return super().Train().Set(optimizer='adam', learning_rate=1e-4,
+                               max_steps=500000, clip_gradient_norm=1.0)
+
+  def Input(self) -> hyperparams.Params:
+    return input_generator.Lm1bInput.Params().Set(
+        target_vocab_size=32000, max_len=_MAX_LEN, batch_size=_BATCH)
