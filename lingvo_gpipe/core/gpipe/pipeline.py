@@ -70,6 +70,10 @@ def _AddGrads(acc: Optional[list], grads: list) -> list:
           for a, g in zip(acc, grads)]
 
 
+# The schedule is fixed in Python and never branches on tensor values, so
+# autograph has nothing to convert here; letting it re-process every cell call
+# K*M times made tracing 2-4x slower (bench/results/graph_build.md).
+@tf.autograph.experimental.do_not_convert
 def RunPipeline(cells: Sequence[base_layer.BaseLayer],
                 thetas: Sequence[NestedMap],
                 inputs: Any,

@@ -1,0 +1,140 @@
+"""What the benchmarks share: the Dense stack, its training step, machine facts, result files.
+
+Invariant: every benchmark times the same training step, the one users write
+and `lingvo_gpipe/tools/step_memory.py` measures: forward and backward with a
+plain `tf.GradientTape` around the model inside one `tf.function`, loss = mean
+of squares, gradients for every trainable variable. The plain step runs the
+cells in sequence under that tape (`cell.FProp(theta, y)` for each cell), so
+plain and pipelined steps differ only in the pipeline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import tensorflow as tf
+
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.layers import dense
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, 'bench', 'results')
+
+
+def DenseStack(num_layers: int, dim: int) -> list:
+  """Params of `num_layers` Dense(dim→dim, relu) layers."""
+  return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim, output_dim=dim)
+          for i in range(num_layers)]
+
+
+def BuildPipeline(layers: list, num_partitions: int, num_micro_batches: int,
+                  recompute: str,
+                  devices: Optional[Sequence[str]] = None):
+  """An instantiated PipeliningLayer over `layers`."""
+  p = pipelining_layer.PipeliningLayer.Params().Set(
+      name='stack', layers=layers, num_partitions=num_partitions,
+      num_micro_batches=num_micro_batches, recompute=recompute,
+      devices=list(devices) if devices else ['/device:CPU:0'])
+  return p.Instantiate()
+
+
+def TrainStep(model, plain: bool) -> Callable[[tf.Tensor], tf.Tensor]:
+  """A traced training step of `model`; returns (loss, sum of all gradients).
+
+  Args:
+    model: a PipeliningLayer.
+    plain: run its cells in sequence under the caller's tape instead of
+      through the pipeline.
+  """
+  variables = model.trainable_variables
+
+  @tf.function
+  def Step(x):
+    with base_layer.Context(training=True):
+      with tf.GradientTape() as tape:
+        if plain:
+          y = x
+          for k, cell in enumerate(model.cells):
+            y = cell.FProp(model.theta[f'cell_{k}'], y)
+        else:
+          y = model.FPropDefaultTheta(x)
+        loss = tf.reduce_mean(y * y)
+      grads = tape.gradient(loss, variables)
+    # One scalar that depends on every gradient, so none is pruned.
+    return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+
+  return Step
+
+
+def RunOnce(step: Callable, x: tf.Tensor) -> tuple[float, float]:
+  """(wall, CPU) seconds of one call of `step`, results fetched to the host.
+
+  CPU time is summed over all of this process's threads. Other processes on
+  the machine stretch wall time but barely change CPU time, so on a shared
+  machine CPU-time ratios are the steadier measure of extra work.
+  """
+  wall, cpu = time.perf_counter(), time.process_time()
+  tf.nest.map_structure(lambda t: t.numpy(), step(x))
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def Spread(values: Sequence[float]) -> tuple[float, float, float]:
+  """(median, min, max)."""
+  return statistics.median(values), min(values), max(values)
+
+
+def MachineFacts() -> dict:
+  """Facts a reader needs to compare numbers across runs."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          cpu = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {
+      'date': datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z'),
+      'nproc': os.cpu_count(),
+      'cpu': cpu,
+      'tensorflow': tf.__version__,
+      'python': platform.python_version(),
+      'load average at start (1, 5, 15 min)': LoadAverage(),
+  }
+
+
+def LoadAverage() -> str:
+  """The 1, 5 and 15 minute load averages: how busy other processes kept the cores."""
+  try:
+    return ', '.join(f'{l:.2f}' for l in os.getloadavg())
+  except OSError:
+    return 'unknown'
+
+
+def MarkdownTable(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def WriteResults(file_name: str, title: str, command: str, facts: dict,
+                 config: dict, body: str) -> str:
+  """Writes bench/results/<file_name>: title, command, facts, config, body."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, file_name)
+  lines = [f'# {title}', '', f'Command: `{command}`', '', '## Machine', '']
+  lines += [f'- {k}: {v}' for k, v in facts.items()]
+  lines += ['', '## Configuration', '']
+  lines += [f'- {k}: {v}' for k, v in config.items()]
+  lines += ['', '## Results', '', body.rstrip(), '']
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  return path
