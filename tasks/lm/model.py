@@ -20,13 +20,13 @@ from typing import Any
 
 from lingvo_gpipe import base_task
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics
+from tasks import transformer_network
 
 
-class TransformerLm(pipelined_network.PipelinedNetwork):
+class TransformerLm(transformer_network.TransformerNetwork):
   """A pre-LN decoder-only Transformer LM, pipelined.
 
   Its layers: TransformerEmbedding, num_layers causal TransformerLayers,
@@ -38,35 +38,19 @@ class TransformerLm(pipelined_network.PipelinedNetwork):
     p = super().Params()
     p.Define('vocab_size', 32000, 'Vocabulary (embedding and softmax, '
              'untied).')
-    p.Define('model_dim', 2048, 'd_model.')
-    p.Define('num_heads', 32, 'Attention heads; divides model_dim.')
-    p.Define('hidden_dim', 8192, 'd_ff of each feed-forward.')
-    p.Define('num_layers', 3, 'L, the causal TransformerLayers.')
-    p.Define('dropout', 0.0, 'Drop probability of the embedding, residual '
-             'branches, attention probabilities and feed-forward activations.')
     return p
 
   @classmethod
   def Layers(cls, p) -> list:
-    if not 0.0 <= p.dropout < 1.0:
-      raise ValueError(f'{p.name}: dropout is {p.dropout}; it must be in '
-                       '[0, 1).')
-    if p.num_layers < 1:
-      raise ValueError(f'{p.name}: num_layers must be >= 1, got '
-                       f'{p.num_layers}.')
-    keep = 1.0 - p.dropout
-    layers = [transformer.TransformerEmbedding.Params().Set(
+    keep = cls.KeepProb(p)
+    block = cls.Block(p, 'layer', causal=True, cross_attention=False)
+    return ([transformer.TransformerEmbedding.Params().Set(
         name='emb', vocab_size=p.vocab_size, model_dim=p.model_dim,
-        keep_prob=keep)]
-    block = transformer.TransformerLayer.Params().Set(
-        model_dim=p.model_dim, num_heads=p.num_heads,
-        hidden_dim=p.hidden_dim, causal=True, residual_keep_prob=keep,
-        atten_keep_prob=keep, relu_keep_prob=keep)
-    layers += [block.Copy().Set(name=f'layer_{i}')
-               for i in range(p.num_layers)]
-    layers.append(transformer.TransformerSoftmax.Params().Set(
-        name='softmax', model_dim=p.model_dim, vocab_size=p.vocab_size))
-    return layers
+        keep_prob=keep)] +
+            [block.Copy().Set(name=f'layer_{i}') for i in range(p.num_layers)] +
+            [transformer.TransformerSoftmax.Params().Set(
+                name='softmax', model_dim=p.model_dim,
+                vocab_size=p.vocab_size)])
 
 
 def TransformerLmParams(vocab_size: int,

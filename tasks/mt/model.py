@@ -43,6 +43,7 @@ from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics
+from tasks import transformer_network
 
 PAD_ID, EOS_ID, SOS_ID = 0, 1, 2
 
@@ -131,16 +132,7 @@ class EncoderToDecoder(base_layer.BaseLayer):
     return base_layer.Meta(flops + emb.flops, out)
 
 
-def _LayerParams(name: str, model_dim: int, num_heads: int, hidden_dim: int,
-                 keep_prob: float, decoder: bool) -> base_layer.Params:
-  return transformer.TransformerLayer.Params().Set(
-      name=name, model_dim=model_dim, num_heads=num_heads,
-      hidden_dim=hidden_dim, causal=decoder, has_aux_atten=decoder,
-      residual_keep_prob=keep_prob, atten_keep_prob=keep_prob,
-      relu_keep_prob=keep_prob)
-
-
-class Transformer(pipelined_network.PipelinedNetwork):
+class Transformer(transformer_network.TransformerNetwork):
   """A pre-LN Transformer encoder-decoder, pipelined as one flat layer list."""
 
   @classmethod
@@ -149,39 +141,25 @@ class Transformer(pipelined_network.PipelinedNetwork):
     p.Define('src_vocab_size', 32000, 'Source vocabulary size.')
     p.Define('tgt_vocab_size', 32000, 'Target vocabulary size (untied from '
              'the source).')
-    p.Define('model_dim', 512, 'd_model.')
-    p.Define('num_heads', 8, 'Attention heads; divides model_dim.')
-    p.Define('hidden_dim', 2048, 'd_ff of each feed-forward.')
-    p.Define('num_layers', 6, 'TransformerLayers in the encoder and again in '
-             'the decoder.')
-    p.Define('dropout', 0.1, 'Drop probability of embeddings, residual '
-             'branches, attention probabilities and feed-forward activations.')
+    p.Set(dropout=0.1)
     return p
 
   @classmethod
   def Layers(cls, p) -> list:
-    if not 0.0 <= p.dropout < 1.0:
-      raise ValueError(f'{p.name}: dropout is {p.dropout}; it must be in '
-                       '[0, 1).')
-    if p.num_layers < 1:
-      raise ValueError(f'{p.name}: num_layers must be >= 1, got '
-                       f'{p.num_layers}.')
-    keep = 1.0 - p.dropout
-    layers = [transformer.TransformerEmbedding.Params().Set(
+    keep = cls.KeepProb(p)
+    return ([transformer.TransformerEmbedding.Params().Set(
         name='src_emb', vocab_size=p.src_vocab_size, model_dim=p.model_dim,
-        keep_prob=keep)]
-    layers += [_LayerParams(f'enc_{i}', p.model_dim, p.num_heads,
-                            p.hidden_dim, keep, decoder=False)
-               for i in range(p.num_layers)]
-    layers.append(EncoderToDecoder.Params().Set(
-        name='enc_dec', model_dim=p.model_dim,
-        tgt_vocab_size=p.tgt_vocab_size, keep_prob=keep))
-    layers += [_LayerParams(f'dec_{i}', p.model_dim, p.num_heads,
-                            p.hidden_dim, keep, decoder=True)
-               for i in range(p.num_layers)]
-    layers.append(transformer.TransformerSoftmax.Params().Set(
-        name='softmax', model_dim=p.model_dim, vocab_size=p.tgt_vocab_size))
-    return layers
+        keep_prob=keep)] +
+            [cls.Block(p, f'enc_{i}', causal=False, cross_attention=False)
+             for i in range(p.num_layers)] +
+            [EncoderToDecoder.Params().Set(
+                name='enc_dec', model_dim=p.model_dim,
+                tgt_vocab_size=p.tgt_vocab_size, keep_prob=keep)] +
+            [cls.Block(p, f'dec_{i}', causal=True, cross_attention=True)
+             for i in range(p.num_layers)] +
+            [transformer.TransformerSoftmax.Params().Set(
+                name='softmax', model_dim=p.model_dim,
+                vocab_size=p.tgt_vocab_size)])
 
 
 def TransformerParams(src_vocab_size: int,
