@@ -30,11 +30,14 @@ from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
+from tasks.image import amoebanet
 
 _STACK = flags.DEFINE_enum(
-    'stack', 'dense', ['dense', 'transformer'], 'dense: Dense(dim) relu '
-    'layers on random vectors; transformer: a Transformer-L shaped language '
-    'model (d_ff = 4 dim, untied softmax) on random token ids.')
+    'stack', 'dense', ['dense', 'transformer', 'amoebanet'], 'dense: '
+    'Dense(dim) relu layers on random vectors; transformer: a Transformer-L '
+    'shaped language model (d_ff = 4 dim, untied softmax) on random token '
+    'ids; amoebanet: AmoebaNet-D with num_layers normal cells and dim '
+    'filters on random image_size images, 10 classes.')
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', 24, 'Layers in the stack '
                                    '(Transformer blocks for transformer).')
 _DIM = flags.DEFINE_integer('dim', 512, 'Width of every layer (d_model).')
@@ -44,6 +47,8 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'transformer: tokens per '
                                 'sequence.')
 _NUM_HEADS = flags.DEFINE_integer('num_heads', 4, 'transformer: heads.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 2048, 'transformer: vocabulary.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'amoebanet: image side '
+                                   '(the small-image stem).')
 _PLAIN = flags.DEFINE_bool('plain', False, 'Run the layers in sequence under '
                            'one tape, without PipeliningLayer.')
 _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 1, 'K cells; more '
@@ -81,8 +86,24 @@ def _TransformerStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
   return layers, inputs, lambda out: transformer.XentLoss(out).avg_xent
 
 
+def _AmoebaNetStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
+  p = amoebanet.AmoebaNet.Params().Set(
+      num_cells=_NUM_LAYERS.value, num_filters=_DIM.value, genotype='D',
+      num_classes=10, image_size=_IMAGE_SIZE.value, stem_type='basic')
+  size = _IMAGE_SIZE.value
+  inputs = NestedMap(
+      image=tf.random.stateless_normal([_BATCH.value, size, size, 3], [0, 3]),
+      label=tf.random.stateless_uniform([_BATCH.value], [0, 4], maxval=10,
+                                        dtype=tf.int32))
+  def Loss(out):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        out.label, out.logits))
+  return amoebanet.AmoebaNet.Layers(p), inputs, Loss
+
+
 def _Stack():
-  return _DenseStack() if _STACK.value == 'dense' else _TransformerStack()
+  return {'dense': _DenseStack, 'transformer': _TransformerStack,
+          'amoebanet': _AmoebaNetStack}[_STACK.value]()
 
 
 def Measure() -> dict:
