@@ -54,7 +54,7 @@ _CALIBRATION_SIZE = flags.DEFINE_integer(
     '(transformer; the paper: 3) or filter steps (amoebanet).')
 _MAX_SIZE = flags.DEFINE_integer('max_size', 256, 'Search limit (layers or '
                                  'filter steps).')
-_TIMEOUT = flags.DEFINE_integer('probe_timeout', 600, 'Seconds per probe.')
+_TIMEOUT = flags.DEFINE_integer('probe_timeout', 1800, 'Seconds per probe.')
 _WRITE = flags.DEFINE_bool('write_results', False,
                            'Write bench/results/memory.md.')
 
@@ -82,6 +82,10 @@ def _Probe(size: int, cap_mb: Optional[int], *extra: str) -> Optional[dict]:
     out = subprocess.run(cmd, env=env, cwd=common.REPO, capture_output=True,
                          text=True, timeout=_TIMEOUT.value)
   except subprocess.TimeoutExpired:
+    # Counted as not fitting, but said: a slow probe is not a measurement.
+    print(f'  size={size:4d} cap={cap_mb} {" ".join(extra)}: timed out after '
+          f'{_TIMEOUT.value} s (counted as not fitting; raise '
+          '--probe_timeout)', flush=True)
     return None
   # step_memory exits 3 on ResourceExhaustedError; an OOM can also end in a
   # crash (a signal). Anything else is a bug, not a measurement.
