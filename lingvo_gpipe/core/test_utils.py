@@ -1,9 +1,9 @@
-"""Checks any layer's static estimates against the layer it builds.
+"""Checks for layers and pipelines, for this project's tests and users' own.
 
-Invariant it enforces: `NumParams(p)` equals the scalars of the trainable
-variables the layer really creates, and `FPropMeta(p, *shapes).out_shapes`
-equals the shapes `FProp` really returns. Every layer test calls it; users can
-call it on their own layers.
+CheckLayer enforces that `NumParams(p)` equals the scalars of the trainable
+variables the layer really creates, and that `FPropMeta(p, *shapes)` gives the
+shapes `FProp` really returns. SequentialReference computes what a pipeline
+must equal.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.nested_map import NestedMap
 
 
@@ -57,3 +58,23 @@ def CheckLayer(p: base_layer.Params, *inputs: Any, training: bool = False,
     assert a.as_list() == b.as_list(), (
         f'{p.cls.__name__}: FProp shape {actual} but FPropMeta says {predicted}')
   return layer, outputs
+
+
+def SequentialReference(pipe: Any, inputs: Any, sizes: list[int],
+                        theta: NestedMap) -> Any:
+  """What a PipeliningLayer must compute, without the pipeline.
+
+  Runs `pipe`'s cells one after another on each micro-batch (the same
+  micro-batch index in the context, so random masks match), collects
+  training statistics over all micro-batches and applies them once: GPipe's
+  definition of the math, for equivalence tests of any pipelined model.
+  """
+  collector = base_layer.StatsCollector()
+  outputs = []
+  for m, x in enumerate(microbatch.Split(inputs, sizes)):
+    with base_layer.Context(micro_batch=m, stats_collector=collector):
+      for k, cell in enumerate(pipe.cells):
+        x = cell.FProp(theta[f'cell_{k}'], x)
+    outputs.append(x)
+  collector.ApplyAll()
+  return microbatch.Merge(outputs)

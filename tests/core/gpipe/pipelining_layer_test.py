@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core.gpipe import microbatch
+from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.layers import activations
@@ -54,20 +54,6 @@ def _Pipeline(layers, k, m, recompute):
       devices=[f'/device:CPU:{i}' for i in range(k)]).Instantiate()
 
 
-def _Reference(pipe, x, sizes, theta):
-  """The layers in sequence on each micro-batch; stats applied once."""
-  collector = base_layer.StatsCollector()
-  outs = []
-  for m, xm in enumerate(microbatch.Split(x, sizes)):
-    with base_layer.Context(micro_batch=m, stats_collector=collector):
-      y = xm
-      for k, cell in enumerate(pipe.cells):
-        y = cell.FProp(theta[f'cell_{k}'], y)
-    outs.append(y)
-  collector.ApplyAll()
-  return microbatch.Merge(outs)
-
-
 def _LossAndGrads(fn, pipe, x):
   variables = pipe.trainable_variables
   with base_layer.Context(training=True, step=3):
@@ -92,7 +78,8 @@ def _Check(layers, x, k, m, recompute):
   for v, s in zip([v for v in pipe.vars.Flatten() if not v.trainable], start):
     v.assign(s)
   ref_loss, ref_grads = _LossAndGrads(
-      lambda theta, x: _Reference(pipe, x, sizes, theta), pipe, x)
+      lambda theta, x: test_utils.SequentialReference(pipe, x, sizes, theta),
+      pipe, x)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
@@ -124,7 +111,8 @@ def test_except_last_and_tf_function():
   x = tf.random.stateless_normal([8, 6], [3, 3])
   loss, grads = tf.function(lambda x: _LossAndGrads(pipe.FProp, pipe, x))(x)
   ref_loss, ref_grads = _LossAndGrads(
-      lambda theta, x: _Reference(pipe, x, [2] * 4, theta), pipe, x)
+      lambda theta, x: test_utils.SequentialReference(pipe, x, [2] * 4, theta),
+      pipe, x)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
@@ -164,7 +152,7 @@ def test_nested_inputs_with_integer_leaves():
   assert out.lengths.dtype == tf.int32
   np.testing.assert_array_equal(out.lengths, inputs.lengths)
   with tf.GradientTape() as ref_tape:
-    ref = _Reference(pipe, inputs, [2, 2, 1], pipe.theta)
+    ref = test_utils.SequentialReference(pipe, inputs, [2, 2, 1], pipe.theta)
     ref_loss = tf.reduce_sum(ref.x ** 2)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for g, r in zip(tape.gradient(loss, pipe.trainable_variables),
@@ -186,7 +174,7 @@ def test_dropout_masks_repeat_under_recompute_and_vary_per_micro_batch():
       loss = tf.reduce_sum(y * y)
     grads = tape.gradient(loss, pipe.trainable_variables)
     with tf.GradientTape() as ref_tape:
-      ref = _Reference(pipe, x, [2, 2], pipe.theta)
+      ref = test_utils.SequentialReference(pipe, x, [2, 2], pipe.theta)
       ref_loss = tf.reduce_sum(ref * ref)
     ref_grads = ref_tape.gradient(ref_loss, pipe.trainable_variables)
   np.testing.assert_allclose(y, ref)

@@ -14,7 +14,6 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import test_utils
-from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import transformer
@@ -237,18 +236,6 @@ def _LmBatch(batch=4, length=6):
                    paddings=1.0 - tf.sequence_mask(lengths, length, tf.float32))
 
 
-def _Reference(pipe, inputs, sizes, theta):
-  """The layers in sequence on each micro-batch (as in pipelining_layer_test)."""
-  outs = []
-  for m, xm in enumerate(microbatch.Split(inputs, sizes)):
-    with base_layer.Context(micro_batch=m):
-      y = xm
-      for k, cell in enumerate(pipe.cells):
-        y = cell.FProp(theta[f'cell_{k}'], y)
-    outs.append(y)
-  return microbatch.Merge(outs)
-
-
 def _LossAndGrads(fn, pipe, inputs):
   with base_layer.Context(training=True, step=3):
     with tf.GradientTape() as tape:
@@ -273,7 +260,8 @@ def test_pipelined_lm_equals_sequential(keep_prob):
       test_utils.CountTrainable(pipe))
   loss, grads = _LossAndGrads(pipe.FProp, pipe, inputs)
   ref_loss, ref_grads = _LossAndGrads(
-      lambda theta, x: _Reference(pipe, x, [2, 2], theta), pipe, inputs)
+      lambda theta, x: test_utils.SequentialReference(pipe, x, [2, 2], theta),
+      pipe, inputs)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert len(grads) == len(ref_grads) == len(pipe.trainable_variables)
   for g, r in zip(grads, ref_grads):

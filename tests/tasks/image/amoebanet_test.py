@@ -8,7 +8,6 @@ import tensorflow as tf
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import test_utils
-from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks.image import amoebanet
@@ -190,20 +189,6 @@ def test_bad_params_raise_clear_errors():
         stem_type='imagenet', image_size=32).Set(num_filters=6))
 
 
-def _Reference(pipe, inputs, sizes, theta):
-  """The pipeline's layers in sequence on each micro-batch; stats applied once."""
-  collector = base_layer.StatsCollector()
-  outs = []
-  for m, xm in enumerate(microbatch.Split(inputs, sizes)):
-    with base_layer.Context(micro_batch=m, stats_collector=collector):
-      y = xm
-      for k, cell in enumerate(pipe.cells):
-        y = cell.FProp(theta[f'cell_{k}'], y)
-    outs.append(y)
-  collector.ApplyAll()
-  return microbatch.Merge(outs)
-
-
 def _LossAndGrads(fn, net, inputs):
   with base_layer.Context(training=True, step=5):
     with tf.GradientTape() as tape:
@@ -232,7 +217,8 @@ def test_pipelined_equals_sequential():
   for v, s in zip(moving, start):
     v.assign(s)
   ref_out, ref_loss, ref_grads = _LossAndGrads(
-      lambda theta, x: _Reference(pipe, x, [2, 2], theta.pipeline), net,
+      lambda theta, x: test_utils.SequentialReference(
+          pipe, x, [2, 2], theta.pipeline), net,
       inputs)
   np.testing.assert_array_equal(out.label, inputs.label)
   np.testing.assert_allclose(out.logits, ref_out.logits, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,6 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import test_utils
-from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
@@ -96,18 +95,6 @@ def test_encoder_to_decoder_layer():
     layer.FPropDefaultTheta(NestedMap(vec=inputs.vec))
 
 
-def _Reference(pipe, inputs, sizes, theta):
-  """The layers in sequence on each micro-batch (pipelining_layer_test's)."""
-  outs = []
-  for m, xm in enumerate(microbatch.Split(inputs, sizes)):
-    with base_layer.Context(micro_batch=m):
-      y = xm
-      for k, cell in enumerate(pipe.cells):
-        y = cell.FProp(theta[f'cell_{k}'], y)
-    outs.append(y)
-  return microbatch.Merge(outs)
-
-
 @pytest.mark.heavy  # ~5-10 s: eager pipelined and sequential backward
 def test_pipelined_equals_sequential():
   network = _Network(dropout=0.1, num_partitions=2, num_micro_batches=2,
@@ -130,7 +117,7 @@ def test_pipelined_equals_sequential():
 
   loss, grads = LossAndGrads(pipe.FProp)
   ref_loss, ref_grads = LossAndGrads(
-      lambda theta, x: _Reference(pipe, x, [2, 2], theta))
+      lambda theta, x: test_utils.SequentialReference(pipe, x, [2, 2], theta))
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert len(grads) == len(ref_grads) == len(pipe.trainable_variables)
   for g, r in zip(grads, ref_grads):
