@@ -24,7 +24,8 @@ class AmoebaNetTiny(model_params.ModelParams):
     network = amoebanet.NetworkParams(
         3, 16, num_partitions=2, num_micro_batches=4, genotype='D',
         num_classes=10, image_size=8, input_channels=1, stem_type='basic',
-        stem_filters=16, drop_path_keep_prob=1.0, dense_dropout_keep_prob=0.9,
+        stem_filters=16, drop_path_keep_prob=1.0, batch_norm_decay=0.99,
+        dense_dropout_keep_prob=0.9,
         input_shapes=[[_BATCH, 8, 8, 1]])
     return classifier.ImageClassifier.Params().Set(
         name='digits', network=network, label_smoothing=0.1,
@@ -32,8 +33,8 @@ class AmoebaNetTiny(model_params.ModelParams):
 
   def Train(self) -> hyperparams.Params:
     return super().Train().Set(optimizer='adam', learning_rate=0.003,
-                               max_steps=1500, log_interval_steps=50,
-                               save_interval_steps=250)
+                               max_steps=800, log_interval_steps=50,
+                               save_interval_steps=200)
 
   def Input(self) -> hyperparams.Params:
     return input_generator.DigitsInput.Params().Set(batch_size=_BATCH)

@@ -70,6 +70,12 @@ def MergeMoments(stats_list: Sequence[NestedMap]) -> tuple[tf.Tensor, tf.Tensor]
   return mean, variance
 
 
+def _CanFuse(inputs: tf.Tensor) -> bool:
+  """Whether FusedBatchNorm takes `inputs`: NHWC images of a float type it has."""
+  return inputs.shape.rank == 4 and inputs.dtype in (tf.float32, tf.float16,
+                                                     tf.bfloat16)
+
+
 class BatchNorm(base_layer.BaseLayer):
   """Batch normalization over all dims but the last.
 
@@ -106,18 +112,54 @@ class BatchNorm(base_layer.BaseLayer):
   def FProp(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
     p = self.params
     _CheckInput(self.path, inputs.shape, p.dim)
-    if base_layer.CurrentContext().training:
+    training = base_layer.CurrentContext().training
+    if _CanFuse(inputs):
+      return self._FusedFProp(theta, inputs, training)
+    if training:
       axes = list(range(inputs.shape.rank - 1))
       mean, variance = tf.nn.moments(inputs, axes)
-      count = tf.size(inputs, out_type=tf.int64) // tf.shape(
-          inputs, out_type=tf.int64)[-1]
-      self.RecordStats(NestedMap(
-          mean=tf.stop_gradient(mean), variance=tf.stop_gradient(variance),
-          count=tf.cast(count, tf.float32)))
+      self._RecordMoments(inputs, mean, variance)
     else:
       mean, variance = theta.moving_mean, theta.moving_variance
     return tf.nn.batch_normalization(inputs, mean, variance, theta.beta,
                                      theta.gamma, p.epsilon)
+
+  def _FusedFProp(self, theta: NestedMap, inputs: tf.Tensor,
+                  training: bool) -> tf.Tensor:
+    """One FusedBatchNorm op (and one for its gradient) instead of ~20.
+
+    Same math as the unfused path; it keeps the traced graph of a conv net
+    small, which is most of its tracing and first-step time.
+    """
+    p = self.params
+    if training:
+      outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+          inputs, theta.gamma, theta.beta, epsilon=p.epsilon, is_training=True)
+      # The op returns the Bessel-corrected variance; the moments are n-based.
+      count = self._Count(inputs)
+      variance *= (count - 1.0) / tf.maximum(count, 1.0)
+      self._RecordMoments(inputs, mean, variance)
+      return outputs
+    outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        inputs, theta.gamma, theta.beta, mean=theta.moving_mean,
+        variance=theta.moving_variance, epsilon=p.epsilon, is_training=False)
+    return outputs
+
+  @staticmethod
+  def _Count(inputs: tf.Tensor) -> tf.Tensor:
+    """Elements per channel, as float32: static when the shape is known."""
+    static = inputs.shape[:-1].num_elements()
+    if static is not None:
+      return tf.constant(float(static))
+    count = tf.size(inputs, out_type=tf.int64) // tf.shape(
+        inputs, out_type=tf.int64)[-1]
+    return tf.cast(count, tf.float32)
+
+  def _RecordMoments(self, inputs: tf.Tensor, mean: tf.Tensor,
+                     variance: tf.Tensor) -> None:
+    self.RecordStats(NestedMap(
+        mean=tf.stop_gradient(mean), variance=tf.stop_gradient(variance),
+        count=self._Count(inputs)))
 
   def ApplyStats(self, stats_list: Sequence[NestedMap]) -> None:
     """Moves the moving averages once, by the merged moments of `stats_list`."""

@@ -160,3 +160,31 @@ def test_layer_norm(shape):
   var = x.var(-1, keepdims=True)
   expected = (x - mean) / np.sqrt(var + 1e-6) * scale + bias
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_fused_4d_path_equals_unfused_path(training):
+  """NHWC inputs take one FusedBatchNorm op; the math is the per-channel one.
+
+  The same values as a [N*H*W, C] matrix take the unfused path: outputs,
+  gradients and the moving averages they move must agree.
+  """
+  x4 = _Data([3, 5, 2, 4])
+  x2 = tf.reshape(x4, [-1, 4])
+  results = []
+  for x in (x4, x2):
+    layer = _BN(decay=0.5).Instantiate()
+    layer.vars.gamma.assign([1.0, 2.0, 0.5, -1.0])
+    layer.vars.moving_mean.assign([1.0, -2.0, 0.5, 3.0])
+    with base_layer.Context(training=training):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer.FPropDefaultTheta(x)
+        loss = tf.reduce_sum(tf.reshape(y, [-1, 4])**2 * [1.0, 2.0, 3.0, 4.0])
+    gx, gg, gb = tape.gradient(loss, [x, layer.vars.gamma, layer.vars.beta])
+    results.append([tf.reshape(y, [-1, 4]), tf.reshape(gx, [-1, 4]), gg, gb,
+                    layer.vars.moving_mean.value(),
+                    layer.vars.moving_variance.value()])
+  for fused, unfused in zip(*results):
+    np.testing.assert_allclose(fused.numpy(), unfused.numpy(), rtol=1e-4,
+                               atol=1e-4)
