@@ -110,9 +110,15 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
   collector = base_layer.StatsCollector()
   output_structure = []
 
+  # The recomputation in Backward must run in the forward's mode (training,
+  # step) wherever the caller takes the gradient, e.g. outside its Context.
+  forward_context = base_layer.CurrentContext()
+
   def CellForward(k: int, m: int, theta: NestedMap, x: Any, record: bool):
     stats = collector if record else base_layer.StatsCollector()
-    with base_layer.Context(micro_batch=m, stats_collector=stats):
+    with base_layer.Context(training=forward_context.training,
+                            step=forward_context.step, micro_batch=m,
+                            stats_collector=stats):
       return cell_fprop[k](theta, x)
 
   cell_fprop = [c.FProp for c in cells]
@@ -208,7 +214,15 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
   flat_out = Forward(*[t for f in flat_thetas for t in f], *flat_inputs)
   if not isinstance(flat_out, (list, tuple)):
     flat_out = [flat_out]
-  collector.ApplyAll()
+  # BatchNorm statistics of all micro-batches move the moving averages once. A
+  # caller that installed its own collector (the trainer, which applies them
+  # only when the step's loss is finite) gets the records instead.
+  outer = base_layer.CurrentContext().stats_collector
+  if outer is not None:
+    for layer, stats in collector.records:
+      outer.Add(layer, stats)
+  else:
+    collector.ApplyAll()
   return tf.nest.pack_sequence_as(output_structure[0], list(flat_out))
 
 

@@ -118,6 +118,50 @@ def test_except_last_and_tf_function():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_taken_outside_the_context_recomputes_in_training_mode():
+  """The backward recomputes each cell in the forward's mode and step.
+
+  A caller may leave its `Context(training=True)` before `tape.gradient`; the
+  recomputed BatchNorm and dropout must still be the training ones.
+  """
+  layers = _ConvNet()
+  layers.insert(3, dropout.Dropout.Params().Set(name='drop', keep_prob=0.7))
+  pipe = _Pipeline(layers, 2, 2, 'always')
+  x = tf.random.stateless_normal([4, 6, 6, 3], [5, 5])
+  inside = _LossAndGrads(pipe.FProp, pipe, x)[1]
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    with base_layer.Context(training=True, step=3):
+      y = pipe.FProp(pipe.theta, x)
+      loss = tf.reduce_sum(y * y) + tf.reduce_sum(tf.sin(y))
+  outside = tape.gradient(loss, list(pipe.trainable_variables) + [x])
+  for a, b in zip(inside, outside):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_outer_stats_collector_gets_the_batch_norm_stats():
+  """A trainer collects the moments and applies them only for a good step."""
+  x = tf.random.stateless_normal([4, 6, 6, 3], [6, 6])
+  pipe = _Pipeline(_ConvNet(), 2, 2, 'always')
+  start = _MovingStats(pipe)
+  collector = base_layer.StatsCollector()
+  with base_layer.Context(training=True, stats_collector=collector):
+    pipe.FPropDefaultTheta(x)
+  for a, b in zip(start, _MovingStats(pipe)):
+    np.testing.assert_array_equal(a, b)  # not applied yet
+  # One record per BatchNorm and micro-batch.
+  assert [len(s) for _, s in collector.ByLayer()] == [2] * 4
+  collector.ApplyAll()
+  applied = _MovingStats(pipe)
+  for v, s in zip([v for v in pipe.vars.Flatten() if not v.trainable], start):
+    v.assign(s)
+  with base_layer.Context(training=True):
+    pipe.FPropDefaultTheta(x)  # the pipeline applies them itself
+  for a, b in zip(applied, _MovingStats(pipe)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert not all(np.allclose(a, b) for a, b in zip(start, applied))
+
+
 def test_nested_inputs_with_integer_leaves():
   """A NestedMap input (values with int lengths) flows through the cells."""
 
