@@ -44,16 +44,37 @@ class ModelParams:
         'the task Params (with the network Params at task.network).')
 
   def Train(self) -> hyperparams.Params:
-    """Params of the training loop: optimizer, learning rate, step counts."""
+    """Params of the training loop: optimizer, learning rate, steps, checkpoints.
+
+    Read by lingvo_gpipe/core/optimizer.py (the optimizer fields),
+    lingvo_gpipe/core/lr_schedule.py (`lr_schedule`) and the trainer.
+    """
     p = hyperparams.Params()
-    p.Define('optimizer', 'sgd', "Optimizer name, e.g. 'sgd', 'momentum', 'adam', 'rmsprop'.")
-    p.Define('learning_rate', 0.1, 'Base learning rate, before any schedule.')
-    p.Define('momentum', 0.9, "Momentum coefficient; used by optimizers that have one.")
+    p.Define('optimizer', 'sgd', "Algorithm: 'sgd', 'momentum', 'rmsprop' or 'adam'.")
+    p.Define('learning_rate', 0.1, 'Base learning rate, before the schedule.')
+    p.Define('momentum', 0.9, 'momentum, rmsprop: momentum coefficient.')
+    p.Define('nesterov', False, 'momentum: Nesterov momentum.')
+    p.Define('rmsprop_decay', 0.9, 'rmsprop: decay of the mean square.')
+    p.Define('beta1', 0.9, 'adam: decay of the first moment.')
+    p.Define('beta2', 0.999, 'adam: decay of the second moment.')
+    p.Define('epsilon', 1e-7, 'rmsprop, adam: added to the denominator.')
+    p.Define('lr_schedule', LrScheduleParams(),
+             'Multiplier of learning_rate as a function of the step.')
     p.Define('clip_gradient_norm', 0.0,
              'If > 0, clip the global norm of all gradients to this value; 0 disables.')
-    p.Define('max_steps', 1000, 'Number of training steps to run.')
-    p.Define('log_interval_steps', 100, 'Log loss and metrics every this many steps.')
-    p.Define('save_interval_steps', 500, 'Write a checkpoint every this many steps.')
+    p.Define('max_steps', 1000, 'Train until the global step reaches this.')
+    p.Define('log_interval_steps', 100,
+             'Log step, loss, examples/sec, step time and ETA every this many steps.')
+    p.Define('summary_interval_steps', 0,
+             'Write train summaries every this many steps; 0: log_interval_steps.')
+    p.Define('save_interval_steps', 500,
+             'Write a checkpoint every this many steps (and at the end).')
+    p.Define('max_checkpoints_to_keep', 5, 'Checkpoints kept; older ones are deleted.')
+    p.Define('checkpoint_input', True,
+             'Save the input position in checkpoints, so a resumed run sees the '
+             'batches it would have seen (costs the shuffle buffer in each checkpoint).')
+    p.Define('eval_max_batches', 0,
+             'Batches of the eval split per evaluation; 0: the whole split.')
     return p
 
   def Input(self) -> hyperparams.Params:
@@ -74,3 +95,16 @@ class ModelParams:
     p.Define('train', self.Train(), 'Training loop settings.')
     p.Define('input', self.Input(), 'Input generator settings.')
     return p
+
+
+def LrScheduleParams() -> hyperparams.Params:
+  """Learning-rate schedule knobs, at `train.lr_schedule` (lingvo_gpipe/core/lr_schedule.py)."""
+  p = hyperparams.Params()
+  p.Define('type', 'constant', "'constant', 'exponential', 'cosine' or 'rsqrt'.")
+  p.Define('warmup_steps', 0, 'Steps of linear ramp from 0 to the base rate.')
+  p.Define('decay_steps', 1000,
+           'exponential: steps per factor of decay_rate; cosine: total steps.')
+  p.Define('decay_rate', 0.97, 'exponential: factor per decay_steps.')
+  p.Define('staircase', True, 'exponential: decay in whole steps of decay_steps.')
+  p.Define('min_ratio', 0.0, 'The factor never goes below this.')
+  return p
