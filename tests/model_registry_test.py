@@ -51,8 +51,9 @@ def test_get_params_returns_the_whole_experiment():
   assert p.name == _TOY
   assert p.task.network.input_dim == 4
   assert p.train.learning_rate == 0.01  # Overridden by the config.
-  assert p.train.optimizer == 'sgd'  # Base default.
-  assert p.input.batch_size == 8
+  assert p.train.optimizer == 'adam'  # Overridden by the config.
+  assert p.train.clip_gradient_norm == 0.0  # Base default.
+  assert p.input.batch_size == 16
   text = p.ToText()
   for field in ('task.network.input_dim', 'task.network.hidden_dim', 'task.network.output_dim',
                 'train.max_steps', 'input.batch_size'):

@@ -15,6 +15,7 @@ uses them.
 from __future__ import annotations
 
 import difflib
+import types
 from typing import Sequence
 
 import tensorflow as tf
@@ -32,12 +33,27 @@ class Optimizer(tf.Module):
     self.params = train_params.Copy()
     # slot name -> {variable name -> slot variable}; tracked for checkpoints.
     self.slots = {slot: {} for slot in self.SLOTS}
+    # variable name -> the variable's ref(), for Build; in a plain object so
+    # that checkpoints do not try to track it.
+    self._names = types.SimpleNamespace(owners={})
     self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False,
                                   name='iterations')
 
   def Build(self, variables: Sequence[tf.Variable]) -> None:
-    """Creates the slots of `variables` (eagerly; idempotent)."""
+    """Creates the slots of `variables` (eagerly; idempotent).
+
+    Raises:
+      ValueError: if two different variables share a name: slots are keyed
+        by name (what makes them checkpoint by name), so each needs its own.
+    """
     for var in variables:
+      owner = self._names.owners.setdefault(_Key(var), var.ref())
+      if owner != var.ref():
+        raise ValueError(
+            f'{type(self).__name__}: two different variables are named '
+            f'{_Key(var)!r}; the optimizer keys its slots by variable name. '
+            'Give every variable a unique name (layer variables have their '
+            'layer path).')
       for slot, table in self.slots.items():
         if _Key(var) not in table:
           with tf.init_scope(), tf.device(var.device):

@@ -1,0 +1,253 @@
+"""The training loop: one traced step per batch, logs, summaries and checkpoints.
+
+Invariant: the state a step changes (weights, BatchNorm moving averages,
+optimizer slots, the global step) changes only when the step's loss and
+gradient norm are finite. A non-finite step applies nothing (only its batch
+is consumed) and stops the run with NonFiniteLossError, so the last
+checkpoint and the weights in memory both stay good.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import lr_schedule
+from lingvo_gpipe.core import optimizer as optimizer_lib
+from lingvo_gpipe.core import summary
+from lingvo_gpipe.core.gpipe import pipelining_layer
+from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.core.gpipe import report as report_lib
+from lingvo_gpipe.core.gpipe import schedule as schedule_lib
+
+TRAIN_SUBDIR = 'train'
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A training step produced a NaN or Inf loss or gradient norm."""
+
+
+def FindPipelines(layer: base_layer.BaseLayer) -> list[pipelining_layer.PipeliningLayer]:
+  """Every PipeliningLayer in `layer`'s tree, in child order."""
+  if isinstance(layer, pipelining_layer.PipeliningLayer):
+    return [layer]
+  found = []
+  for child in layer.children_layers.Flatten():
+    if isinstance(child, base_layer.BaseLayer):
+      found += FindPipelines(child)
+  return found
+
+
+class TrainProgram:
+  """Trains `task` on `params.input` as `params.train` says, checkpointing to logdir."""
+
+  def __init__(self, params: hyperparams.Params, logdir: str,
+               task: base_layer.BaseLayer):
+    self.params = params
+    self.logdir = logdir
+    self.task = task
+    p = params.train
+    lr_schedule.Validate(p.lr_schedule)
+    self.optimizer = optimizer_lib.Create(p)
+    self.input = params.input.Instantiate()
+    self.batch_size = params.input.batch_size
+    self._iterator = iter(self.input.Dataset(params.input.train_split,
+                                             training=True))
+    self.variables = list(task.trainable_variables)
+    self.optimizer.Build(self.variables)
+    with tf.device('/device:CPU:0'):
+      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                     name='global_step')
+    objects = dict(global_step=self.global_step, task=task,
+                   optimizer=self.optimizer)
+    if p.checkpoint_input:
+      objects['input'] = self._iterator
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        logdir, objects, max_to_keep=p.max_checkpoints_to_keep)
+    self.writer = tf.summary.create_file_writer(
+        os.path.join(logdir, TRAIN_SUBDIR))
+    self._step_fn = tf.function(self._Step)
+
+  @property
+  def step(self) -> int:
+    return int(self.global_step.numpy())
+
+  def Restore(self) -> int:
+    """Restores the latest checkpoint if there is one; returns the global step."""
+    self.checkpointer.Restore()
+    return self.step
+
+  # --- the traced step ----------------------------------------------------------
+
+  def _Step(self) -> dict[str, tf.Tensor]:
+    p = self.params.train
+    batch = next(self._iterator)
+    step = self.global_step.read_value()
+    collector = base_layer.StatsCollector()
+    with base_layer.Context(training=True, step=step,
+                            stats_collector=collector):
+      with tf.GradientTape() as tape:
+        metrics = self.task.FPropDefaultTheta(batch)
+    loss = metrics.loss[0]
+    grads = tape.gradient(loss, self.variables)
+    grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
+    finite = tf.logical_and(tf.math.is_finite(loss),
+                            tf.math.is_finite(grad_norm))
+    if p.clip_gradient_norm > 0:
+      grads, _ = tf.clip_by_global_norm(grads, p.clip_gradient_norm,
+                                        use_norm=grad_norm)
+    learning_rate = p.learning_rate * lr_schedule.Factor(p.lr_schedule, step)
+
+    def Apply():
+      update = self.optimizer.Apply(grads, self.variables, learning_rate)
+      with tf.control_dependencies([update]):
+        collector.ApplyAll()  # BatchNorm moving averages, once per step
+        return self.global_step.assign_add(1)
+
+    new_step = tf.cond(finite, Apply, lambda: step)
+    out = {f'metrics/{name}': value for name, (value, _) in metrics.items()}
+    out.update(step=new_step, loss=loss, grad_norm=grad_norm,
+               learning_rate=learning_rate, finite=finite)
+    return out
+
+  # --- the host loop ------------------------------------------------------------
+
+  def Run(self, until_step: Optional[int] = None,
+          on_checkpoint: Optional[Callable[[int, str], None]] = None) -> int:
+    """Trains to `until_step` (default train.max_steps); returns the global step.
+
+    Saves every save_interval_steps and at the end, calling
+    `on_checkpoint(step, path)` after each save.
+
+    Raises:
+      NonFiniteLossError: a step's loss or gradient norm was NaN or Inf.
+      tf.errors.ResourceExhaustedError: out of memory.
+    """
+    p = self.params.train
+    target = min(until_step or p.max_steps, p.max_steps)
+    summary_every = p.summary_interval_steps or p.log_interval_steps
+    meter = _Meter()
+    while self.step < target:
+      start = time.time()
+      out = {k: v.numpy() for k, v in self._step_fn().items()}
+      meter.Add(time.time() - start, out['loss'])
+      if not out['finite']:
+        self._RaiseNonFinite(out)
+      step = int(out['step'])
+      if meter.first:
+        logging.info('Step %d took %.1f s (tracing the step included).',
+                     step, meter.last_time)
+        self._WriteStaticSummaries(step)
+      if step % p.log_interval_steps == 0 or step == target:
+        logging.info('%s', meter.Line(step, p.max_steps, self.batch_size))
+      if step % summary_every == 0 or step == target:
+        self._WriteSummaries(step, out, meter)
+      if step % p.save_interval_steps == 0 or step == target:
+        path = self.checkpointer.Save(step)
+        if on_checkpoint is not None:
+          on_checkpoint(step, path)
+      if step % p.log_interval_steps == 0:
+        meter.Reset()
+    self.writer.flush()
+    return self.step
+
+  def _RaiseNonFinite(self, out: dict[str, np.ndarray]) -> None:
+    latest = self.checkpointer.latest
+    kept = (f'The latest checkpoint, {latest} (step '
+            f'{checkpoint_lib.StepOf(latest)}), is intact.' if latest else
+            'No checkpoint had been written yet.')
+    raise NonFiniteLossError(
+        f'Non-finite training step at global step {int(out["step"])}: loss '
+        f'{float(out["loss"])}, gradient norm {float(out["grad_norm"])}. The '
+        f'update was not applied and nothing was saved. {kept} Try a lower '
+        'train.learning_rate, train.clip_gradient_norm > 0, or a warmup '
+        '(train.lr_schedule.warmup_steps), or check the input data.')
+
+  # --- summaries ----------------------------------------------------------------
+
+  def _WriteSummaries(self, step: int, out: dict[str, np.ndarray],
+                      meter: '_Meter') -> None:
+    values = {name: out[name] for name in out if name.startswith('metrics/')}
+    values.update(loss=meter.MeanLoss(), learning_rate=out['learning_rate'],
+                  grad_norm=out['grad_norm'])
+    if meter.count:
+      values.update(step_time=meter.StepTime(),
+                    examples_per_sec=self.batch_size / meter.StepTime())
+    values.update(self._MemoryScalars())
+    with self.writer.as_default():
+      summary.Scalars(values, step)
+
+  def _MemoryScalars(self) -> dict[str, Optional[float]]:
+    """Peak bytes per device where the device has its own allocator, else the process's."""
+    values = {}
+    for pipe in FindPipelines(self.task):
+      for k in range(len(pipe.cells)):
+        values[f'memory/{pipe.path}/cell_{k}_peak_bytes'] = pipe.placement.PeakMemory(k)
+    values['memory/process_peak_bytes'] = placement.AllocatorPeak('CPU:0')
+    return values
+
+  def _WriteStaticSummaries(self, step: int) -> None:
+    """The params, each pipeline's partition report and schedule: once per run."""
+    with self.writer.as_default():
+      summary.Text('params', self.params.ToText(), step)
+      for pipe in FindPipelines(self.task):
+        report = pipe.Report()
+        summary.Text(f'pipeline/report/{pipe.path}', report_lib.FormatTable(report), step)
+        num_mb = report.num_micro_batches or 1
+        summary.Schedule(schedule_lib.FillDrain(len(pipe.cells), num_mb), step)
+
+
+class _Meter:
+  """Step times and losses since the last log line, for logs and summaries."""
+
+  def __init__(self):
+    self.steps_run = 0
+    self.last_time = 0.0
+    self.Reset()
+
+  def Reset(self) -> None:
+    self.count, self.seconds, self.loss_sum, self.loss_count = 0, 0.0, 0.0, 0
+
+  @property
+  def first(self) -> bool:
+    """Whether the last step added was this process's first (mostly tracing)."""
+    return self.steps_run == 1
+
+  def Add(self, seconds: float, loss: float) -> None:
+    self.steps_run += 1
+    self.last_time = seconds
+    self.loss_sum += float(loss)
+    self.loss_count += 1
+    if not self.first:
+      self.count += 1
+      self.seconds += seconds
+
+  def MeanLoss(self) -> float:
+    return self.loss_sum / max(1, self.loss_count)
+
+  def StepTime(self) -> float:
+    return self.seconds / max(1, self.count)
+
+  def Line(self, step: int, max_steps: int, batch_size: int) -> str:
+    line = f'step {step}/{max_steps}  loss {self.MeanLoss():.4f}'
+    if self.count:
+      step_time = self.StepTime()
+      eta = (max_steps - step) * step_time
+      line += (f'  {batch_size / step_time:.1f} examples/s  {step_time:.3f} s/step'
+               f'  ETA {_Duration(eta)}')
+    return line
+
+
+def _Duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m{secs:02d}s' if hours else f'{minutes}m{secs:02d}s'

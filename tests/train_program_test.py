@@ -1,0 +1,90 @@
+"""TrainProgram in-process: exact resume, and a non-finite step that changes nothing."""
+
+import numpy as np
+import pytest
+
+from lingvo_gpipe import experiment
+from lingvo_gpipe import train_program
+from lingvo_gpipe.core import checkpoint as checkpoint_lib
+
+_TOY = 'example.toy.ToyRegression'
+
+
+def _Program(logdir, override=''):
+  params = experiment.Resolve(experiment.Settings(
+      model=_TOY, params_override='train.save_interval_steps=3; '
+      'train.log_interval_steps=2; input.shuffle_buffer=64; ' + override))
+  experiment.SetDevices(params, ['/device:CPU:0', '/device:CPU:1'])
+  return train_program.TrainProgram(params, str(logdir),
+                                    params.task.Instantiate())
+
+
+def _Weights(program):
+  return [v.numpy() for v in program.task.trainable_variables]
+
+
+def _Slots(program):
+  return [s.numpy() for table in program.optimizer.slots.values()
+          for s in table.values()]
+
+
+def _RunInTwo(logdir, override=''):
+  """Trains to step 3, then a fresh program in the same logdir to step 6."""
+  first = _Program(logdir, override)
+  assert first.Restore() == 0
+  first.Run(until_step=3)
+  resumed = _Program(logdir, override)
+  assert resumed.Restore() == 3
+  resumed.Run(until_step=6)
+  return resumed
+
+
+def test_resume_takes_the_same_steps_as_an_uninterrupted_run(tmp_path):
+  straight = _Program(tmp_path / 'straight')
+  straight.Run(until_step=6)
+  resumed = _RunInTwo(tmp_path / 'resumed')
+  assert resumed.step == straight.step == 6
+  assert int(resumed.optimizer.iterations.numpy()) == 6
+  for a, b in zip(_Weights(straight) + _Slots(straight),
+                  _Weights(resumed) + _Slots(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_without_the_input_position_a_resume_sees_other_batches(tmp_path):
+  # The control for the test above: it would notice a lost input position.
+  straight = _Program(tmp_path / 'straight', 'train.checkpoint_input=False')
+  straight.Run(until_step=6)
+  resumed = _RunInTwo(tmp_path / 'resumed', 'train.checkpoint_input=False')
+  assert not all(np.allclose(a, b) for a, b in zip(_Weights(straight),
+                                                   _Weights(resumed)))
+
+
+def test_non_finite_step_changes_nothing_and_keeps_the_checkpoint(tmp_path):
+  program = _Program(tmp_path, 'train.optimizer=sgd; train.learning_rate=1e12')
+  with pytest.raises(train_program.NonFiniteLossError) as raised:
+    program.Run()
+  message = str(raised.value)
+  step = program.step
+  assert f'global step {step}' in message
+  assert 'learning_rate' in message and 'clip_gradient_norm' in message
+  # The failed step was not applied: had it been, its NaN would be in the
+  # weights and slots, and the step counters would have moved on.
+  assert all(np.all(np.isfinite(w)) for w in _Weights(program) + _Slots(program))
+  assert int(program.optimizer.iterations.numpy()) == step
+  latest = program.checkpointer.latest
+  if step >= 3:
+    assert latest is not None and checkpoint_lib.StepOf(latest) <= step
+    assert 'is intact' in message
+    restored = _Program(tmp_path, 'train.optimizer=sgd; train.learning_rate=1e12')
+    assert restored.Restore() == checkpoint_lib.StepOf(latest)
+    assert all(np.all(np.isfinite(w)) for w in _Weights(restored))
+  else:
+    assert latest is None and 'No checkpoint' in message
+
+
+def test_find_pipelines():
+  program_params = experiment.Resolve(experiment.Settings(model=_TOY))
+  experiment.SetDevices(program_params, ['/device:CPU:0', '/device:CPU:1'])
+  task = program_params.task.Instantiate()
+  pipes = train_program.FindPipelines(task)
+  assert [p.path for p in pipes] == [task.network.pipeline.path]

@@ -1,0 +1,229 @@
+"""The trainer binary end to end, in subprocesses, on the toy model.
+
+A few steps write params.txt, checkpoints and summaries; a second run resumes;
+a run killed mid-way loses no completed checkpoint; eval mode evaluates each
+checkpoint once; every bad input gets its message and exit status.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lingvo_gpipe import trainer
+from lingvo_gpipe.core import checkpoint as checkpoint_lib
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TOY = 'example.toy.ToyRegression'
+_FAST = ('train.save_interval_steps=3; train.log_interval_steps=2; '
+         'train.summary_interval_steps=2')
+
+
+def _Command(*flags):
+  return [sys.executable, '-m', 'lingvo_gpipe.trainer', *flags]
+
+
+def _Env(**extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=_REPO)
+  env.update(extra)
+  return env
+
+
+def _Run(*flags, timeout=240, **env):
+  return subprocess.run(_Command(*flags), cwd=_REPO, env=_Env(**env),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def _Train(logdir, *flags):
+  result = _Run(f'--model={_TOY}', f'--logdir={logdir}', *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _Events(directory):
+  """tag -> [(step, value or tensor)] from every event file in directory."""
+  events = {}
+  for name in sorted(os.listdir(directory)):
+    if not name.startswith('events.'):
+      continue
+    for event in tf.compat.v1.train.summary_iterator(
+        os.path.join(directory, name)):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        events.setdefault(value.tag, []).append(
+            (event.step, array.item() if array.ndim == 0 else array))
+  return events
+
+
+def _CheckpointSteps(logdir):
+  state = tf.train.get_checkpoint_state(checkpoint_lib.Directory(str(logdir)))
+  return [checkpoint_lib.StepOf(p) for p in state.all_model_checkpoint_paths]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A finished 6-step train_and_eval run of the toy model."""
+  logdir = tmp_path_factory.mktemp('run')
+  result = _Train(logdir, '--mode=train_and_eval', '--max_steps=6',
+                  f'--params_override={_FAST}')
+  return logdir, result
+
+
+def test_train_writes_params_checkpoints_and_summaries(trained):
+  logdir, result = trained
+  printed = _Run(f'--model={_TOY}', '--max_steps=6',
+                 f'--params_override={_FAST}', '--print_params')
+  assert printed.returncode == 0
+  assert (logdir / 'params.txt').read_text() == printed.stdout
+  assert _CheckpointSteps(logdir) == [3, 6]
+  assert 'step 6/6  loss' in result.stderr and 'ETA' in result.stderr
+  train = _Events(logdir / 'train')
+  for tag in ('loss', 'learning_rate', 'grad_norm', 'examples_per_sec',
+              'step_time', 'metrics/mse', 'memory/process_peak_bytes'):
+    assert [step for step, _ in train[tag]] == [2, 4, 6], tag
+  assert all(np.isfinite(v) and v > 0 for _, v in train['loss'])
+  assert train['learning_rate'][0][1] == pytest.approx(0.01)
+  assert train['memory/process_peak_bytes'][0][1] > 0
+  assert b'task.network.pipeline.num_partitions : 2' in train['params'][0][1]
+  report = [tag for tag in train if tag.startswith('pipeline/report/')]
+  assert len(report) == 1 and b'fc1..out' in train[report[0]][0][1]
+  assert 'pipeline/schedule' in train
+  evals = _Events(logdir / 'eval_test')
+  assert [step for step, _ in evals['mse']] == [3, 6]
+  assert evals['mse'][1][1] < evals['mse'][0][1] * 2  # a real, finite number
+  assert (logdir / 'eval_test' / 'last_evaluated').read_text() == 'ckpt-6\n'
+
+
+def test_a_second_run_resumes_at_the_saved_step(trained, tmp_path):
+  logdir, _ = trained
+  resumed = tmp_path / 'resumed'
+  subprocess.run(['cp', '-r', str(logdir), str(resumed)], check=True)
+  result = _Train(resumed, '--max_steps=9', f'--params_override={_FAST}')
+  assert 'Restored checkpoint' in result.stderr
+  assert 'from step 6 to 9' in result.stderr
+  assert _CheckpointSteps(resumed) == [3, 6, 9]
+  # The resumed run's first logged step is 8: it did not start over.
+  assert 'step 2/9' not in result.stderr and 'step 8/9' in result.stderr
+
+
+def test_eval_mode_evaluates_each_checkpoint_once(trained, tmp_path):
+  logdir, _ = trained
+  fresh = tmp_path / 'eval'
+  subprocess.run(['cp', '-r', str(logdir), str(fresh)], check=True)
+  subprocess.run(['rm', '-r', str(fresh / 'eval_test')], check=True)
+  flags = (f'--model={_TOY}', f'--logdir={fresh}', '--mode=eval',
+           '--max_steps=6', f'--params_override={_FAST}',
+           '--eval_timeout_secs=2')
+  first = _Run(*flags)
+  assert first.returncode == 0, first.stderr[-3000:]
+  evals = _Events(fresh / 'eval_test')
+  # The newest checkpoint (at max_steps) is evaluated and the evaluator stops.
+  assert [step for step, _ in evals['mse']] == [6]
+  second = _Run(*flags)
+  assert second.returncode == 0
+  assert 'Eval test' not in second.stderr
+  assert [step for step, _ in _Events(fresh / 'eval_test')['mse']] == [6]
+
+
+def test_a_kill_mid_run_loses_no_completed_checkpoint(tmp_path):
+  logdir = tmp_path / 'killed'
+  process = subprocess.Popen(
+      _Command(f'--model={_TOY}', f'--logdir={logdir}', '--max_steps=1000000',
+               '--params_override=train.save_interval_steps=5; '
+               'train.log_interval_steps=100000; train.max_checkpoints_to_keep=3'),
+      cwd=_REPO, env=_Env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 180
+    state_file = os.path.join(checkpoint_lib.Directory(str(logdir)), 'checkpoint')
+    while not os.path.exists(state_file) or max(_CheckpointSteps(logdir)) < 40:
+      assert process.poll() is None, 'the trainer exited early'
+      assert time.time() < deadline, 'no checkpoint past step 40 in time'
+      time.sleep(0.05)
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+  steps = _CheckpointSteps(logdir)
+  assert len(steps) == 3 and steps == sorted(steps)
+  for step in steps:  # every listed checkpoint is complete and readable
+    reader = tf.train.load_checkpoint(
+        os.path.join(checkpoint_lib.Directory(str(logdir)), f'ckpt-{step}'))
+    assert reader.get_variable_to_shape_map()
+  target = steps[-1] + 5
+  result = _Train(logdir, f'--max_steps={target}')
+  assert f'from step {steps[-1]} to {target}' in result.stderr
+  assert max(_CheckpointSteps(logdir)) == target
+
+
+def test_print_params_and_list_models():
+  listed = _Run('--list_models')
+  assert listed.returncode == 0 and _TOY in listed.stdout.split()
+  printed = _Run(f'--model={_TOY}', '--num_micro_batches=4', '--print_params')
+  assert printed.returncode == 0
+  assert 'task.network.pipeline.num_micro_batches : 4' in printed.stdout
+
+
+_BAD_INPUTS = [
+    ('unknown_model', ['--model=example.toy.ToyRegresion', '--logdir={tmp}'],
+     trainer.EXIT_USAGE, ["Unknown model name 'example.toy.ToyRegresion'",
+                          'Did you mean', '--list_models']),
+    ('bad_override_key', [f'--model={_TOY}', '--logdir={tmp}',
+                          '--params_override=train.learning_rat=0.1'],
+     trainer.EXIT_USAGE, ['train.learning_rat', 'learning_rate']),
+    ('bad_override_value', [f'--model={_TOY}', '--logdir={tmp}',
+                            '--params_override=train.max_steps=lots'],
+     trainer.EXIT_USAGE, ['train.max_steps', 'lots']),
+    ('bad_optimizer', [f'--model={_TOY}', '--logdir={tmp}',
+                       '--params_override=train.optimizer=adma'],
+     trainer.EXIT_USAGE, ["'adma'", "Did you mean 'adam'"]),
+    ('bad_mode', [f'--model={_TOY}', '--logdir={tmp}', '--mode=serve'],
+     trainer.EXIT_USAGE, ["--mode='serve'", 'train_and_eval']),
+    ('missing_dataset', ['--model=image.cifar10.AmoebaNetD', '--logdir={tmp}',
+                         '--data_dir={tmp}/no_data'],
+     trainer.EXIT_DATA_NOT_FOUND, ['cifar10', 'tfds build', '--data_dir']),
+    ('unwritable_logdir', [f'--model={_TOY}', '--logdir=/proc/lingvo_gpipe'],
+     trainer.EXIT_USAGE, ["--logdir='/proc/lingvo_gpipe' is not writable"]),
+    ('logdir_is_a_file', [f'--model={_TOY}', '--logdir={tmp}/file/run'],
+     trainer.EXIT_USAGE, ['is not writable']),
+    ('no_gpus', [f'--model={_TOY}', '--logdir={tmp}', '--device=gpu'],
+     trainer.EXIT_USAGE, ['2 cells', '0 GPUs', '--device=cpu']),
+    ('non_finite_loss', [f'--model={_TOY}', '--logdir={tmp}',
+                         '--params_override=train.optimizer=sgd; '
+                         'train.learning_rate=1e12'],
+     trainer.EXIT_NON_FINITE, ['Non-finite training step', 'was not applied',
+                               'train.learning_rate']),
+]
+
+
+@pytest.mark.parametrize('flags,code,messages',
+                         [case[1:] for case in _BAD_INPUTS],
+                         ids=[case[0] for case in _BAD_INPUTS])
+def test_bad_input_gets_a_clear_message_and_exit_status(tmp_path, flags, code,
+                                                        messages):
+  (tmp_path / 'file').write_text('not a directory')
+  result = _Run(*[f.replace('{tmp}', str(tmp_path)) for f in flags])
+  assert result.returncode == code, result.stderr[-3000:]
+  error = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert error, result.stderr[-3000:]
+  text = result.stderr[result.stderr.index(error[0]):]
+  for message in messages:
+    assert message in text, text
+  assert 'Traceback' not in result.stderr
+
+
+def test_out_of_memory_names_the_knobs(tmp_path):
+  # Weights are tiny; a 65536-example batch's activations are 64 MiB a layer.
+  result = _Run(f'--model={_TOY}', f'--logdir={tmp_path}', '--max_steps=2',
+                '--params_override=input.batch_size=65536; '
+                'input.num_examples=65536; task.network.hidden_dim=256',
+                TF_CPU_BFC_MEM_LIMIT_IN_MB='48')
+  assert result.returncode == trainer.EXIT_OUT_OF_MEMORY, result.stderr[-3000:]
+  for knob in ('out of memory', '--num_micro_batches', '--num_partitions',
+               "recompute='always'", 'input.batch_size'):
+    assert knob in result.stderr
