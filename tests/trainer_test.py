@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from lingvo_gpipe import trainer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import summary
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOY = 'example.toy.ToyRegression'
@@ -46,21 +47,6 @@ def _Train(logdir, *flags):
   return result
 
 
-def _Events(directory):
-  """tag -> [(step, value or tensor)] from every event file in directory."""
-  events = {}
-  for name in sorted(os.listdir(directory)):
-    if not name.startswith('events.'):
-      continue
-    for event in tf.compat.v1.train.summary_iterator(
-        os.path.join(directory, name)):
-      for value in event.summary.value:
-        array = tf.make_ndarray(value.tensor)
-        events.setdefault(value.tag, []).append(
-            (event.step, array.item() if array.ndim == 0 else array))
-  return events
-
-
 def _CheckpointSteps(logdir):
   state = tf.train.get_checkpoint_state(checkpoint_lib.Directory(str(logdir)))
   return [checkpoint_lib.StepOf(p) for p in state.all_model_checkpoint_paths]
@@ -83,7 +69,7 @@ def test_train_writes_params_checkpoints_and_summaries(trained):
   assert (logdir / 'params.txt').read_text() == printed.stdout
   assert _CheckpointSteps(logdir) == [3, 6]
   assert 'step 6/6  loss' in result.stderr and 'ETA' in result.stderr
-  train = _Events(logdir / 'train')
+  train = summary.ReadEvents(logdir / 'train')
   for tag in ('loss', 'learning_rate', 'grad_norm', 'examples_per_sec',
               'step_time', 'metrics/mse', 'memory/process_peak_bytes'):
     assert [step for step, _ in train[tag]] == [2, 4, 6], tag
@@ -94,7 +80,7 @@ def test_train_writes_params_checkpoints_and_summaries(trained):
   report = [tag for tag in train if tag.startswith('pipeline/report/')]
   assert len(report) == 1 and b'fc1..out' in train[report[0]][0][1]
   assert 'pipeline/schedule' in train
-  evals = _Events(logdir / 'eval_test')
+  evals = summary.ReadEvents(logdir / 'eval_test')
   assert [step for step, _ in evals['mse']] == [3, 6]
   assert evals['mse'][1][1] < evals['mse'][0][1] * 2  # a real, finite number
   assert (logdir / 'eval_test' / 'last_evaluated').read_text() == 'ckpt-6\n'
@@ -122,13 +108,13 @@ def test_eval_mode_evaluates_each_checkpoint_once(trained, tmp_path):
            '--eval_timeout_secs=2')
   first = _Run(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
-  evals = _Events(fresh / 'eval_test')
+  evals = summary.ReadEvents(fresh / 'eval_test')
   # The newest checkpoint (at max_steps) is evaluated and the evaluator stops.
   assert [step for step, _ in evals['mse']] == [6]
   second = _Run(*flags)
   assert second.returncode == 0
   assert 'Eval test' not in second.stderr
-  assert [step for step, _ in _Events(fresh / 'eval_test')['mse']] == [6]
+  assert [step for step, _ in summary.ReadEvents(fresh / 'eval_test')['mse']] == [6]
 
 
 def test_a_kill_mid_run_loses_no_completed_checkpoint(tmp_path):

@@ -2,13 +2,15 @@
 
 Invariant: every function here writes to the default `tf.summary` writer at an
 explicit step, so the trainer decides where (DIR/train, DIR/eval_<split>) and
-when; nothing here runs inside the traced training step.
+when; nothing here runs inside the traced training step. `ReadEvents` reads
+them back, for tools, benchmarks and tests.
 """
 
 from __future__ import annotations
 
 import colorsys
-from typing import Mapping, Optional
+import os
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -102,3 +104,22 @@ def Schedule(sched: schedule_lib.Schedule, step: int) -> None:
                    'blue forward, orange backward (darker: later micro-batch), '
                    'grey: bubble.')
   Text('pipeline/schedule_table', ScheduleText(sched), step)
+
+
+def ReadEvents(directory: str) -> dict[str, list[tuple[int, Any]]]:
+  """tag -> [(step, value)] of every summary in directory's event files.
+
+  Values are Python scalars for scalar and text summaries (text as bytes) and
+  numpy arrays otherwise (an image is [width, height, png]), in file order.
+  """
+  events: dict[str, list[tuple[int, Any]]] = {}
+  for name in sorted(os.listdir(directory)):
+    if not name.startswith('events.'):
+      continue
+    for record in tf.data.TFRecordDataset(os.path.join(directory, name)):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        events.setdefault(value.tag, []).append(
+            (event.step, array.item() if array.ndim == 0 else array))
+  return events

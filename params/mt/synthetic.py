@@ -31,7 +31,8 @@ class TransformerTiny(model_params.ModelParams):
 
   def Train(self) -> hyperparams.Params:
     return super().Train().Set(optimizer='adam', learning_rate=1e-3,
-                               max_steps=3000, log_interval_steps=100)
+                               max_steps=1000, log_interval_steps=100,
+                               save_interval_steps=500)
 
   def Input(self) -> hyperparams.Params:
     return input_generator.SyntheticSeqInput.Params().Set(

@@ -188,3 +188,23 @@ def test_schedule_writes_image_and_text(tmp_path):
   written = tf.make_ndarray(text_value.tensor).item().decode()
   assert written == '```\n' + summary.ScheduleText(sched) + '\n```'
 
+
+
+def test_read_events_reads_back_what_was_written(tmp_path):
+  sched = schedule_lib.FillDrain(2, 3)
+
+  def Write():
+    summary.Scalars({'loss': 0.5, 'rate': 2.0}, 1)
+    summary.Scalars({'loss': 0.25}, 2)
+    summary.Text('params', 'a : 1', 2)
+    summary.Schedule(sched, 2)
+
+  _Write(tmp_path, Write)
+  events = summary.ReadEvents(str(tmp_path))
+  assert events['loss'] == [(1, 0.5), (2, 0.25)]
+  assert events['rate'] == [(1, 2.0)]
+  assert events['params'] == [(2, b'```\na : 1\n```')]
+  step, (width, height, png) = events['pipeline/schedule'][0]
+  assert step == 2
+  np.testing.assert_array_equal(tf.io.decode_png(png).numpy(),
+                                summary.ScheduleImage(sched))

@@ -1,0 +1,84 @@
+r"""How long the default jobs take through the trainer binary, and what they reach.
+
+  python -m bench.default_jobs --write_results
+
+Runs each job as a user would (`python -m lingvo_gpipe.trainer ...
+--mode=train_and_eval`, registered config unchanged) in a fresh process and
+records the wall time of the whole command (import, tracing, training and
+every evaluation), the first step (mostly tracing), and every evaluation's
+metric at its step, read back from the run's event files. The goals
+(issue 6): AmoebaNetTiny at least 97% digits test accuracy within 10
+minutes on 2 cores; TransformerTiny at least 95% sequence accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+from bench import common
+from lingvo_gpipe.core import summary
+
+JOBS = (
+    ('image.digits.AmoebaNetTiny', 'top1_accuracy', 0.97),
+    ('mt.synthetic.TransformerTiny', 'sequence_accuracy', 0.95),
+)
+
+_WRITE = flags.DEFINE_bool('write_results', False,
+                           'Write bench/results/default_jobs.md.')
+
+
+def RunJob(model: str, logdir: str) -> tuple[float, float, str]:
+  """(wall seconds, first step seconds, stderr) of one train_and_eval run."""
+  start = time.time()
+  result = subprocess.run(
+      [sys.executable, '-m', 'lingvo_gpipe.trainer', f'--model={model}',
+       f'--logdir={logdir}', '--mode=train_and_eval'], cwd=common.REPO,
+      env=dict(os.environ, PYTHONPATH=common.REPO), capture_output=True,
+      text=True, check=False)
+  wall = time.time() - start
+  if result.returncode != 0:
+    raise RuntimeError(f'{model} failed ({result.returncode}): '
+                       f'{result.stderr[-2000:]}')
+  first = re.search(r'Step \d+ took ([\d.]+) s', result.stderr)
+  return wall, float(first.group(1)) if first else float('nan'), result.stderr
+
+
+def main(argv):
+  del argv
+  facts = common.MachineFacts()
+  rows = []
+  for model, metric, goal in JOBS:
+    with tempfile.TemporaryDirectory() as logdir:
+      wall, first, _ = RunJob(model, logdir)
+      evals = summary.ReadEvents(os.path.join(logdir, 'eval_test'))[metric]
+    curve = ', '.join(f'{step}: {value:.4f}' for step, value in evals)
+    final_step, final = evals[-1]
+    rows.append([model, f'{wall / 60:.1f} min', f'{first:.0f} s', final_step,
+                 f'{metric} {final:.4f}', f'≥ {goal}', 'met' if final >= goal
+                 else 'NOT met', curve])
+    print(f'{model}: {wall:.0f} s, {metric} {final:.4f} at step {final_step}',
+          flush=True)
+  body = common.MarkdownTable(
+      ['model', 'wall time (whole command)', 'first step (tracing)',
+       'final step', 'final eval', 'goal', 'result', 'eval at each checkpoint'],
+      rows)
+  print(body)
+  if _WRITE.value:
+    path = common.WriteResults(
+        'default_jobs.md', 'Default jobs through the trainer binary',
+        'python -m bench.default_jobs --write_results', facts,
+        {'jobs': ', '.join(m for m, _, _ in JOBS),
+         'mode': 'train_and_eval, registered configs unchanged'}, body)
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)

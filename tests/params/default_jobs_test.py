@@ -1,0 +1,62 @@
+"""The default jobs learn their tasks, run through the trainer binary as a user would.
+
+`image.digits.AmoebaNetTiny` is README's run command; it must reach 97% test
+accuracy. `mt.synthetic.TransformerTiny` must copy its sequences with 95%
+sequence accuracy. Both train their registered configs unchanged, through a
+2-cell pipeline on two logical CPU devices; only --logdir differs.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from lingvo_gpipe.core import summary
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ReadmeRunFlags():
+  """The trainer flags of README's run command."""
+  with open(os.path.join(_REPO, 'README.md'), encoding='utf-8') as f:
+    readme = f.read()
+  command = re.search(r'python -m lingvo_gpipe\.trainer ([^\n`]*)', readme).group(1)
+  return shlex.split(command)
+
+
+def _Train(flags, logdir):
+  flags = [f for f in flags if not f.startswith('--logdir')]
+  result = subprocess.run(
+      [sys.executable, '-m', 'lingvo_gpipe.trainer', *flags,
+       f'--logdir={logdir}'], cwd=_REPO, env=dict(os.environ, PYTHONPATH=_REPO),
+      capture_output=True, text=True, timeout=1800, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _FinalEval(logdir, tag):
+  """(step, value) of the last eval summary `tag` in DIR/eval_test."""
+  return max(summary.ReadEvents(os.path.join(logdir, 'eval_test'))[tag])
+
+
+@pytest.mark.heavy
+def test_readme_default_job_reaches_97_percent_on_digits(tmp_path):
+  flags = _ReadmeRunFlags()
+  assert '--model=image.digits.AmoebaNetTiny' in flags
+  assert '--mode=train_and_eval' in flags
+  _Train(flags, tmp_path)
+  step, accuracy = _FinalEval(tmp_path, 'top1_accuracy')
+  assert step == 800
+  assert accuracy >= 0.97, accuracy
+
+
+@pytest.mark.heavy
+def test_transformer_tiny_learns_to_copy(tmp_path):
+  _Train(['--model=mt.synthetic.TransformerTiny', '--mode=train_and_eval'],
+         tmp_path)
+  step, accuracy = _FinalEval(tmp_path, 'sequence_accuracy')
+  assert step == 1000
+  assert accuracy >= 0.95, accuracy
