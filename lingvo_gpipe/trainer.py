@@ -39,23 +39,22 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from lingvo_gpipe import base_input_generator
 from lingvo_gpipe import eval_program
 from lingvo_gpipe import experiment
 from lingvo_gpipe import model_registry
+from lingvo_gpipe import run_errors
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import placement
 
+ExitStatus = run_errors.ExitStatus
+UsageError = run_errors.UsageError
+
 MODES = ('train', 'eval', 'train_and_eval')
 DEVICES = ('auto', 'cpu', 'gpu')
 PARAMS_FILE = 'params.txt'
 
-EXIT_USAGE = 1
-EXIT_DATA_NOT_FOUND = 2
-EXIT_OUT_OF_MEMORY = 3
-EXIT_NON_FINITE = 4
 
 _MODEL = flags.DEFINE_string(
     'model', None, 'Registered model name, e.g. image.digits.AmoebaNetTiny; '
@@ -93,10 +92,6 @@ _LIST_MODELS = flags.DEFINE_bool('list_models', False,
                                  'Print every registered model name and exit.')
 _PRINT_PARAMS = flags.DEFINE_bool(
     'print_params', False, 'Print the resolved Params as text and exit.')
-
-
-class UsageError(ValueError):
-  """A bad command line; the message says what would be valid."""
 
 
 def ResolveParams() -> hyperparams.Params:
@@ -199,8 +194,8 @@ def Run(params: hyperparams.Params, logdir: str, mode: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    _Fail(EXIT_USAGE, f'unexpected arguments {argv[1:]}; every setting is a '
-          '--flag (see --help).')
+    _Fail(ExitStatus.USAGE, f'unexpected arguments {argv[1:]}; every setting '
+          'is a --flag (see --help).')
   try:
     if _LIST_MODELS.value:
       print('\n'.join(model_registry.ListModels()))
@@ -217,30 +212,16 @@ def main(argv):
                        'and summaries go.')
     PrepareLogdir(_LOGDIR.value, params)
     Run(params, _LOGDIR.value, _MODE.value)
-  except base_input_generator.DataNotFoundError as e:
-    _Fail(EXIT_DATA_NOT_FOUND, f'{e} (set the directory with --data_dir).')
-  except tf.errors.ResourceExhaustedError as e:
-    _Fail(EXIT_OUT_OF_MEMORY, OutOfMemoryMessage(e))
-  except train_program.NonFiniteLossError as e:
-    _Fail(EXIT_NON_FINITE, str(e))
-  except (UsageError, hyperparams.ParamsError, model_registry.UnknownModelError,
-          checkpoint_lib.CheckpointMismatchError, ValueError) as e:
-    _Fail(EXIT_USAGE, str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    report = run_errors.Report(e)
+    if report is None:
+      raise  # a bug: keep the traceback
+    _Fail(*report)
 
 
-def OutOfMemoryMessage(error: Exception) -> str:
-  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-  oom = [l for l in lines if 'OOM' in l or 'exhausted' in l.lower()]
-  what = (oom or lines or [type(error).__name__])[0][:300]
-  return ('out of memory: ' + what + '\nKnobs that lower the peak: more micro-'
-          'batches (--num_micro_batches), more pipeline cells on more devices '
-          "(--num_partitions), task.network.pipeline.recompute='always' "
-          '(re-materialize every cell), or a smaller input.batch_size.')
-
-
-def _Fail(code: int, message: str) -> None:
+def _Fail(status: ExitStatus, message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
+  sys.exit(int(status))
 
 
 if __name__ == '__main__':

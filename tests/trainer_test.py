@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe import trainer
+from lingvo_gpipe.run_errors import ExitStatus
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import summary
 
@@ -157,32 +157,32 @@ def test_print_params_and_list_models():
 
 _BAD_INPUTS = [
     ('unknown_model', ['--model=example.toy.ToyRegresion', '--logdir={tmp}'],
-     trainer.EXIT_USAGE, ["Unknown model name 'example.toy.ToyRegresion'",
+     ExitStatus.USAGE, ["Unknown model name 'example.toy.ToyRegresion'",
                           'Did you mean', '--list_models']),
     ('bad_override_key', [f'--model={_TOY}', '--logdir={tmp}',
                           '--params_override=train.learning_rat=0.1'],
-     trainer.EXIT_USAGE, ['train.learning_rat', 'learning_rate']),
+     ExitStatus.USAGE, ['train.learning_rat', 'learning_rate']),
     ('bad_override_value', [f'--model={_TOY}', '--logdir={tmp}',
                             '--params_override=train.max_steps=lots'],
-     trainer.EXIT_USAGE, ['train.max_steps', 'lots']),
+     ExitStatus.USAGE, ['train.max_steps', 'lots']),
     ('bad_optimizer', [f'--model={_TOY}', '--logdir={tmp}',
                        '--params_override=train.optimizer=adma'],
-     trainer.EXIT_USAGE, ["'adma'", "Did you mean 'adam'"]),
+     ExitStatus.USAGE, ["'adma'", "Did you mean 'adam'"]),
     ('bad_mode', [f'--model={_TOY}', '--logdir={tmp}', '--mode=serve'],
-     trainer.EXIT_USAGE, ["--mode='serve'", 'train_and_eval']),
+     ExitStatus.USAGE, ["--mode='serve'", 'train_and_eval']),
     ('missing_dataset', ['--model=image.cifar10.AmoebaNetD', '--logdir={tmp}',
                          '--data_dir={tmp}/no_data'],
-     trainer.EXIT_DATA_NOT_FOUND, ['cifar10', 'tfds build', '--data_dir']),
+     ExitStatus.DATA_NOT_FOUND, ['cifar10', 'tfds build', '--data_dir']),
     ('unwritable_logdir', [f'--model={_TOY}', '--logdir=/proc/lingvo_gpipe'],
-     trainer.EXIT_USAGE, ["--logdir='/proc/lingvo_gpipe' is not writable"]),
+     ExitStatus.USAGE, ["--logdir='/proc/lingvo_gpipe' is not writable"]),
     ('logdir_is_a_file', [f'--model={_TOY}', '--logdir={tmp}/file/run'],
-     trainer.EXIT_USAGE, ['is not writable']),
+     ExitStatus.USAGE, ['is not writable']),
     ('no_gpus', [f'--model={_TOY}', '--logdir={tmp}', '--device=gpu'],
-     trainer.EXIT_USAGE, ['2 cells', '0 GPUs', '--device=cpu']),
+     ExitStatus.USAGE, ['2 cells', '0 GPUs', '--device=cpu']),
     ('non_finite_loss', [f'--model={_TOY}', '--logdir={tmp}',
                          '--params_override=train.optimizer=sgd; '
                          'train.learning_rate=1e12'],
-     trainer.EXIT_NON_FINITE, ['Non-finite training step', 'was not applied',
+     ExitStatus.NON_FINITE, ['Non-finite training step', 'was not applied',
                                'train.learning_rate']),
 ]
 
@@ -209,7 +209,7 @@ def test_out_of_memory_names_the_knobs(tmp_path):
                 '--params_override=input.batch_size=65536; '
                 'input.num_examples=65536; task.network.hidden_dim=256',
                 TF_CPU_BFC_MEM_LIMIT_IN_MB='48')
-  assert result.returncode == trainer.EXIT_OUT_OF_MEMORY, result.stderr[-3000:]
+  assert result.returncode == ExitStatus.OUT_OF_MEMORY, result.stderr[-3000:]
   for knob in ('out of memory', '--num_micro_batches', '--num_partitions',
                "recompute='always'", 'input.batch_size'):
     assert knob in result.stderr

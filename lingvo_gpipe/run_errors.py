@@ -1,0 +1,64 @@
+"""How a failed run is reported: one `error:` line of advice and an exit status.
+
+Invariant: every failure a user can cause or fix maps to one status and a
+message that names what was wrong and what would help; anything else is a
+bug and keeps its traceback. A ValueError counts as a bad configuration:
+layers, optimizers and schedules check their Params with one, naming the
+field (the traceback is logged at debug level, --v=1). The trainer binary
+and its tests share this table, so neither hard-codes a status.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+
+from lingvo_gpipe import base_input_generator
+from lingvo_gpipe import model_registry
+from lingvo_gpipe import train_program
+from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import hyperparams
+
+
+class ExitStatus(enum.IntEnum):
+  OK = 0
+  USAGE = 1  # bad flag, model name, override, logdir, or checkpoint
+  DATA_NOT_FOUND = 2
+  OUT_OF_MEMORY = 3
+  NON_FINITE = 4
+
+
+class UsageError(ValueError):
+  """A bad command line; the message says what would be valid."""
+
+
+def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
+  """(status, message) for a failure the user can act on; None for a bug."""
+  if isinstance(error, base_input_generator.DataNotFoundError):
+    return ExitStatus.DATA_NOT_FOUND, f'{error} (set the directory with --data_dir).'
+  if isinstance(error, tf.errors.ResourceExhaustedError):
+    return ExitStatus.OUT_OF_MEMORY, OutOfMemoryMessage(error)
+  if isinstance(error, train_program.NonFiniteLossError):
+    return ExitStatus.NON_FINITE, str(error)
+  if isinstance(error, (UsageError, hyperparams.ParamsError,
+                        model_registry.UnknownModelError,
+                        checkpoint_lib.CheckpointMismatchError)):
+    return ExitStatus.USAGE, str(error)
+  if isinstance(error, ValueError):
+    logging.debug('Configuration error', exc_info=error)
+    return ExitStatus.USAGE, str(error)
+  return None
+
+
+def OutOfMemoryMessage(error: BaseException) -> str:
+  """The allocation that failed and the knobs that lower the peak."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  oom = [l for l in lines if 'OOM' in l or 'exhausted' in l.lower()]
+  what = (oom or lines or [type(error).__name__])[0][:300]
+  return ('out of memory: ' + what + '\nKnobs that lower the peak: more micro-'
+          'batches (--num_micro_batches), more pipeline cells on more devices '
+          "(--num_partitions), task.network.pipeline.recompute='always' "
+          '(re-materialize every cell), or a smaller input.batch_size.')
