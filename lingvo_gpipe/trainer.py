@@ -45,6 +45,7 @@ from lingvo_gpipe import model_registry
 from lingvo_gpipe import run_errors
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import placement
 
@@ -83,6 +84,10 @@ _DEVICE = flags.DEFINE_string(
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     'num_cpu_devices', None, 'Logical CPU devices to split the CPU into '
     '(default: one per pipeline cell).')
+_WORKER_HOSTS = flags.DEFINE_string(
+    'worker_hosts', None, 'Comma-separated host:port of TensorFlow workers '
+    '(lingvo_gpipe.tools.worker); cell k runs on worker k, and K defaults to '
+    'their number. lingvo_gpipe.tools.local_cluster starts local ones.')
 _EVAL_SPLIT = flags.DEFINE_string('eval_split', None,
                                   'Split to evaluate; default input.eval_split.')
 _EVAL_TIMEOUT = flags.DEFINE_float(
@@ -94,23 +99,42 @@ _PRINT_PARAMS = flags.DEFINE_bool(
     'print_params', False, 'Print the resolved Params as text and exit.')
 
 
+def WorkerHosts() -> list[str]:
+  """--worker_hosts as a list; empty when the cells run in this process."""
+  return cluster.ParseHosts(_WORKER_HOSTS.value) if _WORKER_HOSTS.value else []
+
+
 def ResolveParams() -> hyperparams.Params:
   """The run's Params from the flags."""
   if not _MODEL.value:
     raise UsageError('--model is required, e.g. --model=image.digits.'
                      'AmoebaNetTiny (--list_models lists them all).')
+  num_partitions = _NUM_PARTITIONS.value
+  if num_partitions is None and WorkerHosts():
+    num_partitions = len(WorkerHosts())  # one pipeline stage per worker
   return experiment.Resolve(experiment.Settings(
       model=_MODEL.value, params_file=_PARAMS_FILE.value,
       params_override=_OVERRIDE.value, max_steps=_MAX_STEPS.value,
-      num_partitions=_NUM_PARTITIONS.value,
+      num_partitions=num_partitions,
       num_micro_batches=_NUM_MICRO_BATCHES.value, data_dir=_DATA_DIR.value))
 
 
 def PlaceCells(params: hyperparams.Params) -> list[str]:
-  """Chooses cell k's device from --device, splitting the CPU if needed."""
+  """Chooses cell k's device: worker k, GPU k, or logical CPU device k.
+
+  With --worker_hosts the devices are the workers' (round robin if there
+  are fewer workers than cells); nothing connects to them yet.
+  """
   if _DEVICE.value not in DEVICES:
     raise UsageError(f'--device={_DEVICE.value!r}; valid: {", ".join(DEVICES)}.')
   k = experiment.NumPartitions(params)
+  hosts = WorkerHosts()
+  if hosts:
+    workers = cluster.WorkerDevices(
+        len(hosts), 'GPU' if _DEVICE.value == 'gpu' else 'CPU')
+    devices = [workers[i % len(workers)] for i in range(k)]
+    experiment.SetDevices(params, devices)
+    return devices
   gpus = tf.config.list_physical_devices('GPU')
   if _DEVICE.value == 'gpu' or (_DEVICE.value == 'auto' and len(gpus) >= k):
     if len(gpus) < k:
@@ -210,6 +234,8 @@ def main(argv):
     if not _LOGDIR.value:
       raise UsageError('--logdir is required: where checkpoints, params.txt '
                        'and summaries go.')
+    if WorkerHosts():
+      cluster.ConnectToWorkers(WorkerHosts())
     PrepareLogdir(_LOGDIR.value, params)
     Run(params, _LOGDIR.value, _MODE.value)
   except Exception as e:  # pylint: disable=broad-except

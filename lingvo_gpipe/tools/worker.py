@@ -1,0 +1,50 @@
+r"""A TensorFlow worker process: runs the pipeline cells a trainer places on it.
+
+  python -m lingvo_gpipe.tools.worker --worker_hosts=127.0.0.1:2222,127.0.0.1:2223 \
+      --task_index=0
+
+Serves until killed. Start one per host:port in --worker_hosts (task k
+listens on the k-th), then run the trainer with the same --worker_hosts;
+`lingvo_gpipe.tools.local_cluster` does both on this machine. A memory cap
+(TF_CPU_BFC_MEM_LIMIT_IN_MB) in this process's environment caps this worker.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Peak-memory statistics need the BFC allocator, as in the trainer; under a
+# cap, oneDNN's kernels crash on a failed allocation where TensorFlow's raise.
+os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
+if os.environ.get('TF_CPU_BFC_MEM_LIMIT_IN_MB'):
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+from lingvo_gpipe.core import cluster
+
+_HOSTS = flags.DEFINE_string('worker_hosts', None,
+                             'Comma-separated host:port of every worker.')
+_TASK = flags.DEFINE_integer('task_index', None, 'Which of them this one is.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _HOSTS.value is None or _TASK.value is None:
+    raise app.UsageError('--worker_hosts and --task_index are required.')
+  hosts = cluster.ParseHosts(_HOSTS.value)
+  if not 0 <= _TASK.value < len(hosts):
+    raise app.UsageError(f'--task_index={_TASK.value} is not in [0, '
+                         f'{len(hosts)}) for {len(hosts)} worker hosts.')
+  server = tf.distribute.Server(cluster.ClusterSpec(hosts),
+                                job_name=cluster.WORKER_JOB,
+                                task_index=_TASK.value, start=True)
+  logging.info('Worker %d serving at %s.', _TASK.value, hosts[_TASK.value])
+  server.join()
+
+
+if __name__ == '__main__':
+  app.run(main)
