@@ -6,14 +6,18 @@ connects to them with `tf.config.experimental_connect_to_cluster` (it becomes
 job 'localhost') and places cell k on worker k, so variables, optimizer slots
 and each cell's forward and backward run in that worker's process, with its
 own allocator and its own memory cap, while the input pipeline, the loop and
-the checkpoints stay in the trainer.
+the checkpoints stay in the trainer. `StartLocalWorkers` runs such workers on
+this machine (lingvo_gpipe.tools.local_cluster, benchmarks, tests).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -82,3 +86,55 @@ def WaitForListening(hosts: Sequence[str], timeout_secs: float) -> None:
           raise TimeoutError(f'Worker {host} is not listening after '
                              f'{timeout_secs:.0f} s.') from None
         time.sleep(0.1)
+
+
+def _WorkerCommand(hosts: Sequence[str], task: int, pin: bool) -> list[str]:
+  command = [sys.executable, '-m', 'lingvo_gpipe.tools.worker',
+             f'--worker_hosts={",".join(hosts)}', f'--task_index={task}']
+  if pin:
+    command = ['taskset', '-c', str(task % (os.cpu_count() or 1))] + command
+  return command
+
+
+def StartLocalWorkers(num_workers: int, mem_limit_mb: Optional[int] = None,
+                      pin: bool = False, startup_timeout_secs: float = 120.0
+                      ) -> tuple[list[str], list[subprocess.Popen]]:
+  """(hosts, processes) of num_workers listening workers on 127.0.0.1.
+
+  Args:
+    num_workers: how many (task k listens on hosts[k]).
+    mem_limit_mb: caps each worker (TF_CPU_BFC_MEM_LIMIT_IN_MB).
+    pin: pin worker k to core k with taskset.
+    startup_timeout_secs: how long they may take to listen.
+  """
+  hosts = [f'127.0.0.1:{p}' for p in FreePorts(num_workers)]
+  env = dict(os.environ)
+  if mem_limit_mb:
+    env['TF_CPU_BFC_MEM_LIMIT_IN_MB'] = str(mem_limit_mb)
+  processes = []
+  try:
+    for task in range(num_workers):
+      processes.append(subprocess.Popen(_WorkerCommand(hosts, task, pin),
+                                        env=env))
+    WaitForListening(hosts, startup_timeout_secs)
+    for task, process in enumerate(processes):
+      if process.poll() is not None:
+        raise RuntimeError(f'Worker {task} ({hosts[task]}) exited with '
+                           f'{process.returncode} at startup.')
+  except BaseException:
+    StopAll(processes)
+    raise
+  return hosts, processes
+
+
+def StopAll(processes: Sequence[subprocess.Popen], grace_secs: float = 10.0) -> None:
+  """Terminates every process still running; kills those that linger."""
+  for process in processes:
+    if process.poll() is None:
+      process.terminate()
+  for process in processes:
+    try:
+      process.wait(timeout=grace_secs)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()

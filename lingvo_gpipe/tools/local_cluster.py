@@ -10,11 +10,9 @@ also on failure or Ctrl-C, and exits with the trainer's status (130 after
 Ctrl-C). For trying multi-process pipelines on one machine, and for tests.
 """
 
-import os
 import signal
 import subprocess
 import sys
-from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -36,52 +34,6 @@ _STARTUP = flags.DEFINE_float('startup_timeout_secs', 120.0,
 EXIT_INTERRUPTED = 130
 
 
-def WorkerCommand(hosts: Sequence[str], task: int, pin: bool) -> list[str]:
-  command = [sys.executable, '-m', 'lingvo_gpipe.tools.worker',
-             f'--worker_hosts={",".join(hosts)}', f'--task_index={task}']
-  if pin:
-    command = ['taskset', '-c', str(task % (os.cpu_count() or 1))] + command
-  return command
-
-
-def StartWorkers(num_workers: int, mem_limit_mb: Optional[int] = None,
-                 pin: bool = False,
-                 startup_timeout_secs: float = 120.0
-                 ) -> tuple[list[str], list[subprocess.Popen]]:
-  """(hosts, processes) of num_workers listening workers on 127.0.0.1."""
-  hosts = [f'127.0.0.1:{p}' for p in cluster.FreePorts(num_workers)]
-  env = dict(os.environ)
-  if mem_limit_mb:
-    env['TF_CPU_BFC_MEM_LIMIT_IN_MB'] = str(mem_limit_mb)
-  processes = []
-  try:
-    for task in range(num_workers):
-      processes.append(subprocess.Popen(WorkerCommand(hosts, task, pin),
-                                        env=env))
-    cluster.WaitForListening(hosts, startup_timeout_secs)
-    for task, process in enumerate(processes):
-      if process.poll() is not None:
-        raise RuntimeError(f'Worker {task} ({hosts[task]}) exited with '
-                           f'{process.returncode} at startup.')
-  except BaseException:
-    StopAll(processes)
-    raise
-  return hosts, processes
-
-
-def StopAll(processes: Sequence[subprocess.Popen], grace_secs: float = 10.0) -> None:
-  """Terminates every process still running; kills those that linger."""
-  for process in processes:
-    if process.poll() is None:
-      process.terminate()
-  for process in processes:
-    try:
-      process.wait(timeout=grace_secs)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
-
-
 def main(argv):
   trainer_flags = argv[1:]
   if _NUM_WORKERS.value < 1:
@@ -89,8 +41,8 @@ def main(argv):
   if any(f.startswith('--worker_hosts') for f in trainer_flags):
     raise app.UsageError('local_cluster sets --worker_hosts itself; drop it '
                          'from the trainer flags.')
-  hosts, workers = StartWorkers(_NUM_WORKERS.value, _MEM_LIMIT.value,
-                                _PIN.value, _STARTUP.value)
+  hosts, workers = cluster.StartLocalWorkers(
+      _NUM_WORKERS.value, _MEM_LIMIT.value, _PIN.value, _STARTUP.value)
   logging.info('Workers listening at %s.', ', '.join(hosts))
   trainer = None
   try:
@@ -101,10 +53,10 @@ def main(argv):
   except KeyboardInterrupt:
     if trainer is not None and trainer.poll() is None:
       trainer.send_signal(signal.SIGINT)
-      StopAll([trainer])
+      cluster.StopAll([trainer])
     status = EXIT_INTERRUPTED
   finally:
-    StopAll(workers)
+    cluster.StopAll(workers)
   sys.exit(status)
 
 

@@ -1,0 +1,224 @@
+r"""Pipeline speed-up across worker processes: the thing GPipe exists for.
+
+  python -m bench.throughput --write_results
+
+Two TensorFlow worker processes, each pinned to its own core, run one
+pipeline stage each (cell k on worker k, gradients accumulated and weights
+updated on the stage's own worker, only the loss returned to the client),
+against one process pinned to one core with one intra-op and one inter-op
+thread running the same layers in sequence with the same update. The
+baseline and every (recompute mode, M) alternate within each round, so the
+machine's other load touches them alike; the speed-up of a round is the
+baseline's step time over the pipeline's. The client's inter-op pool is 2 so
+that the stages can overlap (shared/TF_FACTS.md, fact 9).
+
+Roles: the driver (default) starts the workers and two long-lived children,
+`--role=baseline` and `--role=pipeline`, that trace their steps once and then
+time `steps` steps per command read from stdin, answering one JSON line each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import tensorflow as tf
+
+from bench import common
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core.gpipe import microbatch
+from lingvo_gpipe.core.gpipe import pipeline
+
+_ROLE = flags.DEFINE_enum('role', 'driver', ['driver', 'baseline', 'pipeline'],
+                          'What this process does (children are started by '
+                          'the driver).')
+_NUM_LAYERS = flags.DEFINE_integer('num_layers', 16, 'Dense layers.')
+_DIM = flags.DEFINE_integer('dim', 1024, 'Width of every layer.')
+_BATCH = flags.DEFINE_integer('batch', 512, 'Examples per step.')
+_MICRO_BATCHES = flags.DEFINE_list('micro_batches', ['1', '2', '4', '8'],
+                                   'Values of M to time.')
+_RECOMPUTE = flags.DEFINE_list('recompute', ['always', 'never'],
+                                'Recompute modes of the pipeline to time.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
+_STEPS = flags.DEFINE_integer('steps_per_round', 10, 'Steps timed per round.')
+_WORKER_HOSTS = flags.DEFINE_string('worker_hosts', None,
+                                    'pipeline role: the two workers.')
+_WRITE = flags.DEFINE_bool('write_results', False,
+                           'Write bench/results/throughput.md.')
+
+_LEARNING_RATE = 1e-4
+
+
+def _Model(devices):
+  """The Dense stack as a 2-cell PipeliningLayer on `devices`, built here."""
+  return common.BuildPipeline(common.DenseStack(_NUM_LAYERS.value, _DIM.value),
+                              2, 1, 'always', devices)
+
+
+def _UpdateStep(model, sizes, recompute='always'):
+  """A traced step: forward, backward, SGD update on each weight's device.
+
+  sizes None runs the cells in sequence under one tape (the baseline);
+  otherwise through the pipeline with those micro-batch sizes and recompute
+  mode. Returns the loss only, computed on the last cell's device.
+  """
+  variables = model.trainable_variables
+  thetas = [model.theta[f'cell_{k}'] for k in range(len(model.cells))]
+  with tf.device(model.placement.Device(0)):
+    x = tf.Variable(tf.random.stateless_normal([_BATCH.value, _DIM.value],
+                                               [1, 2]), trainable=False)
+
+  @tf.function
+  def Step():
+    with base_layer.Context(training=True):
+      with tf.GradientTape() as tape:
+        if sizes is None:
+          y = x.read_value()
+          for cell, theta in zip(model.cells, thetas):
+            y = cell.FProp(theta, y)
+        else:
+          y = pipeline.RunPipeline(model.cells, thetas, x.read_value(), sizes,
+                                   model.placement, recompute=recompute)
+        with tf.device(model.placement.Device(len(model.cells) - 1)):
+          loss = tf.reduce_mean(y * y)
+    grads = tape.gradient(loss, variables)
+    for grad, var in zip(grads, variables):
+      with tf.device(var.device):
+        var.assign_sub(_LEARNING_RATE * grad)
+    return loss
+
+  return Step
+
+
+def _Serve(steps_by_name):
+  """Answers 'name steps' lines on stdin with {'seconds': ...} lines."""
+  for step in steps_by_name.values():
+    step().numpy()  # trace and warm up
+    step().numpy()
+  print(json.dumps({'ready': True}), flush=True)
+  for line in sys.stdin:
+    name, count = line.split()
+    step = steps_by_name[name]
+    start = time.perf_counter()
+    for _ in range(int(count)):
+      loss = step()
+    loss.numpy()
+    print(json.dumps({'seconds': time.perf_counter() - start}), flush=True)
+
+
+def RunBaseline():
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  model = _Model(['/device:CPU:0'])
+  _Serve({'plain': _UpdateStep(model, None)})
+
+
+def RunPipeline():
+  tf.config.threading.set_inter_op_parallelism_threads(2)
+  devices = cluster.ConnectToWorkers(cluster.ParseHosts(_WORKER_HOSTS.value))
+  model = _Model(devices)
+  _Serve({_Name(r, m): _UpdateStep(model, microbatch.MicroBatchSizes(
+      _BATCH.value, num_micro_batches=int(m)), r)
+          for r in _RECOMPUTE.value for m in _MICRO_BATCHES.value})
+
+
+def _Name(recompute: str, micro_batches: str) -> str:
+  return f'{recompute}/{micro_batches}'
+
+
+class _Child:
+  """A long-lived role process spoken to over stdin/stdout."""
+
+  def __init__(self, command, env):
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, env=env)
+    self._Read('ready')
+
+  def _Read(self, key):
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self.process.args} exited with '
+                         f'{self.process.wait()}.')
+    return json.loads(line)[key]
+
+  def Time(self, name, steps):
+    self.process.stdin.write(f'{name} {steps}\n')
+    self.process.stdin.flush()
+    return self._Read('seconds') / steps
+
+
+def RunDriver():
+  facts = common.MachineFacts()
+  if (os.cpu_count() or 1) < 2:
+    raise RuntimeError('The pipeline speed-up needs 2 cores.')
+  env = dict(os.environ, PYTHONPATH=common.REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  shape = [f'--num_layers={_NUM_LAYERS.value}', f'--dim={_DIM.value}',
+           f'--batch={_BATCH.value}',
+           f'--micro_batches={",".join(_MICRO_BATCHES.value)}',
+           f'--recompute={",".join(_RECOMPUTE.value)}']
+  me = [sys.executable, '-m', 'bench.throughput']
+  hosts, workers = cluster.StartLocalWorkers(2, pin=True)
+  children = []
+  try:
+    baseline = _Child(['taskset', '-c', '0', *me, '--role=baseline', *shape], env)
+    children.append(baseline.process)
+    piped = _Child([*me, '--role=pipeline', *shape,
+                    f'--worker_hosts={",".join(hosts)}'], env)
+    children.append(piped.process)
+    times = {name: [] for name in ['plain'] + [
+        _Name(r, m) for r in _RECOMPUTE.value for m in _MICRO_BATCHES.value]}
+    for round_index in range(_ROUNDS.value):
+      for name in times:
+        child = baseline if name == 'plain' else piped
+        times[name].append(child.Time(name, _STEPS.value))
+      print(f'round {round_index}: ' + ', '.join(
+          f'{n} {t[-1] * 1e3:.0f} ms' for n, t in times.items()), flush=True)
+  finally:
+    for child in children:
+      child.stdin.close()
+    cluster.StopAll(children + workers)
+  rows = []
+  for name, values in times.items():
+    if name == 'plain':
+      continue
+    speedups = [b / p for b, p in zip(times['plain'], values)]
+    median, low, high = common.Spread(speedups)
+    recompute, m = name.split('/')
+    rows.append([m, recompute, f'{statistics.median(values) * 1e3:.0f}',
+                 f'{statistics.median(times["plain"]) * 1e3:.0f}',
+                 f'{median:.2f}× ({low:.2f}–{high:.2f})'])
+  body = common.MarkdownTable(
+      ['M', 'recompute', 'pipeline step (ms, median)',
+       'one-core step (ms, median)',
+       'speed-up, median (min–max) over rounds'], rows)
+  print(body)
+  if _WRITE.value:
+    path = common.WriteResults(
+        'throughput.md', 'Pipeline speed-up across two worker processes',
+        'python -m bench.throughput --write_results', facts,
+        {'layers': f'{_NUM_LAYERS.value} × Dense({_DIM.value}), relu, batch '
+                   f'{_BATCH.value}, SGD update on each weight\'s device',
+         'pipeline': 'K=2 cells, one per worker process, each pinned to its '
+                     'own core (taskset); client inter-op 2',
+         'baseline': 'one process pinned to core 0, 1 intra-op and 1 inter-op '
+                     'thread, the same layers in sequence under one tape',
+         'rounds': f'{_ROUNDS.value} alternating rounds of '
+                   f'{_STEPS.value} steps per configuration'}, body)
+    print(f'wrote {path}')
+
+
+def main(argv):
+  del argv
+  {'driver': RunDriver, 'baseline': RunBaseline,
+   'pipeline': RunPipeline}[_ROLE.value]()
+
+
+if __name__ == '__main__':
+  app.run(main)
