@@ -136,7 +136,11 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
     # The inputs are the boundary activations the forward keeps.
     cell_in = [[None] * num_mb for _ in range(num_cells)]
     cell_out = [[None] * num_mb for _ in range(num_cells)]
-    split_inputs = microbatch.Split(x_all, list(sizes), batch_dim)
+    # Split where the first cell runs and merge where the last one does, so
+    # that micro-batches do not travel through whichever device the caller's
+    # default is (a remote cell would pay a round trip per micro-batch).
+    with placement.CellScope(0):
+      split_inputs = microbatch.Split(x_all, list(sizes), batch_dim)
     tapes = {}
     for clock in forward_clocks:
       for task in clock:
@@ -158,14 +162,16 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
               y = CellForward(k, m, theta_k[k], x, record=True)
             tapes[(k, m)] = tape
           cell_out[k][m] = y
-    outputs = microbatch.Merge(cell_out[num_cells - 1], batch_dim)
+    with placement.CellScope(num_cells - 1):
+      outputs = microbatch.Merge(cell_out[num_cells - 1], batch_dim)
     output_structure.append(outputs)
 
     def Backward(*flat_dy):
       dy_all = tf.nest.pack_sequence_as(outputs, list(flat_dy))
       # dys[k][m]: gradient of the loss w.r.t. cell k's output, micro-batch m.
       dys = [[None] * num_mb for _ in range(num_cells)]
-      dys[num_cells - 1] = microbatch.Split(dy_all, list(sizes), batch_dim)
+      with placement.CellScope(num_cells - 1):
+        dys[num_cells - 1] = microbatch.Split(dy_all, list(sizes), batch_dim)
       dx = [None] * num_mb
       acc = [None] * num_cells
       for clock in backward_clocks:
@@ -206,7 +212,8 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
             else:
               dx[m] = g_x
       theta_grads = [g for per_cell in acc for g in per_cell]
-      input_grads = _MergeInputGrads(dx, split_inputs, batch_dim)
+      with placement.CellScope(0):
+        input_grads = _MergeInputGrads(dx, split_inputs, batch_dim)
       return theta_grads + input_grads
 
     return tf.nest.flatten(outputs), Backward

@@ -258,6 +258,12 @@ def test_cells_are_placed_on_their_devices():
     cell = [c for c in op.name.split('/') if c.startswith('cell_')]
     if cell:
       assert op.device.endswith(f'CPU:{cell[0][5:]}'), (op.name, op.device)
+  # Micro-batches are cut and joined on the first and last cells' devices
+  # (the inputs and the output gradient), never on the caller's default one.
+  for op_type in ('SplitV', 'ConcatV2'):
+    devices = {op.device[-5:] for op in graph.get_operations()
+               if op.type == op_type}
+    assert devices and devices <= {'CPU:0', 'CPU:3'}, (op_type, devices)
 
 
 def test_report_lists_every_layer_once():
