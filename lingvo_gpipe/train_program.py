@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from absl import logging
 import numpy as np
@@ -22,11 +22,13 @@ from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import lr_schedule
 from lingvo_gpipe.core import optimizer as optimizer_lib
+from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
+from lingvo_gpipe.core.nested_map import NestedMap
 
 TRAIN_SUBDIR = 'train'
 
@@ -47,33 +49,46 @@ def FindPipelines(layer: base_layer.BaseLayer) -> list[pipelining_layer.Pipelini
 
 
 class TrainProgram:
-  """Trains `task` on `params.input` as `params.train` says, checkpointing to logdir."""
+  """Trains a task on `params.input` as `params.train` says, checkpointing to logdir.
+
+  With data-parallel replicas (core/replicas.py) every replica runs the same
+  step on its shard of the mini-batch; replica 0's state is what is
+  checkpointed, summarized and evaluated, and only the chief process writes.
+  """
 
   def __init__(self, params: hyperparams.Params, logdir: str,
-               task: base_layer.BaseLayer):
+               task: Union[base_layer.BaseLayer, replicas_lib.Replicas]):
     self.params = params
     self.logdir = logdir
-    self.task = task
+    if isinstance(task, base_layer.BaseLayer):
+      task = replicas_lib.Single(task)
+    self.replicas = task
+    self.task = task.tasks[0]
     p = params.train
     lr_schedule.Validate(p.lr_schedule)
-    self.optimizer = optimizer_lib.Create(p)
     self.input = params.input.Instantiate()
     self.batch_size = params.input.batch_size
     self._iterator = iter(self.input.Dataset(params.input.train_split,
                                              training=True))
-    self.variables = list(task.trainable_variables)
-    self.optimizer.Build(self.variables)
+    self._variables = [list(t.trainable_variables) for t in task.tasks]
+    with task.VariableScope():
+      self._optimizers = [optimizer_lib.Create(p) for _ in task.tasks]
+      for optimizer, variables in zip(self._optimizers, self._variables):
+        optimizer.Build(variables)
+    self.optimizer = self._optimizers[0]
+    self.variables = self._variables[0]
     with tf.device('/device:CPU:0'):
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name='global_step')
-    objects = dict(global_step=self.global_step, task=task,
+    objects = dict(global_step=self.global_step, task=self.task,
                    optimizer=self.optimizer)
     if p.checkpoint_input:
       objects['input'] = self._iterator
     self.checkpointer = checkpoint_lib.Checkpointer(
         logdir, objects, max_to_keep=p.max_checkpoints_to_keep)
-    self.writer = tf.summary.create_file_writer(
-        os.path.join(logdir, TRAIN_SUBDIR))
+    self.writer = (tf.summary.create_file_writer(
+        os.path.join(logdir, TRAIN_SUBDIR)) if task.is_chief else
+                   tf.summary.create_noop_writer())
     self._step_fn = tf.function(self._Step)
 
   @property
@@ -83,21 +98,40 @@ class TrainProgram:
   def Restore(self) -> int:
     """Restores the latest checkpoint if there is one; returns the global step."""
     self.checkpointer.Restore()
+    self.replicas.SyncFromFirst(
+        [[t, o] for t, o in zip(self.replicas.tasks, self._optimizers)])
     return self.step
 
   # --- the traced step ----------------------------------------------------------
 
   def _Step(self) -> dict[str, tf.Tensor]:
-    p = self.params.train
     batch = next(self._iterator)
     step = self.global_step.read_value()
+    out = self.replicas.Run(self._ReplicaStep,
+                            self.replicas.Distribute(batch), step)
+    out['step'] = tf.cond(out['finite'],
+                          lambda: self.global_step.assign_add(1),
+                          lambda: step)
+    return out
+
+  def _ReplicaStep(self, batch: NestedMap, step: tf.Tensor
+                   ) -> dict[str, tf.Tensor]:
+    """One replica's forward, backward and update; all-reduces make it global."""
+    p = self.params.train
+    index = self.replicas.LocalIndex()
+    task, variables = self.replicas.tasks[index], self._variables[index]
     collector = base_layer.StatsCollector()
     with base_layer.Context(training=True, step=step,
                             stats_collector=collector):
       with tf.GradientTape() as tape:
-        metrics = self.task.FPropDefaultTheta(batch)
-    loss = metrics.loss[0]
-    grads = tape.gradient(loss, self.variables)
+        metrics = task.FPropDefaultTheta(batch)
+    local_loss, local_weight = metrics.loss
+    grads = replicas_lib.GlobalGradients(
+        tape.gradient(local_loss, variables), local_weight)
+    metrics = replicas_lib.GlobalMetrics(metrics)
+    loss = metrics['loss'][0]
+    stats = collector.Gathered(
+        replicas_lib.CrossReplicaSum if self.replicas.num_replicas > 1 else None)
     grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
     finite = tf.logical_and(tf.math.is_finite(loss),
                             tf.math.is_finite(grad_norm))
@@ -107,15 +141,15 @@ class TrainProgram:
     learning_rate = p.learning_rate * lr_schedule.Factor(p.lr_schedule, step)
 
     def Apply():
-      update = self.optimizer.Apply(grads, self.variables, learning_rate)
+      update = self._optimizers[index].Apply(grads, variables, learning_rate)
       with tf.control_dependencies([update]):
-        collector.ApplyAll()  # BatchNorm moving averages, once per step
-        return self.global_step.assign_add(1)
+        collector.ApplyAll(stats)  # BatchNorm moving averages, once per step
+        return tf.constant(True)
 
-    new_step = tf.cond(finite, Apply, lambda: step)
+    applied = tf.cond(finite, Apply, lambda: tf.constant(False))
     out = {f'metrics/{name}': value for name, (value, _) in metrics.items()}
-    out.update(step=new_step, loss=loss, grad_norm=grad_norm,
-               learning_rate=learning_rate, finite=finite)
+    out.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate,
+               finite=tf.logical_and(finite, applied))
     return out
 
   # --- the host loop ------------------------------------------------------------
@@ -124,7 +158,7 @@ class TrainProgram:
           on_checkpoint: Optional[Callable[[int, str], None]] = None) -> int:
     """Trains to `until_step` (default train.max_steps); returns the global step.
 
-    Saves every save_interval_steps and at the end, calling
+    The chief saves every save_interval_steps and at the end, calling
     `on_checkpoint(step, path)` after each save.
 
     Raises:
@@ -150,7 +184,8 @@ class TrainProgram:
         logging.info('%s', meter.Line(step, p.max_steps, self.batch_size))
       if step % summary_every == 0 or step == target:
         self._WriteSummaries(step, out, meter)
-      if step % p.save_interval_steps == 0 or step == target:
+      if self.replicas.is_chief and (step % p.save_interval_steps == 0 or
+                                     step == target):
         path = self.checkpointer.Save(step)
         if on_checkpoint is not None:
           on_checkpoint(step, path)

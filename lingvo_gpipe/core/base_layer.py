@@ -23,7 +23,7 @@ import functools
 import math
 import threading
 import zlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tensorflow as tf
 
@@ -151,9 +151,25 @@ class StatsCollector:
       groups.setdefault(id(layer), (layer, []))[1].append(stats)
     return list(groups.values())
 
-  def ApplyAll(self) -> None:
-    """Applies every layer's merged statistics once."""
-    for layer, stats_list in self.ByLayer():
+  def Gathered(self, cross_replica_sum: Optional[Callable[[Any], Any]] = None
+               ) -> list[tuple['BaseLayer', list[NestedMap]]]:
+    """Records by layer; with data-parallel replicas, merged with all replicas'.
+
+    Args:
+      cross_replica_sum: sums a nested structure of tensors over the
+        replicas (an all-reduce); None when there is one replica.
+    """
+    groups = self.ByLayer()
+    if cross_replica_sum is None:
+      return groups
+    return [(layer, layer.CrossReplicaStats(stats_list, cross_replica_sum))
+            for layer, stats_list in groups]
+
+  def ApplyAll(self, gathered: Optional[list[tuple['BaseLayer',
+                                                   list[NestedMap]]]] = None
+               ) -> None:
+    """Applies every layer's merged statistics once (by default this collector's)."""
+    for layer, stats_list in (self.ByLayer() if gathered is None else gathered):
       layer.ApplyStats(stats_list)
 
 
@@ -442,6 +458,19 @@ class BaseLayer(tf.Module):
     """Merges statistics recorded over micro-batches and applies them once."""
     raise TypeError(f'{type(self).__name__} records stats but does not '
                     'override ApplyStats.')
+
+  def CrossReplicaStats(self, stats_list: Sequence[NestedMap],
+                        cross_replica_sum: Callable[[Any], Any]
+                        ) -> list[NestedMap]:
+    """This replica's recorded statistics merged with every replica's.
+
+    Data-parallel training calls it (in the same order on every replica)
+    before ApplyStats, so that all replicas apply the whole mini-batch's
+    statistics and stay equal.
+    """
+    raise TypeError(f'{type(self).__name__} records stats but does not '
+                    'override CrossReplicaStats, so it cannot train with '
+                    'data-parallel replicas.')
 
   # --- static size and cost ---------------------------------------------------
 

@@ -13,11 +13,12 @@ from lingvo_gpipe import base_task
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.nested_map import NestedMap
 
 
 class MlpNetwork(pipelined_network.PipelinedNetwork):
-  """input_dim -> num_hidden_layers x hidden_dim (relu) -> output_dim (linear)."""
+  """input_dim -> num_hidden_layers x hidden_dim (relu[, BatchNorm]) -> output_dim (linear)."""
 
   @classmethod
   def Params(cls):
@@ -26,13 +27,19 @@ class MlpNetwork(pipelined_network.PipelinedNetwork):
     p.Define('hidden_dim', hyperparams.REQUIRED, 'Width of the hidden layers.')
     p.Define('num_hidden_layers', 2, 'Number of hidden layers.')
     p.Define('output_dim', hyperparams.REQUIRED, 'Size of each target vector.')
+    p.Define('batch_norm', False, 'BatchNorm after each hidden layer (its '
+             'moments per micro-batch, moving averages per mini-batch).')
     return p
 
   @classmethod
   def Layers(cls, p) -> list:
     dims = [p.input_dim] + [p.hidden_dim] * p.num_hidden_layers
-    layers = [dense.Dense.Params().Set(name=f'fc{i}', input_dim=a, output_dim=b)
-              for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))]
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+      layers.append(dense.Dense.Params().Set(name=f'fc{i}', input_dim=a,
+                                             output_dim=b))
+      if p.batch_norm:
+        layers.append(normalization.BatchNorm.Params().Set(name=f'bn{i}', dim=b))
     layers.append(dense.Dense.Params().Set(
         name='out', input_dim=dims[-1], output_dim=p.output_dim,
         activation='none'))

@@ -12,7 +12,7 @@ Both layers accept inputs of any rank >= 2: [N, C], [N, T, C], [N, H, W, C].
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
@@ -168,6 +168,17 @@ class BatchNorm(base_layer.BaseLayer):
     for var, value in ((self.vars.moving_mean, mean),
                        (self.vars.moving_variance, variance)):
       var.assign_sub((var - tf.cast(value, var.dtype)) * rate)
+
+  def CrossReplicaStats(self, stats_list: Sequence[NestedMap],
+                        cross_replica_sum: Callable[[Any], Any]
+                        ) -> list[NestedMap]:
+    """The moments of all replicas' examples: exact, in two all-reduces."""
+    mean, variance = MergeMoments(stats_list)
+    count = tf.add_n([tf.cast(s.count, mean.dtype) for s in stats_list])
+    total, weighted = cross_replica_sum([count, count * mean])
+    global_mean = weighted / total
+    spread = cross_replica_sum(count * (variance + tf.square(mean - global_mean)))
+    return [NestedMap(mean=global_mean, variance=spread / total, count=total)]
 
   @classmethod
   def FPropMeta(cls, p, input_shape):
