@@ -6,6 +6,16 @@ CPU (so `get_memory_info` reports peaks) before TensorFlow loads, and a
 a device of that size. Prints one JSON line; exits non-zero if the step does
 not fit. Tests and bench/ scripts run it as a subprocess.
 
+With --worker_hosts, cell k runs on TensorFlow worker k
+(lingvo_gpipe.tools.worker, each capped by its own environment) and this
+process is only the client: the variables, every cell's forward and
+backward, the loss (on the last cell's worker) and each gradient's reduction
+(on its variable's worker) stay on the workers. The client creates the input
+batch, runs the tape's first backward ops (the loss's gradient with respect
+to the last cell's output, sent to that worker) and receives two scalars. The
+peaks reported are then this client's; a worker's allocator is not readable
+from here.
+
   python -m lingvo_gpipe.tools.step_memory --stack=dense --num_layers=24 \
       --dim=512 --batch=4096 --num_micro_batches=8 --recompute=always
 """
@@ -24,6 +34,7 @@ from absl import flags
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
@@ -51,8 +62,13 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'amoebanet: image side '
                                    '(the small-image stem).')
 _PLAIN = flags.DEFINE_bool('plain', False, 'Run the layers in sequence under '
                            'one tape, without PipeliningLayer.')
-_NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 1, 'K cells; more '
-                                       'than 1 splits the CPU into K devices.')
+_NUM_PARTITIONS = flags.DEFINE_integer(
+    'num_partitions', None, 'K cells (default: one per --worker_hosts entry, '
+    'else 1); without workers, more than 1 splits the CPU into K devices.')
+_WORKER_HOSTS = flags.DEFINE_string(
+    'worker_hosts', None, 'Comma-separated host:port of TensorFlow workers '
+    '(lingvo_gpipe.tools.worker); cell k runs on worker k (round robin if '
+    'fewer), and this process only feeds the input and reads the results.')
 _NUM_MICRO_BATCHES = flags.DEFINE_integer('num_micro_batches', 1, 'M.')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(pipeline.RECOMPUTE_MODES),
@@ -106,13 +122,22 @@ def _Stack():
           'amoebanet': _AmoebaNetStack}[_STACK.value]()
 
 
+def _Devices() -> tuple[int, list[str]]:
+  """(K, the cells' devices): workers, logical CPU devices, or CPU:0.
+
+  Connects to the workers, so it must run before any tensor is created.
+  """
+  if _WORKER_HOSTS.value:
+    workers = cluster.ConnectToWorkers(cluster.ParseHosts(_WORKER_HOSTS.value))
+    k = _NUM_PARTITIONS.value or len(workers)
+    return k, [workers[i % len(workers)] for i in range(k)]
+  k = _NUM_PARTITIONS.value or 1
+  return k, placement.SplitCpu(k) if k > 1 else ['/device:CPU:0']
+
+
 def Measure() -> dict:
   """Builds the stack, runs warm-up plus measured steps, returns the figures."""
-  k = _NUM_PARTITIONS.value
-  if k > 1:
-    devices = placement.SplitCpu(k)
-  else:
-    devices = ['/device:CPU:0']
+  k, devices = _Devices()
   layers, x, loss_fn = _Stack()
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=k,
@@ -121,6 +146,8 @@ def Measure() -> dict:
   model = p.Instantiate()
   variables = model.trainable_variables
 
+  # Device scopes keep the loss and the gradient sums where their inputs are:
+  # with workers, unplaced ops would run in (and copy tensors to) this client.
   @tf.function
   def Step(x):
     with base_layer.Context(training=True):
@@ -128,12 +155,18 @@ def Measure() -> dict:
         if _PLAIN.value:
           y = x
           for k_, cell in enumerate(model.cells):
-            y = cell.FProp(model.theta[f'cell_{k_}'], y)
+            with tf.device(model.placement.Device(k_)):
+              y = cell.FProp(model.theta[f'cell_{k_}'], y)
         else:
           y = model.FPropDefaultTheta(x)
-        loss = loss_fn(y)
+        with tf.device(model.placement.Device(len(model.cells) - 1)):
+          loss = loss_fn(y)
       grads = tape.gradient(loss, variables)
-    return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+    sums = []
+    for v, g in zip(variables, grads):
+      with tf.device(v.device):
+        sums.append(tf.reduce_sum(g))
+    return loss, tf.add_n(sums)
 
   tf.nest.map_structure(lambda t: t.numpy(), Step(x))
   peaks, times = [], []
@@ -149,6 +182,7 @@ def Measure() -> dict:
               step_seconds=min(times),
               num_params=pipelining_layer.PipeliningLayer.NumParams(p),
               plain=_PLAIN.value, num_partitions=k,
+              num_workers=len(set(devices)) if _WORKER_HOSTS.value else 0,
               num_micro_batches=_NUM_MICRO_BATCHES.value,
               recompute=_RECOMPUTE.value)
 

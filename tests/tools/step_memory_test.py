@@ -1,0 +1,37 @@
+"""step_memory --worker_hosts: the cells run on the workers, the client holds only the input.
+
+bench/memory.py's Pipeline-K columns cap each worker and not the client, so
+they are right only if no weight, activation or gradient stays in the client.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lingvo_gpipe.core import cluster
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.heavy  # about 20 s: three TensorFlow processes start
+def test_cells_on_two_workers_leave_the_client_only_the_input():
+  hosts, workers = cluster.StartLocalWorkers(2)
+  try:
+    # 4 Dense(1024): 16 MiB of weights, 16 MiB of gradients; the input is
+    # 64 x 1024 floats, 0.25 MiB (sending it costs the client a few copies).
+    out = subprocess.run(
+        [sys.executable, '-m', 'lingvo_gpipe.tools.step_memory',
+         '--stack=dense', '--num_layers=4', '--dim=1024', '--batch=64',
+         '--num_micro_batches=2', f'--worker_hosts={",".join(hosts)}'],
+        cwd=_REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+                            PYTHONPATH=_REPO),
+        capture_output=True, text=True, timeout=120, check=False)
+  finally:
+    cluster.StopAll(workers)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['num_partitions'] == 2 and result['num_workers'] == 2
+  assert result['peak_total_bytes'] < 4 * 2**20, result
