@@ -3,10 +3,9 @@ r"""GPipe Table 1 on this machine: the largest model under a memory cap.
 --model=transformer (default) searches the most Transformer-L layers;
 --model=amoebanet the most AmoebaNet-D filters D at a fixed number of cells.
 
-
 Each probe is one training step of a Transformer-L shaped language model
 (d_ff = 4 d_model, causal self-attention, untied softmax over a small
-vocabulary) run by `lingvo_gpipe.tools.step_memory` in a process of its own,
+vocabulary) run by `lingvo_gpipe.tools.step_memory` in fresh processes,
 with TF_CPU_BFC_MEM_LIMIT_IN_MB making the CPU a device of that size: an out
 of memory (an error or a crash) must not poison the next probe. The layer
 count is searched by doubling, then bisection, for:
@@ -15,7 +14,19 @@ count is searched by doubling, then bisection, for:
 The cap is calibrated as the paper's setting implies: 5% above the smallest
 cap under which the plain model fits 3 layers.
 
+--num_workers=1,2,4 gives Table 1's Pipeline-K columns instead: for each K,
+the same GPipe step with its K cells on K fresh TensorFlow worker processes
+(`cluster.StartLocalWorkers`, not pinned), each capped at the same cap, fed
+by an uncapped client that holds no variables (the input batch and the
+loss's first gradient; step_memory says what). Any failure of the
+client or of a worker counts as not fitting, and the workers are stopped
+after every probe. The goal (issue 7) is near-linear growth: at least
+0.9 K times the layers at K=1. It writes its own section of the results
+file, and the one-device table keeps that section when it is rewritten.
+
   python -m bench.memory --write_results
+  python -m bench.memory --num_workers=1,2,4 --num_micro_batches=8 \
+      --cap_mb=351 --write_results
   python -m bench.memory --model=amoebanet --calibration_size=4 \
       --num_micro_batches=4 --write_results
 """
@@ -24,12 +35,15 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional
+import tempfile
+import time
+from typing import NamedTuple, Optional, Sequence
 
 from absl import app
 from absl import flags
 
 from bench import common
+from lingvo_gpipe.core import cluster
 
 _MODEL = flags.DEFINE_enum('model', 'transformer', ['transformer', 'amoebanet'],
                            'transformer: search the most layers (Table 1); '
@@ -55,8 +69,27 @@ _CALIBRATION_SIZE = flags.DEFINE_integer(
 _MAX_SIZE = flags.DEFINE_integer('max_size', 256, 'Search limit (layers or '
                                  'filter steps).')
 _TIMEOUT = flags.DEFINE_integer('probe_timeout', 1800, 'Seconds per probe.')
+_NUM_WORKERS = flags.DEFINE_list(
+    'num_workers', [], "Table 1's Pipeline-K columns instead of the one-device "
+    'table: for each K listed (e.g. 1,2,4), GPipe with its K cells on K '
+    'worker processes, each capped at the cap.')
 _WRITE = flags.DEFINE_bool('write_results', False,
-                           'Write bench/results/memory.md.')
+                           'Write bench/results/memory.md (with --num_workers, '
+                           'its Pipeline-K section).')
+
+_PIPELINE_K_HEADING = '## Pipeline-K: K worker processes, each capped'
+_PIPELINE_K_NOTES = (
+    'Goal (issue 7): near-linear growth, at least 0.9 K times the K=1 '
+    'layers. K=1 is one capped worker fed by a client; the one-device table '
+    'above runs the same step inside one capped process. client peak MB: the '
+    "client's allocator peak during the measured step. A worker's allocator "
+    'peak is not readable from the client and is not measured; worker RSS '
+    'growth MB is what the OS saw instead, per worker: its resident-set '
+    'high-water mark (VmHWM) at the end of the probe minus its resident set '
+    'when it started listening. It includes the traced graphs, gRPC buffers '
+    'and runtime as well as the capped allocator, so it bounds the latter '
+    'from above, roughly. The last column is the smallest layer count that '
+    'did not fit and why.')
 
 
 def _ModelFlags(size: int) -> list[str]:
@@ -70,56 +103,138 @@ def _ModelFlags(size: int) -> list[str]:
           f'--image_size={_IMAGE_SIZE.value}']
 
 
-def _Probe(size: int, cap_mb: Optional[int], *extra: str) -> Optional[dict]:
-  """One step in a fresh process; its JSON result, or None if it did not fit."""
-  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
-             TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=common.REPO)
-  if cap_mb:
-    env['TF_CPU_BFC_MEM_LIMIT_IN_MB'] = str(cap_mb)
+class _Outcome(NamedTuple):
+  """A probe's result (None if it did not fit) and, if not, why not."""
+  result: Optional[dict]
+  why_not: str = ''
+
+
+def _StepCommand(size: int, extra: Sequence[str],
+                 hosts: Sequence[str] = ()) -> list[str]:
   cmd = [sys.executable, '-m', 'lingvo_gpipe.tools.step_memory',
          *_ModelFlags(size), *extra]
+  return cmd + [f'--worker_hosts={",".join(hosts)}'] if hosts else cmd
+
+
+def _Status(pid: int, field: str) -> Optional[int]:
+  """A /proc/<pid>/status field in kB (VmRSS, VmHWM), or None if unreadable."""
   try:
-    out = subprocess.run(cmd, env=env, cwd=common.REPO, capture_output=True,
-                         text=True, timeout=_TIMEOUT.value)
-  except subprocess.TimeoutExpired:
-    # Counted as not fitting, but said: a slow probe is not a measurement.
-    print(f'  size={size:4d} cap={cap_mb} {" ".join(extra)}: timed out after '
-          f'{_TIMEOUT.value} s (counted as not fitting; raise '
-          '--probe_timeout)', flush=True)
-    return None
-  # step_memory exits 3 on ResourceExhaustedError; an OOM can also end in a
-  # crash (a signal). Anything else is a bug, not a measurement.
-  if out.returncode not in (0, 3) and out.returncode > 0:
-    raise RuntimeError(f'Probe failed (exit {out.returncode}): {cmd}\n'
-                       f'{out.stderr[-2000:]}')
-  fits = out.returncode == 0
-  print(f'  size={size:4d} cap={cap_mb} {" ".join(extra)}: '
-        f'{"fits" if fits else f"does not fit (exit {out.returncode})"}',
-        flush=True)
-  return json.loads(out.stdout.strip().splitlines()[-1]) if fits else None
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
 
 
-def _LargestFitting(cap_mb: int, *extra: str) -> tuple[int, Optional[dict]]:
-  """Largest size that fits under the cap: doubling, then bisection."""
-  best, best_result, low, high = 0, None, 0, None
-  size = 1
+def _RunClient(cmd: list[str], env: dict, workers: Sequence[subprocess.Popen]
+               ) -> tuple[Optional[int], str, str, str]:
+  """(exit code, stdout, stderr, why it was stopped) of the step's process.
+
+  Stops it at the timeout, or as soon as a worker dies: a client waiting on
+  a crashed worker may otherwise wait until the timeout. The exit code is
+  None if it was stopped.
+  """
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+    client = subprocess.Popen(cmd, env=env, cwd=common.REPO, stdout=out,
+                              stderr=err, text=True)
+    deadline, stopped = time.time() + _TIMEOUT.value, ''
+    try:
+      while client.poll() is None and not stopped:
+        if time.time() > deadline:
+          # Counted as not fitting, but said: a slow probe is no measurement.
+          stopped = (f'timed out after {_TIMEOUT.value} s (raise '
+                     '--probe_timeout)')
+        elif any(w.poll() is not None for w in workers):
+          stopped = 'stopped after a worker died'
+        else:
+          time.sleep(1.0)
+    finally:
+      cluster.StopAll([client])
+    out.seek(0)
+    err.seek(0)
+    return (None if stopped else client.returncode, out.read(), err.read(),
+            stopped)
+
+
+def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
+           num_workers: int = 0) -> _Outcome:
+  """One step in fresh processes: its JSON result, or why it did not fit.
+
+  num_workers=0 runs the step in one process capped at cap_mb. Otherwise
+  the step's K cells run on num_workers fresh worker processes, each capped
+  at cap_mb, fed by an uncapped client, and any failure of the client or of
+  a worker counts as not fitting (shared/TF_FACTS.md, fact 10: out of
+  memory can crash a process); the workers are stopped whatever happens.
+  """
+  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
+             TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=common.REPO)
+  env.pop('TF_CPU_BFC_MEM_LIMIT_IN_MB', None)
+  if cap_mb and not num_workers:
+    env['TF_CPU_BFC_MEM_LIMIT_IN_MB'] = str(cap_mb)
+  hosts, workers = [], []
+  try:
+    if num_workers:
+      hosts, workers = cluster.StartLocalWorkers(num_workers,
+                                                 mem_limit_mb=cap_mb)
+    start_rss = [_Status(w.pid, 'VmRSS') for w in workers]
+    code, stdout, stderr, stopped = _RunClient(
+        _StepCommand(size, extra, hosts), env, workers)
+    peak_rss = [_Status(w.pid, 'VmHWM') for w in workers]
+    reasons = [f'worker {k} exited with {w.poll()}'
+               for k, w in enumerate(workers) if w.poll() is not None]
+  finally:
+    cluster.StopAll(workers)
+  if stopped:
+    reasons.append(stopped)
+  elif code == 3:  # step_memory's exit on ResourceExhaustedError
+    reasons.append('out of memory')
+  elif code < 0:  # out of memory can also end in a crash
+    reasons.append(f'client crashed (signal {-code})')
+  elif code and not num_workers:
+    raise RuntimeError(f'Probe failed (exit {code}), not for memory: '
+                       f'{_StepCommand(size, extra)}\n{stderr[-2000:]}')
+  elif code:
+    lines = stderr.strip().splitlines() or ['no stderr']
+    reasons.append(f'client exited with {code}: {lines[-1][:160]}')
+  print(f'  size={size:4d} cap={cap_mb} workers={num_workers} '
+        f'{" ".join(extra)}: {"; ".join(reasons) or "fits"}', flush=True)
+  if reasons:
+    return _Outcome(None, '; '.join(reasons))
+  result = json.loads(stdout.strip().splitlines()[-1])
+  result['worker_rss_growth_mb'] = [
+      round((peak - start) / 1024) if peak and start else None
+      for peak, start in zip(peak_rss, start_rss)]
+  return _Outcome(result)
+
+
+def _LargestFitting(cap_mb: int, extra: Sequence[str] = (),
+                    num_workers: int = 0, start: int = 1
+                    ) -> tuple[int, Optional[dict], str]:
+  """Largest size that fits under the cap: doubling from start, then bisection.
+
+  Returns (size, its result, why the smallest size that failed did not fit).
+  """
+  best, best_result, low, high, why_not = 0, None, 0, None, ''
+  size = start
   while size <= _MAX_SIZE.value:
-    result = _Probe(size, cap_mb, *extra)
-    if result is None:
-      high = size
+    outcome = _Probe(size, cap_mb, extra, num_workers)
+    if outcome.result is None:
+      high, why_not = size, f'{size}: {outcome.why_not}'
       break
-    best, best_result, low = size, result, size
+    best, best_result, low = size, outcome.result, size
     size *= 2
   if high is None:
-    return best, best_result
+    return best, best_result, why_not
   while high - low > 1:
     mid = (low + high) // 2
-    result = _Probe(mid, cap_mb, *extra)
-    if result is None:
-      high = mid
+    outcome = _Probe(mid, cap_mb, extra, num_workers)
+    if outcome.result is None:
+      high, why_not = mid, f'{mid}: {outcome.why_not}'
     else:
-      best, best_result, low = mid, result, mid
-  return best, best_result
+      best, best_result, low = mid, outcome.result, mid
+  return best, best_result, why_not
 
 
 def _Calibrate() -> int:
@@ -131,37 +246,74 @@ def _Calibrate() -> int:
   cap keeps a 5% margin over the smallest one that fitted once.
   """
   size = _CALIBRATION_SIZE.value
-  base = _Probe(size, None, '--plain')
+  base = _Probe(size, None, ['--plain']).result
   if base is None:
     raise RuntimeError(f'The plain model at size {size} fails without a cap.')
   low = int(base['peak_total_bytes'] / 2**20)  # below this it cannot fit
   high = 2 * low
-  while _Probe(size, high, '--plain') is None:
+  while _Probe(size, high, ['--plain']).result is None:
     low, high = high, 2 * high
   while high - low > 4:
     mid = (low + high) // 2
-    if _Probe(size, mid, '--plain') is None:
+    if _Probe(size, mid, ['--plain']).result is None:
       low = mid
     else:
       high = mid
   return int(high * 1.05)
 
 
-def main(argv):
-  del argv
-  facts = common.MachineFacts()
-  cap = _CAP_MB.value or _Calibrate()
-  print(f'cap: {cap} MB', flush=True)
+def _GPipeFlags(m: str) -> list[str]:
+  return [f'--num_micro_batches={m}', '--recompute=always']
+
+
+def _Unit() -> tuple[str, int]:
+  """(what the size counts, model units per size step)."""
+  if _MODEL.value == 'transformer':
+    return 'layers', 1
+  return 'filters D', _FILTER_STEP.value
+
+
+def _Config(cap: int) -> dict:
+  """The model's configuration and the cap, for the results file."""
+  if _MODEL.value == 'transformer':
+    config = dict(d_model=_DIM.value, d_ff=4 * _DIM.value,
+                  num_heads=_HEADS.value, seq_len=_SEQ_LEN.value,
+                  batch=_BATCH.value, vocab=_VOCAB.value)
+  else:
+    config = dict(genotype='D', num_cells=_NUM_CELLS.value,
+                  image_size=_IMAGE_SIZE.value, batch=_BATCH.value,
+                  filter_step=_FILTER_STEP.value)
+  config['cap_mb'] = cap if _CAP_MB.value else (
+      f'{cap} (calibrated: 5% above the smallest cap, to 4 MB, that fitted '
+      f'the plain model at size {_CALIBRATION_SIZE.value} once)')
+  return config
+
+
+def _ResultsPath() -> str:
+  name = 'memory.md' if _MODEL.value == 'transformer' else 'memory_amoebanet.md'
+  return os.path.join(common.RESULTS_DIR, name)
+
+
+def _SplitPipelineK(path: str) -> tuple[str, str]:
+  """(a results file without its Pipeline-K section, that section or '')."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return '', ''
+  at = text.find('\n' + _PIPELINE_K_HEADING)
+  return (text, '') if at < 0 else (text[:at + 1], text[at + 1:])
+
+
+def OneDevice(cap: int, facts: dict) -> None:
+  """The one-device table: without GPipe, and GPipe K=1 at each M."""
   rows = []
-  plain_size, plain = _LargestFitting(cap, '--plain')
+  plain_size, plain, _ = _LargestFitting(cap, ['--plain'])
   rows.append(('without GPipe', '-', plain_size, plain))
   for m in _MICRO_BATCHES.value:
-    size, result = _LargestFitting(cap, f'--num_micro_batches={m}',
-                                   '--recompute=always')
+    size, result, _ = _LargestFitting(cap, _GPipeFlags(m))
     rows.append(('GPipe K=1, recompute', m, size, result))
-  transformer = _MODEL.value == 'transformer'
-  unit = 'layers' if transformer else 'filters D'
-  scale = 1 if transformer else _FILTER_STEP.value
+  unit, scale = _Unit()
   table = common.MarkdownTable(
       ['config', 'M', f'max {unit}', 'ratio', 'params', 'peak MB (total)',
        'step s'],
@@ -171,31 +323,109 @@ def main(argv):
         f'{r["step_seconds"]:.1f}' if r else '-')
        for name, m, size, r in rows])
   print(table)
-  if transformer:
-    config = dict(d_model=_DIM.value, d_ff=4 * _DIM.value,
-                  num_heads=_HEADS.value, seq_len=_SEQ_LEN.value,
-                  batch=_BATCH.value, vocab=_VOCAB.value)
+  if _MODEL.value == 'transformer':
     title = 'Largest Transformer-L under a memory cap (GPipe Table 1)'
     paper = ('Paper (Table 1, 8 GB accelerator): 3 layers without GPipe, 13 '
              'with GPipe on one accelerator (4.3x); our goal >= 5x.')
   else:
-    config = dict(genotype='D', num_cells=_NUM_CELLS.value,
-                  image_size=_IMAGE_SIZE.value, batch=_BATCH.value,
-                  filter_step=_FILTER_STEP.value)
     title = 'Widest AmoebaNet-D under a memory cap (GPipe Table 1)'
     paper = ('Paper (Table 1, 8 GB accelerator): AmoebaNet-D (18, 208), 82M '
              'parameters, without GPipe; (18, 416), 318M, with GPipe on one '
              'accelerator.')
-  config['cap_mb'] = cap if _CAP_MB.value else (
-      f'{cap} (calibrated: 5% above the smallest cap, to 4 MB, that fitted '
-      f'the plain model at size {_CALIBRATION_SIZE.value} once)')
   if _WRITE.value:
-    name = 'memory.md' if transformer else 'memory_amoebanet.md'
-    path = common.WriteResults(
-        name, title, 'python -m bench.memory --write_results ' +
-        ('' if transformer else '--model=amoebanet'), facts, config,
+    path = _ResultsPath()
+    _, pipeline_k = _SplitPipelineK(path)  # another run's: keep it
+    common.WriteResults(
+        os.path.basename(path), title, 'python -m bench.memory '
+        '--write_results' + ('' if _MODEL.value == 'transformer' else
+                             ' --model=amoebanet'), facts, _Config(cap),
         table + '\n\n' + paper)
+    if pipeline_k:
+      with open(path, 'a') as f:
+        f.write('\n' + pipeline_k)
     print(f'wrote {path}')
+
+
+def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
+  """Replaces (or appends) the Pipeline-K section of the results file."""
+  workers = ','.join(_NUM_WORKERS.value)
+  command = ('python -m bench.memory' +
+             ('' if _MODEL.value == 'transformer' else ' --model=amoebanet') +
+             f' --num_workers={workers} --num_micro_batches='
+             f'{",".join(_MICRO_BATCHES.value)}' +
+             (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
+             ' --write_results')
+  config = _Config(cap)
+  config.update({
+      'cap applies to': 'each worker process (TF_CPU_BFC_MEM_LIMIT_IN_MB); '
+                        'the client is not capped',
+      'pipeline': 'PipeliningLayer, K cells on K workers (cell k on worker '
+                  'k), recompute always, partition_method params (the '
+                  'default)',
+      'workers': 'lingvo_gpipe.tools.worker via cluster.StartLocalWorkers, '
+                 'fresh for every probe, not pinned (all share the cores), '
+                 'oneDNN off (worker.py does so under a cap)',
+      'client': 'lingvo_gpipe.tools.step_memory --worker_hosts: creates the '
+                'input batch, traces the step, runs the first backward ops '
+                "(the loss's gradient with respect to the last cell's output, "
+                'one value per token or example) and reads back two scalars; '
+                'no variables, activations or weight gradients',
+  })
+  body = table + '\n\n' + _PIPELINE_K_NOTES
+  path = _ResultsPath()
+  with tempfile.TemporaryDirectory() as tmp:
+    # common.WriteResults formats a whole file; one level down it is a
+    # section (an absolute file name puts it outside bench/results).
+    section = common.WriteResults(
+        os.path.join(tmp, 'section.md'), _PIPELINE_K_HEADING[3:], command,
+        facts, config, body)
+    with open(section) as f:
+      section = ''.join('#' + line if line.startswith('#') else line
+                        for line in f)
+  head, _ = _SplitPipelineK(path)
+  with open(path, 'w') as f:
+    f.write((head.rstrip('\n') + '\n\n' if head else '') + section)
+  return path
+
+
+def PipelineK(cap: int, facts: dict) -> None:
+  """Table 1's Pipeline-K columns: K cells on K workers, each capped."""
+  unit, scale = _Unit()
+  rows, at_k1 = [], {}
+  for m in _MICRO_BATCHES.value:
+    for k in (int(k) for k in _NUM_WORKERS.value):
+      # start=k: each of the K cells needs at least one layer.
+      size, r, why_not = _LargestFitting(cap, _GPipeFlags(m), num_workers=k,
+                                         start=k)
+      if k == 1:
+        at_k1[m] = size
+      ratio = size / at_k1[m] if at_k1.get(m) else None
+      rows.append((
+          k, m, size * scale, f'{ratio:.2f}x' if ratio is not None else '-',
+          ('yes' if ratio >= 0.9 * k else 'no') if ratio is not None else '-',
+          f'{r["num_params"] / 1e6:.1f}M' if r else '-',
+          f'{r["step_seconds"]:.1f}' if r else '-',
+          f'{r["peak_total_bytes"] / 2**20:.1f}' if r else '-',
+          ', '.join(str(g) for g in r['worker_rss_growth_mb']) if r else '-',
+          why_not or f'none up to {_MAX_SIZE.value}'))
+      table = common.MarkdownTable(
+          ['K (workers)', 'M', f'max {unit}', 'ratio to K=1',
+           'goal >= 0.9 K', 'params', 'step s', 'client peak MB',
+           'worker RSS growth MB', 'smallest failing size: why'], rows)
+      print(table, flush=True)
+      if _WRITE.value:  # after every K, so a run cut short keeps its rows
+        print(f'wrote {_WritePipelineK(cap, facts, table)}', flush=True)
+
+
+def main(argv):
+  del argv
+  facts = common.MachineFacts()
+  cap = _CAP_MB.value or _Calibrate()
+  print(f'cap: {cap} MB', flush=True)
+  if _NUM_WORKERS.value:
+    PipelineK(cap, facts)
+  else:
+    OneDevice(cap, facts)
 
 
 if __name__ == '__main__':
