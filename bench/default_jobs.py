@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -24,6 +22,7 @@ from absl import app
 from absl import flags
 
 from bench import common
+from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import summary
 
 JOBS = (
@@ -38,11 +37,9 @@ _WRITE = flags.DEFINE_bool('write_results', False,
 def RunJob(model: str, logdir: str) -> tuple[float, float, str]:
   """(wall seconds, first step seconds, stderr) of one train_and_eval run."""
   start = time.time()
-  result = subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.trainer', f'--model={model}',
-       f'--logdir={logdir}', '--mode=train_and_eval'], cwd=common.REPO,
-      env=dict(os.environ, PYTHONPATH=common.REPO), capture_output=True,
-      text=True, check=False)
+  result = binaries.Run(binaries.TRAINER, f'--model={model}',
+                        f'--logdir={logdir}', '--mode=train_and_eval',
+                        timeout=None)
   wall = time.time() - start
   if result.returncode != 0:
     raise RuntimeError(f'{model} failed ({result.returncode}): '

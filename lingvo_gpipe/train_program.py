@@ -68,6 +68,7 @@ class TrainProgram:
     lr_schedule.Validate(p.lr_schedule)
     self.input = params.input.Instantiate()
     self.batch_size = params.input.batch_size
+    task.CheckBatchSize(self.batch_size)
     self._iterator = iter(self.input.Dataset(params.input.train_split,
                                              training=True))
     self._variables = [list(t.trainable_variables) for t in task.tasks]

@@ -12,6 +12,12 @@ DIR/checkpoints and evaluate each new checkpoint once), `train_and_eval`
 (train, and evaluate every checkpoint as it is written). A rerun with the
 same --logdir resumes from its latest checkpoint.
 
+Layouts: the K cells on local devices (default), on TensorFlow workers
+(--worker_hosts), and R data-parallel replicas of the pipeline in this process
+(--num_replicas), one per process (--replica_hosts, --replica_index) or on
+TPU cores (--tpu); lingvo_gpipe.tools.local_cluster starts local workers or
+replica processes.
+
 What lands in DIR: params.txt (the resolved Params; --params_file takes it
 back), checkpoints/, train/ and eval_<split>/ event files for TensorBoard.
 
@@ -22,6 +28,7 @@ unwritable logdir, a checkpoint of another model); 2 data set not found;
 
 import os
 import sys
+from typing import Optional
 
 # Before TensorFlow starts: the CPU allocator keeps peak-memory statistics
 # only when it is the BFC allocator; the summaries report them.
@@ -47,6 +54,7 @@ from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core.gpipe import placement
 
 ExitStatus = run_errors.ExitStatus
@@ -55,6 +63,7 @@ UsageError = run_errors.UsageError
 MODES = ('train', 'eval', 'train_and_eval')
 DEVICES = ('auto', 'cpu', 'gpu')
 PARAMS_FILE = 'params.txt'
+TPU_CONNECT_TIMEOUT_SECS = 60.0
 
 
 _MODEL = flags.DEFINE_string(
@@ -88,6 +97,24 @@ _WORKER_HOSTS = flags.DEFINE_string(
     'worker_hosts', None, 'Comma-separated host:port of TensorFlow workers '
     '(lingvo_gpipe.tools.worker); cell k runs on worker k, and K defaults to '
     'their number. lingvo_gpipe.tools.local_cluster starts local ones.')
+_NUM_REPLICAS = flags.DEFINE_integer(
+    'num_replicas', 1, 'R, data-parallel replicas of the K-cell pipeline in '
+    'this process (MirroredStrategy): replica r runs on devices r*K..r*K+K-1 '
+    '(GPUs, logical CPUs or --worker_hosts workers). input.batch_size is the '
+    'whole mini-batch, cut into R equal shards. With --tpu: replicas on the '
+    'TPU (default: all cores / K).')
+_REPLICA_HOSTS = flags.DEFINE_string(
+    'replica_hosts', None, 'Comma-separated host:port of every process of a '
+    'multi-process data-parallel job (MultiWorkerMirroredStrategy): each '
+    'process is one replica, its K cells on its own devices. Run the same '
+    'command in every process with its own --replica_index; process 0 is the '
+    'chief (checkpoints, summaries, evaluation).')
+_REPLICA_INDEX = flags.DEFINE_integer(
+    'replica_index', 0, "With --replica_hosts: this process's index.")
+_TPU = flags.DEFINE_string(
+    'tpu', None, 'TPU name or grpc:// address (TPUClusterResolver): cells on '
+    'K logical cores per replica of a TPUStrategy. Needs a TPU host; not '
+    'exercised in this repository\'s tests.')
 _EVAL_SPLIT = flags.DEFINE_string('eval_split', None,
                                   'Split to evaluate; default input.eval_split.')
 _EVAL_TIMEOUT = flags.DEFINE_float(
@@ -111,7 +138,8 @@ def ResolveParams() -> hyperparams.Params:
                      'AmoebaNetTiny (--list_models lists them all).')
   num_partitions = _NUM_PARTITIONS.value
   if num_partitions is None and WorkerHosts():
-    num_partitions = len(WorkerHosts())  # one pipeline stage per worker
+    # One pipeline stage per worker, R replicas of K stages.
+    num_partitions = max(1, len(WorkerHosts()) // _NUM_REPLICAS.value)
   return experiment.Resolve(experiment.Settings(
       model=_MODEL.value, params_file=_PARAMS_FILE.value,
       params_override=_OVERRIDE.value, max_steps=_MAX_STEPS.value,
@@ -119,37 +147,106 @@ def ResolveParams() -> hyperparams.Params:
       num_micro_batches=_NUM_MICRO_BATCHES.value, data_dir=_DATA_DIR.value))
 
 
-def PlaceCells(params: hyperparams.Params) -> list[str]:
-  """Chooses cell k's device: worker k, GPU k, or logical CPU device k.
-
-  With --worker_hosts the devices are the workers' (round robin if there
-  are fewer workers than cells); nothing connects to them yet.
-  """
+def CheckLayout() -> None:
+  """Refuses flag combinations that describe no single layout of the job."""
   if _DEVICE.value not in DEVICES:
     raise UsageError(f'--device={_DEVICE.value!r}; valid: {", ".join(DEVICES)}.')
+  if _NUM_REPLICAS.value < 1:
+    raise UsageError(f'--num_replicas must be >= 1, got {_NUM_REPLICAS.value}.')
+  chosen = [name for name, value in (('--worker_hosts', _WORKER_HOSTS.value),
+                                     ('--replica_hosts', _REPLICA_HOSTS.value),
+                                     ('--tpu', _TPU.value)) if value]
+  if len(chosen) > 1:
+    raise UsageError(f'{" and ".join(chosen)} cannot be combined: stages on '
+                     'workers, replicas in processes and TPU cores are three '
+                     'separate layouts.')
+  if _REPLICA_HOSTS.value and _NUM_REPLICAS.value != 1:
+    raise UsageError('--num_replicas: with --replica_hosts every process is '
+                     'one replica (R = the number of hosts).')
+
+
+def PlaceCells(params: hyperparams.Params) -> list[list[str]]:
+  """Chooses each replica's cell devices: R groups of K (workers, GPUs or CPUs).
+
+  Replica r's cell k runs on device r*K + k of the chosen kind; with fewer
+  devices than R*K they are used round robin. Under --replica_hosts the
+  devices are this process's own. Sets replica 0's devices on `params`.
+  """
   k = experiment.NumPartitions(params)
+  num_replicas = _NUM_REPLICAS.value
+  total = k * num_replicas
   hosts = WorkerHosts()
-  if hosts:
-    workers = cluster.WorkerDevices(
-        len(hosts), 'GPU' if _DEVICE.value == 'gpu' else 'CPU')
-    devices = [workers[i % len(workers)] for i in range(k)]
-    experiment.SetDevices(params, devices)
-    return devices
   gpus = tf.config.list_physical_devices('GPU')
-  if _DEVICE.value == 'gpu' or (_DEVICE.value == 'auto' and len(gpus) >= k):
-    if len(gpus) < k:
-      raise UsageError(f'--device=gpu: the pipeline has {k} cells but this '
-                       f'machine has {len(gpus)} GPUs. Use --num_partitions='
-                       f'{max(1, len(gpus))} or --device=cpu.')
-    devices = placement.LocalDevices('GPU')[:k]
+  if hosts:
+    devices = cluster.WorkerDevices(
+        len(hosts), 'GPU' if _DEVICE.value == 'gpu' else 'CPU')
+  elif _DEVICE.value == 'gpu' or (_DEVICE.value == 'auto' and
+                                  len(gpus) >= total):
+    if len(gpus) < total:
+      raise UsageError(f'--device=gpu: {num_replicas} replica(s) of {k} cells '
+                       f'need {total} GPUs but this machine has {len(gpus)} GPUs. '
+                       'Use fewer --num_partitions or --num_replicas, or '
+                       '--device=cpu.')
+    devices = [f'/device:GPU:{i}' for i in range(total)]
   else:
-    num_cpus = _NUM_CPU_DEVICES.value or k
+    num_cpus = _NUM_CPU_DEVICES.value or total
     if num_cpus < 1:
       raise UsageError(f'--num_cpu_devices must be >= 1, got {num_cpus}.')
-    cpus = placement.SplitCpu(num_cpus)
-    devices = [cpus[i % len(cpus)] for i in range(k)]
-  experiment.SetDevices(params, devices)
-  return devices
+    placement.ConfigureCpuDevices(num_cpus)
+    devices = [f'/device:CPU:{i}' for i in range(num_cpus)]
+  flat = [devices[i % len(devices)] for i in range(total)]
+  groups = [flat[r * k:(r + 1) * k] for r in range(num_replicas)]
+  experiment.SetDevices(params, groups[0])
+  return groups
+
+
+def MakeReplicas(params: hyperparams.Params, groups: list[list[str]],
+                 strategy: Optional[tf.distribute.Strategy]
+                 ) -> replicas_lib.Replicas:
+  """The task's replicas as the flags lay them out."""
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return replicas_lib.MultiWorker(strategy, params.task)
+  if strategy is not None:  # a TPUStrategy
+    return replicas_lib.Tpu(strategy, params.task)
+  per_replica = []
+  for group in groups:
+    replica = params.Copy()
+    experiment.SetDevices(replica, group)
+    per_replica.append(replica.task)
+  return replicas_lib.Local(per_replica, [group[0] for group in groups])
+
+
+def MakeStrategy(params: hyperparams.Params
+                 ) -> Optional[tf.distribute.Strategy]:
+  """The multi-process or TPU strategy the flags ask for; None for local replicas.
+
+  Must run before TensorFlow runs any op.
+  """
+  if _REPLICA_HOSTS.value:
+    hosts = cluster.ParseHosts(_REPLICA_HOSTS.value)
+    if not 0 <= _REPLICA_INDEX.value < len(hosts):
+      raise UsageError(f'--replica_index={_REPLICA_INDEX.value} is out of '
+                       f'range for {len(hosts)} --replica_hosts (0..'
+                       f'{len(hosts) - 1}).')
+    return replicas_lib.MakeMultiWorkerStrategy(hosts, _REPLICA_INDEX.value)
+  if _TPU.value:
+    replicas = None if _NUM_REPLICAS.value == 1 else _NUM_REPLICAS.value
+    if _TPU.value.startswith('grpc://'):
+      # TensorFlow waits forever for an address where nothing listens.
+      try:
+        cluster.WaitForListening([_TPU.value[len('grpc://'):]],
+                                 TPU_CONNECT_TIMEOUT_SECS)
+      except TimeoutError as e:
+        raise UsageError(f'--tpu={_TPU.value!r}: nothing listens there '
+                         f'(waited {TPU_CONNECT_TIMEOUT_SECS:.0f} s).') from e
+    try:
+      return placement.MakeTpuStrategy(
+          _TPU.value, experiment.NumPartitions(params), replicas)
+    except (ValueError, OSError, RuntimeError, tf.errors.OpError) as e:
+      # OSError: the name did not resolve (e.g. no GCE metadata server).
+      raise UsageError(f'--tpu={_TPU.value!r}: cannot connect to or lay out '
+                       f'the TPU: {e}') from e
+  return None
 
 
 def PrepareLogdir(logdir: str, params: hyperparams.Params) -> None:
@@ -183,12 +280,14 @@ def CheckData(params: hyperparams.Params, mode: str, eval_split: str) -> None:
     inputs.Dataset(eval_split, training=False)
 
 
-def Run(params: hyperparams.Params, logdir: str, mode: str) -> None:
-  """Builds the task once and runs `mode`."""
+def Run(params: hyperparams.Params, logdir: str, mode: str,
+        groups: list[list[str]],
+        strategy: Optional[tf.distribute.Strategy] = None) -> None:
+  """Builds the task (each replica's, for training) once and runs `mode`."""
   split = _EVAL_SPLIT.value or params.input.eval_split
   CheckData(params, mode, split)
-  task = params.task.Instantiate()
   if mode == 'eval':
+    task = params.task.Instantiate()
     evaluator = eval_program.EvalProgram(params, logdir, task, split)
     checkpointer = checkpoint_lib.Checkpointer(
         logdir, dict(task=task, global_step=tf.Variable(0, dtype=tf.int64)))
@@ -197,13 +296,15 @@ def Run(params: hyperparams.Params, logdir: str, mode: str) -> None:
       evaluator.Evaluate(checkpoint_lib.StepOf(path))
       evaluator.MarkEvaluated(path)
     return
-  trainer = train_program.TrainProgram(params, logdir, task)
+  replicas = MakeReplicas(params, groups, strategy)
+  trainer = train_program.TrainProgram(params, logdir, replicas)
   start = trainer.Restore()
-  logging.info('Training %s from step %d to %d in %s.', params.name, start,
-               params.train.max_steps, logdir)
+  logging.info('Training %s from step %d to %d in %s on %d replica(s).',
+               params.name, start, params.train.max_steps, logdir,
+               replicas.num_replicas)
   on_checkpoint = None
-  if mode == 'train_and_eval':
-    evaluator = eval_program.EvalProgram(params, logdir, task, split)
+  if mode == 'train_and_eval' and replicas.is_chief:
+    evaluator = eval_program.EvalProgram(params, logdir, trainer.task, split)
 
     def on_checkpoint(step, path):
       evaluator.Evaluate(step)
@@ -226,18 +327,28 @@ def main(argv):
       return
     if _MODE.value not in MODES:
       raise UsageError(f'--mode={_MODE.value!r}; valid: {", ".join(MODES)}.')
+    CheckLayout()
     params = ResolveParams()
-    PlaceCells(params)
+    groups = [] if _TPU.value else PlaceCells(params)
+    if _TPU.value:
+      template = experiment.PipelineTemplate(params)
+      if template is not None:
+        template.placement_backend = 'tpu'
     if _PRINT_PARAMS.value:
       print(params.ToText(), end='')
       return
     if not _LOGDIR.value:
       raise UsageError('--logdir is required: where checkpoints, params.txt '
                        'and summaries go.')
+    if _MODE.value == 'eval' and (_REPLICA_HOSTS.value or _TPU.value):
+      raise UsageError('--mode=eval runs in one process on its own devices; '
+                       'drop --replica_hosts / --tpu for the evaluator.')
     if WorkerHosts():
       cluster.ConnectToWorkers(WorkerHosts())
-    PrepareLogdir(_LOGDIR.value, params)
-    Run(params, _LOGDIR.value, _MODE.value)
+    strategy = MakeStrategy(params)
+    if _REPLICA_INDEX.value == 0:
+      PrepareLogdir(_LOGDIR.value, params)
+    Run(params, _LOGDIR.value, _MODE.value, groups, strategy)
   except Exception as e:  # pylint: disable=broad-except
     report = run_errors.Report(e)
     if report is None:

@@ -8,10 +8,7 @@ pipeline schedule image. The server is stopped at the end, also on failure.
 
 import contextlib
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -21,26 +18,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lingvo_gpipe.core import binaries
+from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STARTUP_SECS = 120
-
-
-def _FreePort() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def _TensorBoard(logdir):
-  port = _FreePort()
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'tensorboard.main', f'--logdir={logdir}',
-       '--host=127.0.0.1', f'--port={port}', '--reload_interval=1'],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  port = cluster.FreePorts(1)[0]
+  process = binaries.Start(
+      'tensorboard.main', f'--logdir={logdir}', '--host=127.0.0.1',
+      f'--port={port}', '--reload_interval=1', stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE)
   try:
     yield f'http://127.0.0.1:{port}', process
   finally:
@@ -80,15 +72,13 @@ def _WaitForRuns(base, process, runs):
 @pytest.fixture(scope='module')
 def logdir(tmp_path_factory):
   logdir = tmp_path_factory.mktemp('tb_run')
-  result = subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.trainer',
-       '--model=image.digits.AmoebaNetTiny', f'--logdir={logdir}',
-       '--mode=train_and_eval', '--max_steps=2', '--num_micro_batches=2',
-       '--params_override=task.network.num_filters=4; input.batch_size=8; '
-       'train.save_interval_steps=2; train.log_interval_steps=1; '
-       'train.eval_max_batches=2'],
-      cwd=_REPO, env=dict(os.environ, PYTHONPATH=_REPO), capture_output=True,
-      text=True, timeout=600, check=False)
+  result = binaries.Run(
+      binaries.TRAINER, '--model=image.digits.AmoebaNetTiny',
+      f'--logdir={logdir}', '--mode=train_and_eval', '--max_steps=2',
+      '--num_micro_batches=2',
+      '--params_override=task.network.num_filters=4; input.batch_size=8; '
+      'train.save_interval_steps=2; train.log_interval_steps=1; '
+      'train.eval_max_batches=2', timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return logdir
 

@@ -8,7 +8,6 @@ checkpoint once; every bad input gets its message and exit status.
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,29 +15,17 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.run_errors import ExitStatus
+from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import summary
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOY = 'example.toy.ToyRegression'
 _FAST = ('train.save_interval_steps=3; train.log_interval_steps=2; '
          'train.summary_interval_steps=2')
 
 
-def _Command(*flags):
-  return [sys.executable, '-m', 'lingvo_gpipe.trainer', *flags]
-
-
-def _Env(**extra):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=_REPO)
-  env.update(extra)
-  return env
-
-
 def _Run(*flags, timeout=240, **env):
-  return subprocess.run(_Command(*flags), cwd=_REPO, env=_Env(**env),
-                        capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  return binaries.Run(binaries.TRAINER, *flags, timeout=timeout, **env)
 
 
 def _Train(logdir, *flags):
@@ -119,12 +106,11 @@ def test_eval_mode_evaluates_each_checkpoint_once(trained, tmp_path):
 
 def test_a_kill_mid_run_loses_no_completed_checkpoint(tmp_path):
   logdir = tmp_path / 'killed'
-  process = subprocess.Popen(
-      _Command(f'--model={_TOY}', f'--logdir={logdir}', '--max_steps=1000000',
-               '--params_override=train.save_interval_steps=5; '
-               'train.log_interval_steps=100000; train.max_checkpoints_to_keep=3'),
-      cwd=_REPO, env=_Env(), stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL)
+  process = binaries.Start(
+      binaries.TRAINER, f'--model={_TOY}', f'--logdir={logdir}',
+      '--max_steps=1000000', '--params_override=train.save_interval_steps=5; '
+      'train.log_interval_steps=100000; train.max_checkpoints_to_keep=3',
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 180
     state_file = os.path.join(checkpoint_lib.Directory(str(logdir)), 'checkpoint')
@@ -182,6 +168,19 @@ _BAD_INPUTS = [
      ExitStatus.USAGE, ['is not writable']),
     ('no_gpus', [f'--model={_TOY}', '--logdir={tmp}', '--device=gpu'],
      ExitStatus.USAGE, ['2 cells', '0 GPUs', '--device=cpu']),
+    ('layouts_combined', [f'--model={_TOY}', '--logdir={tmp}', '--tpu=x',
+                          '--worker_hosts=127.0.0.1:1'],
+     ExitStatus.USAGE, ['--worker_hosts and --tpu cannot be combined']),
+    ('replica_index_out_of_range',
+     [f'--model={_TOY}', '--logdir={tmp}', '--replica_index=2',
+      '--replica_hosts=127.0.0.1:1,127.0.0.1:2'],
+     ExitStatus.USAGE, ['--replica_index=2 is out of range', '(0..1)']),
+    ('uneven_replicas', [f'--model={_TOY}', '--logdir={tmp}',
+                         '--num_replicas=3'],
+     ExitStatus.USAGE, ['16 examples', '3 replicas', 'input.batch_size']),
+    ('unreachable_tpu', [f'--model={_TOY}', '--logdir={tmp}',
+                         '--tpu=no-such-tpu'],
+     ExitStatus.USAGE, ["--tpu='no-such-tpu'", 'cannot connect']),
     ('non_finite_loss', [f'--model={_TOY}', '--logdir={tmp}',
                          '--params_override=train.optimizer=sgd; '
                          'train.learning_rate=1e12'],

@@ -379,10 +379,15 @@ class BaseLayer(tf.Module):
       init = wp.init or p.params_init
       seed = tf.constant([p.random_seed, StableSeed(full_name)], tf.int64)
       with tf.init_scope():
+        # Under a strategy that mirrors variables (TPUStrategy), a state
+        # update such as a moving average is assigned in every replica with
+        # the same value; only the first replica's assignment need apply.
         var = tf.Variable(
             _InitialValue(init, wp.shape, dtype, seed),
             name=full_name.replace('/', '.'),
-            trainable=wp.trainable)
+            trainable=wp.trainable,
+            aggregation=(tf.VariableAggregation.NONE if wp.trainable else
+                         tf.VariableAggregation.ONLY_FIRST_REPLICA))
     self._variables_by_name[name] = var
     setattr(self, f'_var_{name}', var)
     return var

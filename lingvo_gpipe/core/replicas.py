@@ -24,7 +24,7 @@ Three ways to lay replicas out, one step function for all of them:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -85,14 +85,18 @@ class Replicas:
     if self.num_replicas == 1:
       return batch
     size = tf.nest.flatten(batch)[0].shape[0]
-    if size is None or size % self.num_replicas:
-      raise ValueError(f'The mini-batch of {size} examples does not split '
-                       f'evenly into {self.num_replicas} replicas; make '
-                       'input.batch_size a multiple of the number of replicas.')
+    self.CheckBatchSize(size)
     shards = microbatch.Split(batch, [size // self.num_replicas] *
                               self.num_replicas, 0)
     return self.strategy.experimental_distribute_values_from_function(
         lambda ctx: shards[ctx.replica_id_in_sync_group])
+
+  def CheckBatchSize(self, size: Optional[int]) -> None:
+    """ValueError unless a mini-batch of `size` splits evenly into the replicas."""
+    if self.num_replicas > 1 and (size is None or size % self.num_replicas):
+      raise ValueError(f'The mini-batch of {size} examples does not split '
+                       f'evenly into {self.num_replicas} replicas; make '
+                       'input.batch_size a multiple of the number of replicas.')
 
   def Run(self, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs fn(*args) on every replica; returns the first local replica's result."""

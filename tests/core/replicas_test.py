@@ -104,9 +104,8 @@ def test_restore_gives_every_replica_the_checkpoint(tmp_path):
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
-  program = _Program(tmp_path, [_CPUS[:2], _CPUS[2:]], 'input.batch_size=15')
   with pytest.raises(ValueError, match='multiple of the number of replicas'):
-    program._step_fn()  # pylint: disable=protected-access
+    _Program(tmp_path, [_CPUS[:2], _CPUS[2:]], 'input.batch_size=15')
 
 
 def test_batch_norm_cross_replica_moments_equal_the_whole_batch_s():

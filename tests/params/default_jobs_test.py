@@ -9,19 +9,17 @@ sequence accuracy. Both train their registered configs unchanged, through a
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
+from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import summary
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _ReadmeRunFlags():
   """The trainer flags of README's run command."""
-  with open(os.path.join(_REPO, 'README.md'), encoding='utf-8') as f:
+  with open(os.path.join(binaries.REPO_ROOT, 'README.md'), encoding='utf-8') as f:
     readme = f.read()
   command = re.search(r'python -m lingvo_gpipe\.trainer ([^\n`]*)', readme).group(1)
   return shlex.split(command)
@@ -29,10 +27,8 @@ def _ReadmeRunFlags():
 
 def _Train(flags, logdir):
   flags = [f for f in flags if not f.startswith('--logdir')]
-  result = subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.trainer', *flags,
-       f'--logdir={logdir}'], cwd=_REPO, env=dict(os.environ, PYTHONPATH=_REPO),
-      capture_output=True, text=True, timeout=1800, check=False)
+  result = binaries.Run(binaries.TRAINER, *flags, f'--logdir={logdir}',
+                        timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 

@@ -9,33 +9,26 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.run_errors import ExitStatus
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TOY = 'example.toy.ToyRegression'
 _STEPS = ('--max_steps=4', '--params_override=train.save_interval_steps=4; '
           'train.log_interval_steps=1')
 
 
-def _Env(**extra):
-  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=_REPO, **extra)
-
-
 def _LocalCluster(*flags, trainer_flags=(), timeout=300):
-  return subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.tools.local_cluster', *flags, '--',
-       *trainer_flags], cwd=_REPO, env=_Env(), capture_output=True, text=True,
-      timeout=timeout, check=False)
+  return binaries.Run(binaries.LOCAL_CLUSTER, *flags, '--', *trainer_flags,
+                      timeout=timeout)
 
 
 def _WorkerHosts(stderr):
@@ -68,10 +61,8 @@ def test_stages_on_two_workers_train_as_one_process_does(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert '/job:worker/replica:0/task:1/device:CPU:0' in result.stderr
   _AssertStopped(_WorkerHosts(result.stderr))
-  local = subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.trainer', *flags,
-       f'--logdir={tmp_path / "local"}'], cwd=_REPO, env=_Env(),
-      capture_output=True, text=True, timeout=300, check=False)
+  local = binaries.Run(binaries.TRAINER, *flags,
+                       f'--logdir={tmp_path / "local"}')
   assert local.returncode == 0, local.stderr[-3000:]
   # Same losses step by step (the forward) and the same weights and Adam
   # slots after 4 updates (the gradients).
@@ -106,6 +97,55 @@ def test_a_model_too_big_for_one_capped_worker_trains_on_two(tmp_path):
   _AssertStopped(_WorkerHosts(two.stderr))
 
 
+@pytest.mark.heavy
+def test_replicas_in_processes_and_in_one_process_train_as_one_replica(tmp_path):
+  # R=2 replicas of a 2-stage pipeline with BatchNorm, each taking half of
+  # every mini-batch in 2 micro-batches, must make the updates one replica
+  # makes taking all of it in 4 micro-batches (BatchNorm normalizes per
+  # micro-batch): in two processes (MultiWorkerMirroredStrategy) and in one
+  # (MirroredStrategy). Checkpoints, train summaries and evals as usual.
+  flags = (f'--model={_TOY}', '--mode=train_and_eval', '--max_steps=4',
+           '--params_override=train.save_interval_steps=4; '
+           'train.log_interval_steps=1; task.network.batch_norm=True')
+  one = binaries.Run(binaries.TRAINER, *flags, '--num_micro_batches=4',
+                     f'--logdir={tmp_path / "one"}')
+  assert one.returncode == 0, one.stderr[-3000:]
+  local = binaries.Run(binaries.TRAINER, *flags, '--num_replicas=2',
+                       f'--logdir={tmp_path / "local"}')
+  assert local.returncode == 0, local.stderr[-3000:]
+  assert 'on 2 replica(s)' in local.stderr
+  processes = _LocalCluster('--replica_processes=2', trainer_flags=(
+      *flags, f'--logdir={tmp_path / "processes"}'))
+  assert processes.returncode == 0, processes.stderr[-3000:]
+  match = re.search(r'Replica processes at (.*)\.', processes.stderr)
+  assert match, processes.stderr[-3000:]
+  _AssertStopped(match.group(1).split(', '))
+  expected = _Checkpoint(tmp_path / 'one')
+  assert any('moving_mean' in name for name in expected)
+  losses = summary.ReadEvents(str(tmp_path / 'one' / 'train'))['loss']
+  for run in ('local', 'processes'):
+    got = _Checkpoint(tmp_path / run)
+    assert sorted(got) == sorted(expected), run
+    for name in expected:
+      np.testing.assert_allclose(got[name], expected[name], rtol=2e-5,
+                                 atol=1e-6, err_msg=f'{run}: {name}')
+    np.testing.assert_allclose(
+        [v for _, v in summary.ReadEvents(str(tmp_path / run / 'train'))['loss']],
+        [v for _, v in losses], rtol=2e-5)
+    evals = summary.ReadEvents(str(tmp_path / run / 'eval_test'))
+    assert [s for s, _ in evals['loss']] == [4], run
+
+
+def test_replica_processes_exit_with_the_trainers_status(tmp_path):
+  result = _LocalCluster('--replica_processes=2', trainer_flags=(
+      f'--model={_TOY}', f'--logdir={tmp_path}', '--num_replicas=2'))
+  assert result.returncode == ExitStatus.USAGE, result.stderr[-3000:]
+  assert '--num_replicas: with --replica_hosts every process' in result.stderr
+  assert '--num_workers and --replica_processes' in _LocalCluster(
+      '--replica_processes=2', '--num_workers=2', trainer_flags=(
+          f'--model={_TOY}',)).stderr
+
+
 def test_exit_status_is_the_trainers_and_workers_stop(tmp_path):
   result = _LocalCluster('--num_workers=2', trainer_flags=(
       '--model=example.toy.Toy', f'--logdir={tmp_path}'))
@@ -116,11 +156,11 @@ def test_exit_status_is_the_trainers_and_workers_stop(tmp_path):
 
 @pytest.mark.heavy
 def test_ctrl_c_stops_the_trainer_and_the_workers(tmp_path):
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'lingvo_gpipe.tools.local_cluster',
-       '--num_workers=2', '--', f'--model={_TOY}', f'--logdir={tmp_path}',
-       '--max_steps=10000000', '--params_override=train.save_interval_steps=10;'
-       ' train.log_interval_steps=1000000'], cwd=_REPO, env=_Env(),
+  process = binaries.Start(
+      binaries.LOCAL_CLUSTER, '--num_workers=2', '--', f'--model={_TOY}',
+      f'--logdir={tmp_path}', '--max_steps=10000000',
+      '--params_override=train.save_interval_steps=10;'
+      ' train.log_interval_steps=1000000',
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 240

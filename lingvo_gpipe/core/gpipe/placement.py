@@ -96,27 +96,40 @@ def LocalDevices(device_type: Optional[str] = None) -> list[str]:
 
 
 def SplitCpu(num_devices: int) -> list[str]:
-  """Splits the physical CPU into `num_devices` logical devices.
+  """Splits the physical CPU into `num_devices` logical devices; returns them.
 
   Must run before TensorFlow initializes its devices (before any op runs).
   The logical devices share one allocator and one thread pool: good for
   testing placement, not for measuring per-device memory or speed-up.
   """
+  if ConfigureCpuDevices(num_devices):
+    return LocalDevices('CPU')
+  return LocalDevices('CPU')[:num_devices]
+
+
+def ConfigureCpuDevices(num_devices: int) -> bool:
+  """Asks for `num_devices` logical CPU devices without initializing TensorFlow.
+
+  Unlike SplitCpu it lists nothing, so a strategy that must configure
+  TensorFlow itself (MultiWorkerMirroredStrategy) can still be created after
+  it. Returns True if the split is exactly as asked, False if TensorFlow was
+  already running with more devices (the first `num_devices` serve).
+  """
   cpus = tf.config.list_physical_devices('CPU')
   existing = tf.config.get_logical_device_configuration(cpus[0])
   if existing is not None and len(existing) == num_devices:
-    return LocalDevices('CPU')
+    return True
   try:
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
   except RuntimeError as e:
     have = len(tf.config.list_logical_devices('CPU'))
     if have >= num_devices:
-      return LocalDevices('CPU')[:num_devices]
+      return False
     raise RuntimeError(
         f'Cannot split the CPU into {num_devices} devices: TensorFlow is '
         f'already initialized with {have}. Split it at program start.') from e
-  return LocalDevices('CPU')
+  return True
 
 
 class TpuPlacement(Placement):

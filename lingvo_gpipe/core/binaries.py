@@ -1,0 +1,43 @@
+"""Runs this checkout's binaries (trainer, local_cluster, ...) as a user would: tests, benchmarks.
+
+One place says how: the same interpreter, `python -m <module>`, this checkout
+importable (PYTHONPATH), TensorFlow's C++ logs quiet, from the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+TRAINER = 'lingvo_gpipe.trainer'
+LOCAL_CLUSTER = 'lingvo_gpipe.tools.local_cluster'
+
+
+def Env(**extra: str) -> dict[str, str]:
+  """The environment a binary under test runs in, plus `extra`."""
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  env.update(extra)
+  return env
+
+
+def Command(module: str, *flags: str) -> list[str]:
+  return [sys.executable, '-m', module, *flags]
+
+
+def Start(module: str, *flags: str, **popen_kwargs) -> subprocess.Popen:
+  """Starts `python -m module flags...`; the caller waits for it and stops it."""
+  return subprocess.Popen(Command(module, *flags), cwd=REPO_ROOT, env=Env(),
+                          **popen_kwargs)
+
+
+def Run(module: str, *flags: str, timeout: Optional[float] = 300,
+        **env: str) -> subprocess.CompletedProcess:
+  """Runs `python -m module flags...` to the end (text stdout and stderr kept)."""
+  return subprocess.run(Command(module, *flags), cwd=REPO_ROOT, env=Env(**env),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
