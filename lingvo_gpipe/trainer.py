@@ -100,7 +100,7 @@ _WORKER_HOSTS = flags.DEFINE_string(
 _NUM_REPLICAS = flags.DEFINE_integer(
     'num_replicas', 1, 'R, data-parallel replicas of the K-cell pipeline in '
     'this process (MirroredStrategy): replica r runs on devices r*K..r*K+K-1 '
-    '(GPUs, logical CPUs or --worker_hosts workers). input.batch_size is the '
+    '(GPUs or logical CPUs). input.batch_size is the '
     'whole mini-batch, cut into R equal shards. With --tpu: replicas on the '
     'TPU (default: all cores / K).')
 _REPLICA_HOSTS = flags.DEFINE_string(
@@ -138,8 +138,7 @@ def ResolveParams() -> hyperparams.Params:
                      'AmoebaNetTiny (--list_models lists them all).')
   num_partitions = _NUM_PARTITIONS.value
   if num_partitions is None and WorkerHosts():
-    # One pipeline stage per worker, R replicas of K stages.
-    num_partitions = max(1, len(WorkerHosts()) // _NUM_REPLICAS.value)
+    num_partitions = len(WorkerHosts())  # one pipeline stage per worker
   return experiment.Resolve(experiment.Settings(
       model=_MODEL.value, params_file=_PARAMS_FILE.value,
       params_override=_OVERRIDE.value, max_steps=_MAX_STEPS.value,
@@ -163,6 +162,13 @@ def CheckLayout() -> None:
   if _REPLICA_HOSTS.value and _NUM_REPLICAS.value != 1:
     raise UsageError('--num_replicas: with --replica_hosts every process is '
                      'one replica (R = the number of hosts).')
+  if _WORKER_HOSTS.value and _NUM_REPLICAS.value != 1:
+    # MirroredStrategy refuses remote devices in eager TF2 ("in-graph
+    # multi-worker training"); measured, not assumed.
+    raise UsageError('--num_replicas with --worker_hosts: TensorFlow 2 cannot '
+                     'mirror replicas over worker processes in one program. '
+                     'Run one replica per process with --replica_hosts (each '
+                     'process its stages on its own devices) instead.')
 
 
 def PlaceCells(params: hyperparams.Params) -> list[list[str]]:
@@ -170,7 +176,8 @@ def PlaceCells(params: hyperparams.Params) -> list[list[str]]:
 
   Replica r's cell k runs on device r*K + k of the chosen kind; with fewer
   devices than R*K they are used round robin. Under --replica_hosts the
-  devices are this process's own. Sets replica 0's devices on `params`.
+  devices are this process's own; with --worker_hosts there is one replica.
+  Sets replica 0's devices on `params`.
   """
   k = experiment.NumPartitions(params)
   num_replicas = _NUM_REPLICAS.value

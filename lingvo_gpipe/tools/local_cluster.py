@@ -7,8 +7,7 @@ r"""Runs the trainer on local TensorFlow processes: pipeline stages on workers, 
 
 Stages (default): starts K workers (`lingvo_gpipe.tools.worker`) on free
 127.0.0.1 ports and runs `python -m lingvo_gpipe.trainer <flags after -->
---worker_hosts=...` (one pipeline stage per worker; add --num_replicas=R to
-the trainer flags, with R*K workers, for R replicas of K stages).
+--worker_hosts=...` (one pipeline stage per worker).
 
 Replicas (--replica_processes=R): runs R trainer processes as one
 data-parallel job (MultiWorkerMirroredStrategy, --replica_hosts on free
