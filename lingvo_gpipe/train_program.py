@@ -57,23 +57,24 @@ class TrainProgram:
   """
 
   def __init__(self, params: hyperparams.Params, logdir: str,
-               task: Union[base_layer.BaseLayer, replicas_lib.Replicas]):
+               model: Union[base_layer.BaseLayer, replicas_lib.Replicas]):
+    """`model` is the task, or its data-parallel Replicas."""
     self.params = params
     self.logdir = logdir
-    if isinstance(task, base_layer.BaseLayer):
-      task = replicas_lib.Single(task)
-    self.replicas = task
-    self.task = task.tasks[0]
+    if isinstance(model, base_layer.BaseLayer):
+      model = replicas_lib.Single(model)
+    self.replicas = model
+    self.task = model.tasks[0]
     p = params.train
     lr_schedule.Validate(p.lr_schedule)
     self.input = params.input.Instantiate()
     self.batch_size = params.input.batch_size
-    task.CheckBatchSize(self.batch_size)
+    model.CheckBatchSize(self.batch_size)
     self._iterator = iter(self.input.Dataset(params.input.train_split,
                                              training=True))
-    self._variables = [list(t.trainable_variables) for t in task.tasks]
-    with task.VariableScope():
-      self._optimizers = [optimizer_lib.Create(p) for _ in task.tasks]
+    self._variables = [list(t.trainable_variables) for t in model.tasks]
+    with model.VariableScope():
+      self._optimizers = [optimizer_lib.Create(p) for _ in model.tasks]
       for optimizer, variables in zip(self._optimizers, self._variables):
         optimizer.Build(variables)
     self.optimizer = self._optimizers[0]
@@ -88,7 +89,7 @@ class TrainProgram:
     self.checkpointer = checkpoint_lib.Checkpointer(
         logdir, objects, max_to_keep=p.max_checkpoints_to_keep)
     self.writer = (tf.summary.create_file_writer(
-        os.path.join(logdir, TRAIN_SUBDIR)) if task.is_chief else
+        os.path.join(logdir, TRAIN_SUBDIR)) if model.is_chief else
                    tf.summary.create_noop_writer())
     self._step_fn = tf.function(self._Step)
 
