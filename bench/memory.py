@@ -363,8 +363,10 @@ def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
                   'k), recompute always, partition_method params (the '
                   'default)',
       'workers': 'lingvo_gpipe.tools.worker via cluster.StartLocalWorkers, '
-                 'fresh for every probe, not pinned (all share the cores), '
-                 'oneDNN off (worker.py does so under a cap)',
+                 'fresh for every probe, not pinned (all share the cores); '
+                 'under a cap worker.py sets TF_ENABLE_ONEDNN_OPTS=0 (the '
+                 'one-device table does not), though Einsum still runs '
+                 "oneDNN's kernel",
       'client': 'lingvo_gpipe.tools.step_memory --worker_hosts: creates the '
                 'input batch, traces the step, runs the first backward ops '
                 "(the loss's gradient with respect to the last cell's output, "
