@@ -11,7 +11,8 @@ Invariants:
 
 Three ways to lay replicas out, one step function for all of them:
 - `Local`: R copies in this process, replica r's K cells on its own group of
-  K devices (GPUs, logical CPUs or remote workers); `MirroredStrategy` over
+  K local devices (GPUs or logical CPUs; TF2's MirroredStrategy refuses
+  remote workers in eager mode); `MirroredStrategy` over
   each group's first device runs the R replica functions and all-reduces.
   The copies are plain variables we place ourselves, because a mirrored
   variable has one device per replica, while a pipeline needs K.
