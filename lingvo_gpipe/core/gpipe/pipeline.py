@@ -6,6 +6,14 @@ Invariants:
 - The backward pass is the pipeline's own (`tf.custom_gradient`), so a
   caller's single GradientTape around it sees one op, not the per-micro-batch
   work (that tape would add all M partial gradients of a weight at once).
+- No tensor leaves its cell's device for the tape's sake. A custom gradient
+  passes all its arguments through one IdentityN op; given every cell's
+  weights it would copy them all to one device each step (across worker
+  processes, the whole model over the network). So the pipeline op takes one
+  scalar token per cell instead, made by a sink op on that cell's device from
+  the cell's theta; the sink's gradient hands the tape the theta gradients
+  that the pipeline's backward computed there (and likewise for the inputs,
+  on the first cell's device).
 - Memory: the forward keeps only each cell's input per micro-batch (unless
   recompute is off); the backward re-materializes one micro-batch of a cell at
   a time and adds its gradients into a running sum, each step gated on the
@@ -123,15 +131,25 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
 
   cell_fprop = [c.FProp for c in cells]
 
+  # Gradients the pipeline's backward computed, by sink: 'cell_k' or 'inputs'.
+  sink_grads = {}
+
+  def Sink(key: str, k: int, flat: list) -> tf.Tensor:
+    """A scalar token standing for `flat` on cell k's device (see Invariants)."""
+
+    @tf.custom_gradient
+    def Token(*args):
+      del args  # only their gradients matter, returned from sink_grads
+      return tf.zeros([]), lambda unused_dtoken: list(sink_grads[key])
+
+    with placement.CellScope(k):
+      return Token(*flat)
+
+  tokens = [Sink(f'cell_{k}', k, flat) for k, flat in enumerate(flat_thetas)]
+  tokens.append(Sink('inputs', 0, flat_inputs))
+
   @tf.custom_gradient
-  def Forward(*flat_args):
-    pos = 0
-    theta_k = []
-    for k, count in enumerate(theta_counts):
-      theta_k.append(tf.nest.pack_sequence_as(thetas[k],
-                                              list(flat_args[pos:pos + count])))
-      pos += count
-    x_all = tf.nest.pack_sequence_as(inputs, list(flat_args[pos:]))
+  def Forward(*unused_tokens):
     # cell_in[k][m] / cell_out[k][m]: cell k's input / output, micro-batch m.
     # The inputs are the boundary activations the forward keeps.
     cell_in = [[None] * num_mb for _ in range(num_cells)]
@@ -140,7 +158,7 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
     # that micro-batches do not travel through whichever device the caller's
     # default is (a remote cell would pay a round trip per micro-batch).
     with placement.CellScope(0):
-      split_inputs = microbatch.Split(x_all, list(sizes), batch_dim)
+      split_inputs = microbatch.Split(inputs, list(sizes), batch_dim)
     tapes = {}
     for clock in forward_clocks:
       for task in clock:
@@ -152,14 +170,14 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
                      placement.Annotate(k, received))
           cell_in[k][m] = x
           if _Recomputes(recompute, m, num_mb):
-            y = CellForward(k, m, theta_k[k], x, record=True)
+            y = CellForward(k, m, thetas[k], x, record=True)
           else:
             tape = tf.GradientTape(persistent=False,
                                    watch_accessed_variables=False)
             with tape:
-              tape.watch([t for t in tf.nest.flatten((theta_k[k], x))
+              tape.watch([t for t in tf.nest.flatten((thetas[k], x))
                           if _IsDifferentiable(t)])
-              y = CellForward(k, m, theta_k[k], x, record=True)
+              y = CellForward(k, m, thetas[k], x, record=True)
             tapes[(k, m)] = tape
           cell_out[k][m] = y
     with placement.CellScope(num_cells - 1):
@@ -183,16 +201,16 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
             x, dy = _Gated([acc[k], dys[k][m]], (cell_in[k][m], dys[k][m]))
             if (k, m) in tapes:
               x = cell_in[k][m]  # the tensor the forward's tape watched
-              sources = (theta_k[k], x)
+              sources = (thetas[k], x)
               tape = tapes.pop((k, m))
               y = cell_out[k][m]
             else:
-              sources = (theta_k[k], x)
+              sources = (thetas[k], x)
               tape = tf.GradientTape(watch_accessed_variables=False)
               with tape:
                 tape.watch([t for t in tf.nest.flatten(sources)
                             if _IsDifferentiable(t)])
-                y = CellForward(k, m, theta_k[k], x, record=False)
+                y = CellForward(k, m, thetas[k], x, record=False)
             flat_y = tf.nest.flatten(y)
             flat_dy_km = tf.nest.flatten(dy)
             pairs = [(a, b) for a, b in zip(flat_y, flat_dy_km)
@@ -211,14 +229,16 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
                   g_x, cell_in[k][m])
             else:
               dx[m] = g_x
-      theta_grads = [g for per_cell in acc for g in per_cell]
+      for k in range(num_cells):
+        sink_grads[f'cell_{k}'] = acc[k]
       with placement.CellScope(0):
-        input_grads = _MergeInputGrads(dx, split_inputs, batch_dim)
-      return theta_grads + input_grads
+        sink_grads['inputs'] = _MergeInputGrads(dx, split_inputs, batch_dim)
+      return [tf.zeros([]) for _ in tokens]
 
     return tf.nest.flatten(outputs), Backward
 
-  flat_out = Forward(*[t for f in flat_thetas for t in f], *flat_inputs)
+  with placement.CellScope(num_cells - 1):
+    flat_out = Forward(*tokens)
   if not isinstance(flat_out, (list, tuple)):
     flat_out = [flat_out]
   # BatchNorm statistics of all micro-batches move the moving averages once. A

@@ -264,6 +264,27 @@ def test_cells_are_placed_on_their_devices():
     devices = {op.device[-5:] for op in graph.get_operations()
                if op.type == op_type}
     assert devices and devices <= {'CPU:0', 'CPU:3'}, (op_type, devices)
+  # A weight's value never leaves its cell: every op that reads it runs on
+  # the cell's device (a custom gradient over all thetas would otherwise
+  # gather the whole model on the caller's device every step).
+  cell_of_handle = {}
+  for k, cell in enumerate(pipe.cells):
+    for v in cell.vars.Flatten():
+      cell_of_handle[id(v.handle)] = k
+  captured = {id(external): internal for external, internal
+              in graph.captures}
+  reads = [op for op in graph.get_operations() if op.type == 'ReadVariableOp']
+  checked = 0
+  for k, cell in enumerate(pipe.cells):
+    handles = {id(captured[id(v.handle)]) for v in cell.vars.Flatten()}
+    for read in reads:
+      if id(read.inputs[0]) not in handles:
+        continue
+      for consumer in read.outputs[0].consumers():
+        checked += 1
+        assert consumer.device.endswith(f'CPU:{k}'), (
+            k, consumer.type, consumer.name, consumer.device)
+  assert checked >= 2 * len(pipe.trainable_variables)
 
 
 def test_report_lists_every_layer_once():
