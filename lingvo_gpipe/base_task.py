@@ -9,6 +9,7 @@ or an eval set by its weight, without knowing the task.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import tensorflow as tf
@@ -54,7 +55,13 @@ class BaseTask(base_layer.BaseLayer):
     raise TypeError(f'{type(self).__name__} must override ComputeMetrics.')
 
   def FProp(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
-    return self.ComputeMetrics(theta, batch)
+    """ComputeMetrics where the network's output is (see OutputScope)."""
+    with self.OutputScope():
+      return self.ComputeMetrics(theta, batch)
+
+  def OutputScope(self) -> contextlib.AbstractContextManager:
+    """The network's output scope: where the loss and its gradient belong."""
+    return self.network.OutputScope()
 
   def Decode(self, theta: NestedMap, batch: NestedMap) -> Optional[NestedMap]:
     """Tensors for host-side eval metrics (e.g. hypotheses for BLEU); None: none."""

@@ -128,8 +128,9 @@ class TrainProgram:
       with tf.GradientTape() as tape:
         metrics = task.FPropDefaultTheta(batch)
     local_loss, local_weight = metrics.loss
-    grads = replicas_lib.GlobalGradients(
-        tape.gradient(local_loss, variables), local_weight)
+    with task.OutputScope():  # the loss's gradient ops, where the loss is
+      local_grads = tape.gradient(local_loss, variables)
+    grads = replicas_lib.GlobalGradients(local_grads, local_weight)
     metrics = replicas_lib.GlobalMetrics(metrics)
     loss = metrics['loss'][0]
     stats = collector.Gathered(

@@ -88,3 +88,27 @@ def test_find_pipelines():
   task = program_params.task.Instantiate()
   pipes = train_program.FindPipelines(task)
   assert [p.path for p in pipes] == [task.network.pipeline.path]
+
+
+def test_step_keeps_activations_on_the_cells_devices(tmp_path):
+  """Only scalars touch the caller's default device (here CPU:0, no cell).
+
+  (And the gradient norm's vector of per-variable squares, one float each.)
+
+  With remote stages, an op there means a round trip to the client: the loss
+  and its gradient run where the network's output is (BaseTask.OutputScope).
+  """
+  params = experiment.Resolve(experiment.Settings(model=_TOY))
+  experiment.SetDevices(params, ['/device:CPU:1', '/device:CPU:2'])
+  program = train_program.TrainProgram(params, str(tmp_path),
+                                       params.task.Instantiate())
+  graph = program._step_fn.get_concrete_function().graph
+  control_flow = ('If', 'StatelessIf', 'While', 'StatelessWhile')
+  unplaced = [(op.type, op.name) for op in graph.get_operations()
+              if not op.device and op.type not in control_flow
+              and not op.name.startswith('global_norm/') and any(
+                  t.dtype.is_floating and t.shape.num_elements() != 1
+                  for t in op.inputs)]
+  assert not unplaced
+  losses = [op for op in graph.get_operations() if op.type == 'Square']
+  assert losses and all(op.device.endswith('CPU:2') for op in losses)

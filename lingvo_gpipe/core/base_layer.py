@@ -435,6 +435,15 @@ class BaseLayer(tf.Module):
   def __call__(self, *inputs: Any) -> Any:
     return self.FPropDefaultTheta(*inputs)
 
+  def OutputScope(self) -> contextlib.AbstractContextManager:
+    """Context for ops that consume this layer's output, e.g. a loss.
+
+    A pipeline's output lives on its last cell's device; running the loss
+    (and its gradient) there keeps the output and its gradient from crossing
+    to the caller's default device and back every step. Default: no scope.
+    """
+    return contextlib.nullcontext()
+
   # --- randomness and statistics ---------------------------------------------
 
   def StatelessSeed(self, salt: str = '') -> tf.Tensor:

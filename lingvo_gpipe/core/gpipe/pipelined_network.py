@@ -10,6 +10,7 @@ alike, and size, FLOPs and the partition report come from Params alone.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from lingvo_gpipe.core import base_layer
@@ -57,6 +58,9 @@ class PipelinedNetwork(base_layer.BaseLayer):
 
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     return self.pipeline.FProp(theta.pipeline, *inputs)
+
+  def OutputScope(self) -> contextlib.AbstractContextManager:
+    return self.pipeline.OutputScope()
 
   def Report(self) -> NestedMap:
     """The pipeline's report: layers, params, FLOPs and device per cell."""

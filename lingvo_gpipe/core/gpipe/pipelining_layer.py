@@ -11,6 +11,7 @@ pipeline (the fill-drain schedule with its own backward).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import tensorflow as tf
@@ -181,6 +182,10 @@ class PipeliningLayer(base_layer.BaseLayer):
     thetas = [theta[f'cell_{k}'] for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim)
+
+  def OutputScope(self) -> contextlib.AbstractContextManager:
+    """The last cell's scope: where the pipeline's outputs are."""
+    return self.placement.CellScope(len(self.cells) - 1)
 
   # --- static size, cost and report --------------------------------------------
 
