@@ -134,7 +134,7 @@ class TrainProgram:
     metrics = replicas_lib.GlobalMetrics(metrics)
     loss = metrics['loss'][0]
     stats = collector.Gathered(
-        replicas_lib.CrossReplicaSum if self.replicas.num_replicas > 1 else None)
+        None if replicas_lib.OneReplica() else replicas_lib.CrossReplicaSum)
     grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
     finite = tf.logical_and(tf.math.is_finite(loss),
                             tf.math.is_finite(grad_norm))

@@ -231,11 +231,12 @@ def MakeStrategy(params: hyperparams.Params
   """
   if _REPLICA_HOSTS.value:
     hosts = cluster.ParseHosts(_REPLICA_HOSTS.value)
-    if not 0 <= _REPLICA_INDEX.value < len(hosts):
-      raise UsageError(f'--replica_index={_REPLICA_INDEX.value} is out of '
-                       f'range for {len(hosts)} --replica_hosts (0..'
-                       f'{len(hosts) - 1}).')
-    return replicas_lib.MakeMultiWorkerStrategy(hosts, _REPLICA_INDEX.value)
+    try:
+      return replicas_lib.MakeMultiWorkerStrategy(hosts, _REPLICA_INDEX.value)
+    except replicas_lib.ReplicaIndexError as e:
+      raise UsageError(f'--replica_index={_REPLICA_INDEX.value} is invalid: '
+                       f'{e} Give each process of --replica_hosts its own '
+                       'index.') from e
   if _TPU.value:
     replicas = None if _NUM_REPLICAS.value == 1 else _NUM_REPLICAS.value
     if _TPU.value.startswith('grpc://'):

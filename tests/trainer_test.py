@@ -177,7 +177,7 @@ _BAD_INPUTS = [
     ('replica_index_out_of_range',
      [f'--model={_TOY}', '--logdir={tmp}', '--replica_index=2',
       '--replica_hosts=127.0.0.1:1,127.0.0.1:2'],
-     ExitStatus.USAGE, ['--replica_index=2 is out of range', '(0..1)']),
+     ExitStatus.USAGE, ['--replica_index=2 is invalid', 'out of range', '(0..1)']),
     ('uneven_replicas', [f'--model={_TOY}', '--logdir={tmp}',
                          '--num_replicas=3'],
      ExitStatus.USAGE, ['16 examples', '3 replicas', 'input.batch_size']),

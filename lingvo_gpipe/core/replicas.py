@@ -129,12 +129,17 @@ def _Variables(modules: Sequence[tf.Module]) -> list[tf.Variable]:
 # --- inside a replica function ----------------------------------------------------
 
 
+def OneReplica() -> bool:
+  """Whether this step runs one replica, so nothing needs reducing."""
+  ctx = tf.distribute.get_replica_context()
+  return ctx is None or ctx.num_replicas_in_sync == 1
+
+
 def CrossReplicaSum(values: Any) -> Any:
   """Sums a nested structure over all replicas (identity for one replica)."""
-  ctx = tf.distribute.get_replica_context()
-  if ctx is None or ctx.num_replicas_in_sync == 1:
+  if OneReplica():
     return values
-  return ctx.all_reduce(ReduceOp.SUM, values)
+  return tf.distribute.get_replica_context().all_reduce(ReduceOp.SUM, values)
 
 
 def _Scale(g: Any, factor: tf.Tensor) -> Any:
@@ -151,7 +156,7 @@ def GlobalGradients(grads: Sequence[Any], weight: tf.Tensor) -> list[Any]:
   weight), so its gradient is sum_r (w_r / W) grad_r. Missing (None)
   gradients stay None.
   """
-  if tf.distribute.get_replica_context().num_replicas_in_sync == 1:
+  if OneReplica():
     return list(grads)
   weight = tf.cast(weight, tf.float32)
   share = tf.math.divide_no_nan(weight, CrossReplicaSum(weight))
@@ -166,7 +171,7 @@ def GlobalGradients(grads: Sequence[Any], weight: tf.Tensor) -> list[Any]:
 def GlobalMetrics(metrics: Any) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
   """name -> (value, weight) over all replicas: weighted means, summed weights."""
   names = list(metrics.keys())
-  if tf.distribute.get_replica_context().num_replicas_in_sync == 1:
+  if OneReplica():
     return {n: tuple(metrics[n]) for n in names}
   weights = [tf.cast(metrics[n][1], tf.float32) for n in names]
   sums = CrossReplicaSum([[tf.cast(metrics[n][0], tf.float32) * w, w]
@@ -203,6 +208,10 @@ def Local(task_params: Sequence[hyperparams.Params],
   return Replicas(strategy, tasks)
 
 
+class ReplicaIndexError(ValueError):
+  """A process's replica index is not one of the replica hosts'."""
+
+
 def MakeMultiWorkerStrategy(hosts: Sequence[str], index: int
                             ) -> tf.distribute.MultiWorkerMirroredStrategy:
   """The strategy of process `index` of a data-parallel job on `hosts`.
@@ -211,8 +220,8 @@ def MakeMultiWorkerStrategy(hosts: Sequence[str], index: int
   replica; it listens on hosts[index].
   """
   if not 0 <= index < len(hosts):
-    raise ValueError(f'Replica index {index} is out of range for '
-                     f'{len(hosts)} replica hosts (0..{len(hosts) - 1}).')
+    raise ReplicaIndexError(f'Replica index {index} is out of range for '
+                            f'{len(hosts)} replica hosts (0..{len(hosts) - 1}).')
   resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
       tf.train.ClusterSpec({'worker': list(hosts)}), task_type='worker',
       task_id=index, rpc_layer='grpc')
