@@ -125,12 +125,13 @@ def _Stack():
 def _Devices() -> tuple[int, list[str]]:
   """(K, the cells' devices): workers, logical CPU devices, or CPU:0.
 
+  With fewer workers than K, the pipeline places cells on them round robin.
+
   Connects to the workers, so it must run before any tensor is created.
   """
   if _WORKER_HOSTS.value:
     workers = cluster.ConnectToWorkers(cluster.ParseHosts(_WORKER_HOSTS.value))
-    k = _NUM_PARTITIONS.value or len(workers)
-    return k, [workers[i % len(workers)] for i in range(k)]
+    return _NUM_PARTITIONS.value or len(workers), workers
   k = _NUM_PARTITIONS.value or 1
   return k, placement.SplitCpu(k) if k > 1 else ['/device:CPU:0']
 
@@ -159,9 +160,10 @@ def Measure() -> dict:
               y = cell.FProp(model.theta[f'cell_{k_}'], y)
         else:
           y = model.FPropDefaultTheta(x)
-        with tf.device(model.placement.Device(len(model.cells) - 1)):
+        with model.OutputScope():
           loss = loss_fn(y)
-      grads = tape.gradient(loss, variables)
+      with model.OutputScope():
+        grads = tape.gradient(loss, variables)
     sums = []
     for v, g in zip(variables, grads):
       with tf.device(v.device):
@@ -182,7 +184,7 @@ def Measure() -> dict:
               step_seconds=min(times),
               num_params=pipelining_layer.PipeliningLayer.NumParams(p),
               plain=_PLAIN.value, num_partitions=k,
-              num_workers=len(set(devices)) if _WORKER_HOSTS.value else 0,
+              num_workers=len(devices) if _WORKER_HOSTS.value else 0,
               num_micro_batches=_NUM_MICRO_BATCHES.value,
               recompute=_RECOMPUTE.value)
 
