@@ -10,7 +10,7 @@ or an eval set by its weight, without knowing the task.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Optional
 
 import tensorflow as tf
 

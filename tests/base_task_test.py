@@ -1,6 +1,5 @@
 """Tests of the BaseTask contract and WeightedMean."""
 
-import numpy as np
 import pytest
 import tensorflow as tf
 

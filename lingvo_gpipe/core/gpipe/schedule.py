@@ -102,7 +102,7 @@ def Simulate(schedule: Schedule,
     NestedMap(step_time, bubble_fraction, busy (per cell), peak_bytes (per
     cell), timeline: list of (cell, kind, micro_batch, start, end)).
   """
-  k, m = schedule.num_cells, schedule.num_micro_batches
+  k = schedule.num_cells
   for name, values in (('forward_times', forward_times),
                        ('backward_times', backward_times),
                        ('boundary_bytes', boundary_bytes),

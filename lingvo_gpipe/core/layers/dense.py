@@ -6,8 +6,6 @@ same layer serves [batch, dim] and [batch, time, dim] inputs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer

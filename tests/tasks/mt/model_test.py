@@ -12,7 +12,6 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import test_utils
-from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics
