@@ -4,9 +4,11 @@ r"""Pipeline speed-up across worker processes: the thing GPipe exists for.
 
 Two TensorFlow worker processes, each pinned to its own core, run one
 pipeline stage each (cell k on worker k, gradients accumulated and weights
-updated on the stage's own worker, only the loss returned to the client),
-against one process pinned to one core with one intra-op and one inter-op
-thread running the same layers in sequence with the same update. The
+updated on the stage's own worker, the input read where the first stage
+runs, the loss and its gradient computed where the last one does, only the
+loss returned to the client), against one process pinned to one core with
+one intra-op and one inter-op thread running the same layers in sequence
+with the same update. The
 baseline and every (recompute mode, M) alternate within each round, so the
 machine's other load touches them alike; the speed-up of a round is the
 baseline's step time over the pipeline's. The client's inter-op pool is 2 so
@@ -71,6 +73,7 @@ def _UpdateStep(model, sizes, recompute='always'):
   """
   variables = model.trainable_variables
   thetas = [model.theta[f'cell_{k}'] for k in range(len(model.cells))]
+  last_device = model.placement.Device(len(model.cells) - 1)
   with tf.device(model.placement.Device(0)):
     x = tf.Variable(tf.random.stateless_normal([_BATCH.value, _DIM.value],
                                                [1, 2]), trainable=False)
@@ -80,15 +83,16 @@ def _UpdateStep(model, sizes, recompute='always'):
     with base_layer.Context(training=True):
       with tf.GradientTape() as tape:
         if sizes is None:
-          y = x.read_value()
+          y = tf.convert_to_tensor(x)
           for cell, theta in zip(model.cells, thetas):
             y = cell.FProp(theta, y)
         else:
-          y = pipeline.RunPipeline(model.cells, thetas, x.read_value(), sizes,
-                                   model.placement, recompute=recompute)
-        with tf.device(model.placement.Device(len(model.cells) - 1)):
+          y = pipeline.RunPipeline(model.cells, thetas, tf.convert_to_tensor(x),
+                                   sizes, model.placement, recompute=recompute)
+        with tf.device(last_device):
           loss = tf.reduce_mean(y * y)
-    grads = tape.gradient(loss, variables)
+    with tf.device(last_device):  # the loss's gradient ops, where y lives
+      grads = tape.gradient(loss, variables)
     for grad, var in zip(grads, variables):
       with tf.device(var.device):
         var.assign_sub(_LEARNING_RATE * grad)
