@@ -73,7 +73,6 @@ def _UpdateStep(model, sizes, recompute='always'):
   """
   variables = model.trainable_variables
   thetas = [model.theta[f'cell_{k}'] for k in range(len(model.cells))]
-  last_device = model.placement.Device(len(model.cells) - 1)
   with tf.device(model.placement.Device(0)):
     x = tf.Variable(tf.random.stateless_normal([_BATCH.value, _DIM.value],
                                                [1, 2]), trainable=False)
@@ -89,9 +88,9 @@ def _UpdateStep(model, sizes, recompute='always'):
         else:
           y = pipeline.RunPipeline(model.cells, thetas, tf.convert_to_tensor(x),
                                    sizes, model.placement, recompute=recompute)
-        with tf.device(last_device):
+        with model.OutputScope():  # the last cell's device
           loss = tf.reduce_mean(y * y)
-    with tf.device(last_device):  # the loss's gradient ops, where y lives
+    with model.OutputScope():  # the loss's gradient ops, where y lives
       grads = tape.gradient(loss, variables)
     for grad, var in zip(grads, variables):
       with tf.device(var.device):
