@@ -20,6 +20,9 @@ Invariants:
   previous sum, so one micro-batch's partial gradients live at a time per cell
   (shared/TF_FACTS.md: gating on the running sum keeps Grappler from merging
   the chain into one AddN over all micro-batches).
+- Speed: within a micro-batch's backward, a cell computes the gradient the
+  previous cell waits for before its own weight gradients (grad_order), so
+  the stages' drains overlap by that much more.
 - Statistics that layers record in training (BatchNorm moments) are collected
   over all micro-batches' forward passes and applied once; recomputation
   records nothing.
@@ -32,6 +35,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import grad_order
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
@@ -88,7 +92,8 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
                 sizes: Sequence[int],
                 placement: placement_lib.Placement,
                 recompute: str = 'always',
-                batch_dim: int = 0) -> Any:
+                batch_dim: int = 0,
+                input_grads_first: bool = True) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
@@ -99,6 +104,9 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
     placement: where each cell runs.
     recompute: 'always', 'except_last' or 'never' (see RECOMPUTE_MODES).
     batch_dim: the batch dimension of every input and output leaf.
+    input_grads_first: in the backward, each cell but the first computes the
+      gradient it sends to the previous cell before its weight gradients, so
+      the previous stage's drain starts sooner (see grad_order).
 
   Returns:
     The last cell's outputs for the whole batch (micro-batches merged).
@@ -216,12 +224,15 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
             pairs = [(a, b) for a, b in zip(flat_y, flat_dy_km)
                      if _IsDifferentiable(a)]
             flat_sources = tf.nest.flatten(sources)
-            grads = tape.gradient(
-                [a for a, _ in pairs], flat_sources,
-                output_gradients=[b for _, b in pairs],
-                unconnected_gradients=tf.UnconnectedGradients.NONE)
+            with grad_order.Capture() as created:
+              grads = tape.gradient(
+                  [a for a, _ in pairs], flat_sources,
+                  output_gradients=[b for _, b in pairs],
+                  unconnected_gradients=tf.UnconnectedGradients.NONE)
             g_theta = grads[:theta_counts[k]]
             g_x = tf.nest.pack_sequence_as(x, grads[theta_counts[k]:])
+            if input_grads_first and k > 0:
+              grad_order.RunAfter(created.ops, g_x)
             acc[k] = _AddGrads(acc[k], g_theta)
             if k > 0:
               dys[k - 1][m] = tf.nest.map_structure(

@@ -57,6 +57,10 @@ class PipeliningLayer(base_layer.BaseLayer):
     p.Define('batch_dim', 0, 'The batch dimension of every input and output.')
     p.Define('recompute', 'always', 'Re-materialization: '
              f'{", ".join(pipeline.RECOMPUTE_MODES)}.')
+    p.Define('input_grads_first', True, 'In the backward, each cell computes '
+             'the gradient the previous cell waits for before its weight '
+             'gradients, so that stage starts sooner (faster drain; holds one '
+             "micro-batch's intermediate gradients of a cell a little longer).")
     p.Define('placement_backend', 'devices', "'devices' (local or remote "
              "TensorFlow device names) or 'tpu' (logical cores of the current "
              'TPUStrategy; build the layer under strategy.scope()).')
@@ -181,7 +185,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     sizes = self.MicroBatchSizes(x)
     thetas = [theta[f'cell_{k}'] for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
-                                recompute=p.recompute, batch_dim=p.batch_dim)
+                                recompute=p.recompute, batch_dim=p.batch_dim,
+                                input_grads_first=p.input_grads_first)
 
   def OutputScope(self) -> contextlib.AbstractContextManager:
     """The last cell's scope: where the pipeline's outputs are."""
