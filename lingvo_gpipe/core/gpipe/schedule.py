@@ -84,7 +84,8 @@ def Simulate(schedule: Schedule,
              backward_times: Sequence[float],
              boundary_bytes: Optional[Sequence[float]] = None,
              internal_bytes: Optional[Sequence[float]] = None,
-             recompute: bool = True) -> NestedMap:
+             recompute: bool = True,
+             input_grad_times: Optional[Sequence[float]] = None) -> NestedMap:
   """Runs `schedule` with per-cell task times; reports time, bubble and memory.
 
   Args:
@@ -97,6 +98,9 @@ def Simulate(schedule: Schedule,
     internal_bytes: per cell, bytes of one micro-batch's activations inside the
       cell; kept until backward without recompute, transient with it.
     recompute: whether cells re-materialize their forward in backward.
+    input_grad_times: per cell, seconds from a backward's start until the
+      gradient it sends to the previous cell is ready (the pipeline computes it
+      before the weight gradients, see grad_order); None: only at its end.
 
   Returns:
     NestedMap(step_time, bubble_fraction, busy (per cell), peak_bytes (per
@@ -106,14 +110,16 @@ def Simulate(schedule: Schedule,
   for name, values in (('forward_times', forward_times),
                        ('backward_times', backward_times),
                        ('boundary_bytes', boundary_bytes),
-                       ('internal_bytes', internal_bytes)):
+                       ('internal_bytes', internal_bytes),
+                       ('input_grad_times', input_grad_times)):
     if values is not None and len(values) != k:
       raise ValueError(f'{name} has {len(values)} entries; expected one per '
                        f'cell ({k}).')
   boundary = list(boundary_bytes or [0.0] * k)
   internal = list(internal_bytes or [0.0] * k)
+  sends_after = list(input_grad_times or backward_times)
   orders = [schedule.CellOrder(c) for c in range(k)]
-  done: dict[Task, float] = {}
+  done: dict[Task, float] = {}  # when a task's output for the next one is ready
   device_free = [0.0] * k
   position = [0] * k
   timeline = []
@@ -134,7 +140,8 @@ def Simulate(schedule: Schedule,
       if any(d not in done for d in deps):
         continue
       start = max([device_free[c]] + [done[d] for d in deps])
-      done[task] = device_free[c] = start + cost
+      device_free[c] = start + cost
+      done[task] = start + (sends_after[c] if task.kind == 'B' else cost)
       timeline.append((c, task.kind, task.micro_batch, start, start + cost))
       position[c] += 1
       progressed = True

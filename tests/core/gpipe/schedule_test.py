@@ -31,6 +31,17 @@ def test_slowest_cell_sets_the_pace():
   assert result.step_time == pytest.approx(1 + 24 + 1)
 
 
+def test_input_gradients_first_shorten_the_drain():
+  s = schedule.FillDrain(2, 4)
+  # f=1, b=2 per cell: cell 0 waits for cell 1's F3 and whole B3 (5 + 2),
+  # then runs four backwards: 15 = (M+K-1)(f+b).
+  assert schedule.Simulate(s, [1, 1], [2, 2]).step_time == pytest.approx(15)
+  # Cell 1 hands over its input gradient halfway through each backward.
+  early = schedule.Simulate(s, [1, 1], [2, 2], input_grad_times=[1, 1])
+  assert early.step_time == pytest.approx(14)
+  assert early.busy == [12, 12]
+
+
 def test_memory_with_and_without_recompute():
   s = schedule.FillDrain(2, 4)
   with_rc = schedule.Simulate(s, [1, 1], [1, 1], boundary_bytes=[10, 10],
