@@ -25,6 +25,7 @@ from lingvo_gpipe.core.layers import dense
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, 'bench', 'results')
+PROC_STAT = '/proc/stat'
 
 
 def DenseStack(num_layers: int, dim: int) -> list:
@@ -116,6 +117,45 @@ def LoadAverage() -> str:
     return ', '.join(f'{l:.2f}' for l in os.getloadavg())
   except OSError:
     return 'unknown'
+
+
+class StolenCpu:
+  """Share of CPU time the hypervisor gave to other guests since Reset().
+
+  On a shared virtual machine (here, /proc/stat's steal column) other guests
+  can take a quarter of the cores for minutes at a time. That stretches a
+  pipeline that needs both cores more than a one-core baseline, so a speed-up
+  measured meanwhile says little; benchmarks report it next to their figures.
+  """
+
+  def __init__(self):
+    self.Reset()
+
+  def Reset(self) -> None:
+    self._start = _CpuCounters()
+
+  def Fraction(self) -> Optional[float]:
+    """Stolen over all CPU time since Reset(); None where /proc/stat is not."""
+    end = _CpuCounters()
+    if self._start is None or end is None or end[1] <= self._start[1]:
+      return None
+    return (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+  def Text(self) -> str:
+    fraction = self.Fraction()
+    return 'unknown' if fraction is None else f'{100 * fraction:.0f}%'
+
+
+def _CpuCounters() -> Optional[tuple[int, int]]:
+  """(steal, total) jiffies over all CPUs, from /proc/stat's first line."""
+  try:
+    with open(PROC_STAT) as f:
+      fields = [int(v) for v in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return None
+  if len(fields) < 8:
+    return None
+  return fields[7], sum(fields)
 
 
 def MarkdownTable(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -177,12 +177,18 @@ def RunDriver():
     children.append(piped.process)
     times = {name: [] for name in ['plain'] + [
         _Name(r, m) for r in _RECOMPUTE.value for m in _MICRO_BATCHES.value]}
+    run_steal, round_steal, steals = common.StolenCpu(), common.StolenCpu(), []
     for round_index in range(_ROUNDS.value):
+      round_steal.Reset()
       for name in times:
         child = baseline if name == 'plain' else piped
         times[name].append(child.Time(name, _STEPS.value))
+      steals.append(round_steal.Text())
       print(f'round {round_index}: ' + ', '.join(
-          f'{n} {t[-1] * 1e3:.0f} ms' for n, t in times.items()), flush=True)
+          f'{n} {t[-1] * 1e3:.0f} ms' for n, t in times.items()) +
+            f'; CPU stolen {steals[-1]}', flush=True)
+    facts['CPU stolen by the hypervisor during the rounds'] = (
+        f'{run_steal.Text()} (by round: {", ".join(steals)})')
   finally:
     for child in children:
       child.stdin.close()
