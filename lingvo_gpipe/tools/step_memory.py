@@ -73,6 +73,10 @@ _NUM_MICRO_BATCHES = flags.DEFINE_integer('num_micro_batches', 1, 'M.')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(pipeline.RECOMPUTE_MODES),
                                'Re-materialization mode.')
+_INPUT_GRADS_FIRST = flags.DEFINE_bool(
+    'input_grads_first', True, "PipeliningLayer's input_grads_first: cells "
+    'compute the gradient for the previous cell before their weight '
+    'gradients.')
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
@@ -143,7 +147,7 @@ def Measure() -> dict:
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=k,
       num_micro_batches=_NUM_MICRO_BATCHES.value, recompute=_RECOMPUTE.value,
-      devices=devices)
+      input_grads_first=_INPUT_GRADS_FIRST.value, devices=devices)
   model = p.Instantiate()
   variables = model.trainable_variables
 
