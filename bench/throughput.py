@@ -48,7 +48,7 @@ _MICRO_BATCHES = flags.DEFINE_list('micro_batches', ['1', '2', '4', '8'],
                                    'Values of M to time.')
 _RECOMPUTE = flags.DEFINE_list('recompute', ['always', 'never'],
                                 'Recompute modes of the pipeline to time.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps_per_round', 10, 'Steps timed per round.')
 _WORKER_HOSTS = flags.DEFINE_string('worker_hosts', None,
                                     'pipeline role: the two workers.')
@@ -215,7 +215,8 @@ def RunDriver():
         {'layers': f'{_NUM_LAYERS.value} × Dense({_DIM.value}), relu, batch '
                    f'{_BATCH.value}, SGD update on each weight\'s device',
          'pipeline': 'K=2 cells, one per worker process, each pinned to its '
-                     'own core (taskset); client inter-op 2',
+                     'own core (taskset); client inter-op 2; '
+                     'input_grads_first on (the default)',
          'baseline': 'one process pinned to core 0, 1 intra-op and 1 inter-op '
                      'thread, the same layers in sequence under one tape',
          'rounds': f'{_ROUNDS.value} alternating rounds of '
