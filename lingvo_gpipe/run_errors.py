@@ -61,4 +61,6 @@ def OutOfMemoryMessage(error: BaseException) -> str:
   return ('out of memory: ' + what + '\nKnobs that lower the peak: more micro-'
           'batches (--num_micro_batches), more pipeline cells on more devices '
           "(--num_partitions), task.network.pipeline.recompute='always' "
-          '(re-materialize every cell), or a smaller input.batch_size.')
+          '(re-materialize every cell), task.network.pipeline.'
+          'input_grads_first=False (the memory-lean backward), or a smaller '
+          'input.batch_size.')

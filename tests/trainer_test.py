@@ -216,5 +216,6 @@ def test_out_of_memory_names_the_knobs(tmp_path):
                 TF_CPU_BFC_MEM_LIMIT_IN_MB='48')
   assert result.returncode == ExitStatus.OUT_OF_MEMORY, result.stderr[-3000:]
   for knob in ('out of memory', '--num_micro_batches', '--num_partitions',
-               "recompute='always'", 'input.batch_size'):
+               "recompute='always'", 'input_grads_first=False',
+               'input.batch_size'):
     assert knob in result.stderr
