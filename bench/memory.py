@@ -10,8 +10,7 @@ with TF_CPU_BFC_MEM_LIMIT_IN_MB making the CPU a device of that size: an out
 of memory (an error or a crash) must not poison the next probe. The layer
 count is searched by doubling, then bisection, for:
 - without GPipe: the layers in sequence under one tape;
-- with GPipe: PipeliningLayer, K=1, M micro-batches, recompute always
-  (and input_grads_first off, the memory-lean backward).
+- with GPipe: PipeliningLayer, K=1, M micro-batches, recompute always.
 The cap is calibrated as the paper's setting implies: 5% above the smallest
 cap under which the plain model fits 3 layers.
 
@@ -264,11 +263,7 @@ def _Calibrate() -> int:
 
 
 def _GPipeFlags(m: str) -> list[str]:
-  # The memory-lean backward: with input_grads_first a cell holds one
-  # micro-batch's intermediate gradients until its input gradient is out,
-  # about 10% more peak (bench/README.md), for speed this bench does not time.
-  return [f'--num_micro_batches={m}', '--recompute=always',
-          '--noinput_grads_first']
+  return [f'--num_micro_batches={m}', '--recompute=always']
 
 
 def _Unit() -> tuple[str, int]:

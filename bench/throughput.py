@@ -6,7 +6,8 @@ Two TensorFlow worker processes, each pinned to its own core, run one
 pipeline stage each (cell k on worker k, gradients accumulated and weights
 updated on the stage's own worker, the input read where the first stage
 runs, the loss and its gradient computed where the last one does, only the
-loss returned to the client), against one process pinned to one core with
+loss returned to the client, input_grads_first on: the pipeline's speed
+setting), against one process pinned to one core with
 one intra-op and one inter-op thread running the same layers in sequence
 with the same update. The
 baseline and every (recompute mode, M) alternate within each round, so the
@@ -87,7 +88,8 @@ def _UpdateStep(model, sizes, recompute='always'):
             y = cell.FProp(theta, y)
         else:
           y = pipeline.RunPipeline(model.cells, thetas, tf.convert_to_tensor(x),
-                                   sizes, model.placement, recompute=recompute)
+                                   sizes, model.placement, recompute=recompute,
+                                   input_grads_first=True)
         with model.OutputScope():  # the last cell's device
           loss = tf.reduce_mean(y * y)
     with model.OutputScope():  # the loss's gradient ops, where y lives
@@ -216,7 +218,7 @@ def RunDriver():
                    f'{_BATCH.value}, SGD update on each weight\'s device',
          'pipeline': 'K=2 cells, one per worker process, each pinned to its '
                      'own core (taskset); client inter-op 2; '
-                     'input_grads_first on (the default)',
+                     'input_grads_first on',
          'baseline': 'one process pinned to core 0, 1 intra-op and 1 inter-op '
                      'thread, the same layers in sequence under one tape',
          'rounds': f'{_ROUNDS.value} alternating rounds of '

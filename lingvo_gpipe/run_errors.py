@@ -62,5 +62,5 @@ def OutOfMemoryMessage(error: BaseException) -> str:
           'batches (--num_micro_batches), more pipeline cells on more devices '
           "(--num_partitions), task.network.pipeline.recompute='always' "
           '(re-materialize every cell), task.network.pipeline.'
-          'input_grads_first=False (the memory-lean backward), or a smaller '
+          'input_grads_first=False (if it was turned on), or a smaller '
           'input.batch_size.')

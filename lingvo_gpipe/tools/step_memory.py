@@ -74,7 +74,7 @@ _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(pipeline.RECOMPUTE_MODES),
                                'Re-materialization mode.')
 _INPUT_GRADS_FIRST = flags.DEFINE_bool(
-    'input_grads_first', True, "PipeliningLayer's input_grads_first: cells "
+    'input_grads_first', False, "PipeliningLayer's input_grads_first: cells "
     'compute the gradient for the previous cell before their weight '
     'gradients.')
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '

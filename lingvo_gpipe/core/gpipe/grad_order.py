@@ -7,7 +7,10 @@ the weight-gradient matmuls share the device with the input-gradient chain and
 the previous stage waits for both. Making the weight-gradient ops wait for the
 input gradient lets the previous stage start about one weight-gradient pass
 earlier per micro-batch (bench/results/throughput.md). The math is unchanged:
-only control edges are added.
+only control edges are added. The price is memory: the cell's intermediate
+gradients of the micro-batch, which the weight gradients need, all stay alive
+until the input gradient is out, so PipeliningLayer leaves it off by default
+(its input_grads_first).
 
 The tape offers no way to ask for the two parts separately without computing
 the backward chain twice, so this works on the graph the tape built: the ops

@@ -20,9 +20,10 @@ Invariants:
   previous sum, so one micro-batch's partial gradients live at a time per cell
   (shared/TF_FACTS.md: gating on the running sum keeps Grappler from merging
   the chain into one AddN over all micro-batches).
-- Speed: within a micro-batch's backward, a cell computes the gradient the
-  previous cell waits for before its own weight gradients (grad_order), so
-  the stages' drains overlap by that much more.
+- Speed, if asked for (input_grads_first): within a micro-batch's backward, a
+  cell computes the gradient the previous cell waits for before its own
+  weight gradients (grad_order), so the stages' drains overlap by that much
+  more; the price is memory, so it is off by default.
 - Statistics that layers record in training (BatchNorm moments) are collected
   over all micro-batches' forward passes and applied once; recomputation
   records nothing.
@@ -93,7 +94,7 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
                 placement: placement_lib.Placement,
                 recompute: str = 'always',
                 batch_dim: int = 0,
-                input_grads_first: bool = True) -> Any:
+                input_grads_first: bool = False) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
@@ -106,7 +107,8 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
     batch_dim: the batch dimension of every input and output leaf.
     input_grads_first: in the backward, each cell but the first computes the
       gradient it sends to the previous cell before its weight gradients, so
-      the previous stage's drain starts sooner (see grad_order).
+      the previous stage's drain starts sooner, at the cost of holding the
+      cell's intermediate gradients of a micro-batch until then (grad_order).
 
   Returns:
     The last cell's outputs for the whole batch (micro-batches merged).

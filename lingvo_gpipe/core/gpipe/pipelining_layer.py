@@ -57,10 +57,12 @@ class PipeliningLayer(base_layer.BaseLayer):
     p.Define('batch_dim', 0, 'The batch dimension of every input and output.')
     p.Define('recompute', 'always', 'Re-materialization: '
              f'{", ".join(pipeline.RECOMPUTE_MODES)}.')
-    p.Define('input_grads_first', True, 'In the backward, each cell computes '
-             'the gradient the previous cell waits for before its weight '
-             'gradients, so that stage starts sooner (faster drain; holds one '
-             "micro-batch's intermediate gradients of a cell a little longer).")
+    p.Define('input_grads_first', False, 'Speed for memory: in the backward, '
+             'each cell computes the gradient the previous cell waits for '
+             'before its weight gradients, so that stage starts sooner (2 '
+             'worker stages, M=4: a 9% shorter step), but it holds all its '
+             "layers' intermediate gradients of a micro-batch until then (a "
+             'higher peak; bench/README.md). False: the memory-lean backward.')
     p.Define('placement_backend', 'devices', "'devices' (local or remote "
              "TensorFlow device names) or 'tpu' (logical cores of the current "
              'TPUStrategy; build the layer under strategy.scope()).')

@@ -47,10 +47,10 @@ def _ConvNet():
   return layers
 
 
-def _Pipeline(layers, k, m, recompute):
+def _Pipeline(layers, k, m, recompute, input_grads_first=False):
   return PipeliningLayer.Params().Set(
       name='pipe', layers=layers, num_partitions=k, num_micro_batches=m,
-      recompute=recompute,
+      recompute=recompute, input_grads_first=input_grads_first,
       devices=[f'/device:CPU:{i}' for i in range(k)]).Instantiate()
 
 
@@ -69,11 +69,12 @@ def _MovingStats(pipe):
   return [v.numpy() for v in pipe.vars.Flatten() if not v.trainable]
 
 
-def _Check(layers, x, k, m, recompute):
-  pipe = _Pipeline(layers, k, m, recompute)
+def _Check(layers, x, k, m, recompute, input_grads_first=False, traced=False):
+  pipe = _Pipeline(layers, k, m, recompute, input_grads_first)
   sizes = pipe.MicroBatchSizes(x)
   start = _MovingStats(pipe)
-  loss, grads = _LossAndGrads(pipe.FProp, pipe, x)
+  piped = lambda x: _LossAndGrads(pipe.FProp, pipe, x)
+  loss, grads = (tf.function(piped) if traced else piped)(x)
   piped_stats = _MovingStats(pipe)
   for v, s in zip([v for v in pipe.vars.Flatten() if not v.trainable], start):
     v.assign(s)
@@ -104,6 +105,17 @@ def test_convnet_with_batchnorm_equals_sequential(k, m, recompute):
   x = tf.random.stateless_normal([8 if m != 3 else 7, 6, 6, 3], [2, k * 10 + m])
   pipe = _Check(_ConvNet(), x, k, m, recompute)
   assert len(pipe.cells) == k
+
+
+@pytest.mark.parametrize('k,m,recompute', [(2, 4, 'always'), (4, 3, 'never'),
+                                            (4, 8, 'except_last')])
+def test_input_grads_first_equals_sequential(k, m, recompute):
+  # Only control edges differ; traced, so that there is a graph to order.
+  x = tf.random.stateless_normal([10, 6], [7, k * 10 + m])
+  _Check(_Mlp(), x, k, m, recompute, input_grads_first=True, traced=True)
+  conv_x = tf.random.stateless_normal([8, 8, 8, 3], [8, k * 10 + m])
+  _Check(_ConvNet(), conv_x, k, m, recompute, input_grads_first=True,
+         traced=True)
 
 
 def test_except_last_and_tf_function():
