@@ -314,10 +314,11 @@ def Run(params: hyperparams.Params, logdir: str, mode: str,
   if mode == 'train_and_eval' and replicas.is_chief:
     evaluator = eval_program.EvalProgram(params, logdir, trainer.task, split)
 
-    def on_checkpoint(step, path):
+    def EvaluateCheckpoint(step, path):
       evaluator.Evaluate(step)
       evaluator.MarkEvaluated(path)
 
+    on_checkpoint = EvaluateCheckpoint
     if start >= params.train.max_steps and trainer.checkpointer.latest and (
         evaluator.LastEvaluated() != os.path.basename(trainer.checkpointer.latest)):
       on_checkpoint(start, trainer.checkpointer.latest)
