@@ -26,31 +26,28 @@ from typing import Any, Iterator, Sequence
 import tensorflow as tf
 
 
-class CreatedOps:
-  """The ops that the default graph gained inside a `Capture()` block."""
-
-  def __init__(self):
-    self.ops: list[tf.Operation] = []
-
-
 @contextlib.contextmanager
-def Capture() -> Iterator[CreatedOps]:
-  """Collects the ops created in the block (none when executing eagerly)."""
-  created = CreatedOps()
-  if tf.executing_eagerly():
+def Capture(enabled: bool = True) -> Iterator[list[tf.Operation]]:
+  """Yields a list that receives the ops created in the block.
+
+  It stays empty when not enabled (listing a large graph's ops is not free)
+  and when executing eagerly.
+  """
+  created = []
+  if not enabled or tf.executing_eagerly():
     yield created
     return
   graph = tf.compat.v1.get_default_graph()
   before = len(graph.get_operations())
   yield created
-  created.ops = graph.get_operations()[before:]
+  created.extend(graph.get_operations()[before:])
 
 
 def RunAfter(ops: Sequence[tf.Operation], first: Any) -> int:
   """Makes each op in `ops` that `first` does not depend on wait for `first`.
 
   Args:
-    ops: ops of one graph, e.g. the `CreatedOps.ops` of one gradient call.
+    ops: ops of one graph, e.g. those `Capture()` saw one gradient call make.
     first: tensors (a nested structure; None and non-tensors skipped) that
       must be complete before the other ops in `ops` start.
 
@@ -61,7 +58,7 @@ def RunAfter(ops: Sequence[tf.Operation], first: Any) -> int:
   if not ops:  # e.g. eager execution
     return 0
   firsts = [t.op for t in tf.nest.flatten(first, expand_composites=True)
-            if isinstance(t, tf.Tensor) and not isinstance(t, tf.Variable)]
+            if isinstance(t, tf.Tensor)]
   if not firsts:
     return 0
   candidates = set(ops)

@@ -226,15 +226,14 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
             pairs = [(a, b) for a, b in zip(flat_y, flat_dy_km)
                      if _IsDifferentiable(a)]
             flat_sources = tf.nest.flatten(sources)
-            with grad_order.Capture() as created:
+            with grad_order.Capture(input_grads_first and k > 0) as created:
               grads = tape.gradient(
                   [a for a, _ in pairs], flat_sources,
                   output_gradients=[b for _, b in pairs],
                   unconnected_gradients=tf.UnconnectedGradients.NONE)
             g_theta = grads[:theta_counts[k]]
             g_x = tf.nest.pack_sequence_as(x, grads[theta_counts[k]:])
-            if input_grads_first and k > 0:
-              grad_order.RunAfter(created.ops, g_x)
+            grad_order.RunAfter(created, g_x)  # nothing if not captured
             acc[k] = _AddGrads(acc[k], g_theta)
             if k > 0:
               dys[k - 1][m] = tf.nest.map_structure(

@@ -35,10 +35,10 @@ def _TwoLayerGradients(order: bool):
       y = tf.matmul(tf.tanh(tf.matmul(x, w1)), w2)
     with grad_order.Capture() as created:
       grads = tape.gradient(y, [w1, w2, x])
-    found['created'] = created.ops
+    found['created'] = created
     found['dx'] = grads[2].op
     if order:
-      found['deferred'] = grad_order.RunAfter(created.ops, grads[2])
+      found['deferred'] = grad_order.RunAfter(created, grads[2])
     return grads
 
   values = Grads()
@@ -71,8 +71,8 @@ def test_eager_execution_has_no_graph_to_order():
     y = tf.reduce_sum(x * x)
   with grad_order.Capture() as created:
     dx = tape.gradient(y, x)
-  assert not created.ops
-  assert grad_order.RunAfter(created.ops, dx) == 0
+  assert not created
+  assert grad_order.RunAfter(created, dx) == 0
   np.testing.assert_allclose(dx, [[2.0, 4.0]])
 
 
