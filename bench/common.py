@@ -62,7 +62,7 @@ def TrainStep(model, plain: bool) -> Callable[[tf.Tensor], tf.Tensor]:
         if plain:
           y = x
           for k, cell in enumerate(model.cells):
-            y = cell.FProp(model.theta[f'cell_{k}'], y)
+            y = cell.FProp(model.CellTheta(model.theta, k), y)
         else:
           y = model.FPropDefaultTheta(x)
         loss = tf.reduce_mean(y * y)

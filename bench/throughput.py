@@ -73,7 +73,7 @@ def _UpdateStep(model, sizes, recompute='always'):
   mode. Returns the loss only, computed on the last cell's device.
   """
   variables = model.trainable_variables
-  thetas = [model.theta[f'cell_{k}'] for k in range(len(model.cells))]
+  thetas = [model.CellTheta(model.theta, k) for k in range(len(model.cells))]
   with tf.device(model.placement.Device(0)):
     x = tf.Variable(tf.random.stateless_normal([_BATCH.value, _DIM.value],
                                                [1, 2]), trainable=False)

@@ -331,7 +331,7 @@ class BaseLayer(tf.Module):
 
   @property
   def path(self) -> str:
-    """Slash-separated position in the layer tree, e.g. `model/cell_0/fc`."""
+    """Slash-separated position in the layer tree, e.g. `net/layers_0/fc`."""
     return self._path
 
   # --- building --------------------------------------------------------------
@@ -355,13 +355,23 @@ class BaseLayer(tf.Module):
     setattr(self, name, child)
     return child
 
-  def CreateChildren(self, name: str,
-                     params_list: Sequence[Params]) -> list['BaseLayer']:
-    """Builds a list of children `name[0..n)`; available as self.name (a list)."""
+  def CreateChildren(
+      self, name: str, params_list: Sequence[Params],
+      child_scope: Optional[Callable[[int], contextlib.AbstractContextManager]]
+      = None) -> list['BaseLayer']:
+    """Builds a list of children `name[0..n)`; available as self.name (a list).
+
+    Args:
+      name: the list's name; child i is `name_i` in paths.
+      params_list: the children's Params.
+      child_scope: if given, child i is built under child_scope(i), e.g. the
+        device its variables live on; its path and weights do not depend on it.
+    """
     self._CheckNewName(name)
-    children = [
-        self._BuildChild(f'{name}_{i}', p) for i, p in enumerate(params_list)
-    ]
+    children = []
+    for i, p in enumerate(params_list):
+      with child_scope(i) if child_scope else contextlib.nullcontext():
+        children.append(self._BuildChild(f'{name}_{i}', p))
     self._children_by_name[name] = children
     setattr(self, name, children)
     return children

@@ -160,5 +160,5 @@ def Create(train_params: hyperparams.Params) -> Optimizer:
 
 
 def _Key(var: tf.Variable) -> str:
-  # Layer variables have unique path names ('task.network.cell_0...').
+  # Layer variables have unique path names ('network.pipeline.layers_0.w').
   return var.name.split(':')[0]

@@ -74,7 +74,7 @@ def SequentialReference(pipe: Any, inputs: Any, sizes: list[int],
   for m, x in enumerate(microbatch.Split(inputs, sizes)):
     with base_layer.Context(micro_batch=m, stats_collector=collector):
       for k, cell in enumerate(pipe.cells):
-        x = cell.FProp(theta[f'cell_{k}'], x)
+        x = cell.FProp(pipe.CellTheta(theta, k), x)
     outputs.append(x)
   collector.ApplyAll()
   return microbatch.Merge(outputs)

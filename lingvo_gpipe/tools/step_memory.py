@@ -161,7 +161,7 @@ def Measure() -> dict:
           y = x
           for k_, cell in enumerate(model.cells):
             with tf.device(model.placement.Device(k_)):
-              y = cell.FProp(model.theta[f'cell_{k_}'], y)
+              y = cell.FProp(model.CellTheta(model.theta, k_), y)
         else:
           y = model.FPropDefaultTheta(x)
         with model.OutputScope():

@@ -209,8 +209,8 @@ def SequentialLayers(layer: base_layer.BaseLayer,
     return SequentialLayers(layer.pipeline, theta.pipeline)
   if isinstance(layer, pipelining_layer.PipeliningLayer):
     return [pair for k, cell in enumerate(layer.cells)
-            for pair in SequentialLayers(cell, theta[f'cell_{k}'])]
-  if isinstance(layer, combinators.Sequential):
+            for pair in SequentialLayers(cell, layer.CellTheta(theta, k))]
+  if isinstance(layer, (combinators.Sequential, pipelining_layer.Cell)):
     return [pair for sub, sub_theta in zip(layer.sub, theta.sub)
             for pair in SequentialLayers(sub, sub_theta)]
   return [(layer, theta)]

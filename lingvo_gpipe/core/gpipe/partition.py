@@ -94,13 +94,18 @@ def Balance(costs: Sequence[float], num_partitions: int,
   return _SplitToCount(best, num_partitions)
 
 
-def CellCosts(costs: Sequence[float], sizes: Sequence[int]) -> list[float]:
-  """Summed cost of each cell."""
+def CellSlices(sizes: Sequence[int]) -> list[slice]:
+  """Which layers each cell holds: cell k is layers[CellSlices(sizes)[k]]."""
   out, start = [], 0
   for s in sizes:
-    out.append(float(sum(costs[start:start + s])))
+    out.append(slice(start, start + s))
     start += s
   return out
+
+
+def CellCosts(costs: Sequence[float], sizes: Sequence[int]) -> list[float]:
+  """Summed cost of each cell."""
+  return [float(sum(costs[cell])) for cell in CellSlices(sizes)]
 
 
 def StaticLayerCosts(layer_params: Sequence[base_layer.Params], method: str,

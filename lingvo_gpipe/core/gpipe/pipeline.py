@@ -87,7 +87,7 @@ def _AddGrads(acc: Optional[list], grads: list) -> list:
 # autograph has nothing to convert here; letting it re-process every cell call
 # K*M times made tracing 2-4x slower (bench/results/graph_build.md).
 @tf.autograph.experimental.do_not_convert
-def RunPipeline(cells: Sequence[base_layer.BaseLayer],
+def RunPipeline(cells: Sequence[Any],
                 thetas: Sequence[NestedMap],
                 inputs: Any,
                 sizes: Sequence[int],
@@ -98,7 +98,8 @@ def RunPipeline(cells: Sequence[base_layer.BaseLayer],
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
-    cells: K layers; cell k's outputs are cell k+1's inputs.
+    cells: K layers (or a PipeliningLayer's Cells: anything with
+      FProp(theta, *inputs)); cell k's outputs are cell k+1's inputs.
     thetas: K NestedMaps of tensors (or variables), cell k's theta.
     inputs: a tensor or nested structure of tensors, batched along batch_dim.
     sizes: micro-batch sizes, summing to the batch size.

@@ -3,16 +3,20 @@
 Invariant: for any number of cells K, micro-batches M and recompute mode, its
 outputs and gradients equal those of running its layers in sequence on each
 micro-batch (BatchNorm: statistics per micro-batch in training, moving
-averages updated once per mini-batch from all micro-batches). The layer only
-wires together single-purpose modules: partition (which layers form cell k),
-placement (where cell k runs), microbatch (how the batch is cut), and
-pipeline (the fill-drain schedule with its own backward).
+averages updated once per mini-batch from all micro-batches). And built from
+`layers`, the same layers have the same paths, variable names, initial
+weights and checkpoint keys at any K, M and placement: a layer is named by its
+place in `layers` (`<path>/layers_<j>`), never by its cell, so a checkpoint
+written at one K restores at another. The layer only wires together
+single-purpose modules: partition (which layers form cell k), placement
+(where cell k runs), microbatch (how the batch is cut), and pipeline (the
+fill-drain schedule with its own backward).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 from absl import logging
@@ -28,6 +32,32 @@ from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 
 PLACEMENT_BACKENDS = ('devices', 'tpu')
+
+
+class Cell(tf.Module):
+  """Cell k of a pipeline built from `layers`: a run of layers it does not own.
+
+  The PipeliningLayer owns the layers, so that their names and checkpoint keys
+  do not depend on the cut; a cell only chains its run of them, the way a
+  combinators.Sequential chains its sub-layers, and takes a theta of the same
+  form, NestedMap(sub=[theta of each layer]) (PipeliningLayer.CellTheta).
+  """
+
+  def __init__(self, name: str, layers: Sequence[base_layer.BaseLayer]):
+    super().__init__(name=name)
+    self.sub = list(layers)
+
+  @property
+  def vars(self) -> NestedMap:
+    """The cell's layers' variables, nested like its theta."""
+    return NestedMap(sub=[layer.vars for layer in self.sub])
+
+  @property
+  def theta(self) -> NestedMap:
+    return self.vars
+
+  def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
+    return combinators.ChainFProp(self.sub, theta.sub, inputs)
 
 
 class PipeliningLayer(base_layer.BaseLayer):
@@ -78,13 +108,27 @@ class PipeliningLayer(base_layer.BaseLayer):
     self._CheckParams()
     # Partition once: the time and memory methods profile every layer.
     self.balance = self.CellBalance(p)
-    cell_params = self._CellParamsOf(p, self.balance)
-    self.placement = self._MakePlacement(len(cell_params))
-    cells = []
-    for k, cp in enumerate(cell_params):
-      with self.placement.CellScope(k):
-        cells.append(self.CreateChild(f'cell_{k}', cp))
-    self.cells = cells
+    self.placement = self._MakePlacement(len(self.balance))
+    if p.cell_tpl is not None:
+      # The user cut the model: its cells are its layers.
+      cells = []
+      for k, cp in enumerate(p.cell_tpl):
+        with self.placement.CellScope(k):
+          cells.append(self.CreateChild(f'cell_{k}', cp))
+    else:
+      # Each layer on its cell's device, but named by its place in `layers`:
+      # the path seeds its weights and dropout and names its variables and
+      # checkpoint keys, which must not change with the cut.
+      cell_of = [k for k, size in enumerate(self.balance) for _ in range(size)]
+      layers = self.CreateChildren(
+          'layers', p.layers,
+          child_scope=lambda j: self.placement.CellScope(cell_of[j]))
+      cells = [Cell(f'cell_{k}', layers[cell])
+               for k, cell in enumerate(partition.CellSlices(self.balance))]
+    # Untracked: a checkpoint reaches the layers (or cell_tpl's cells) through
+    # their own names; a second path through `cells` could give them
+    # cut-dependent keys.
+    self.cells = self._no_dependency(cells)
     self._traced_input_shapes = None
     logging.info('%s', report_lib.FormatTable(self.Report()))
 
@@ -149,12 +193,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     if p.cell_tpl is not None:
       return list(p.cell_tpl)
     balance = balance or cls.CellBalance(p)
-    cells, start = [], 0
-    for k, size in enumerate(balance):
-      cells.append(combinators.Sequential.Params().Set(
-          name=f'cell_{k}', sub=list(p.layers[start:start + size])))
-      start += size
-    return cells
+    return [combinators.Sequential.Params().Set(name=f'cell_{k}',
+                                                sub=list(p.layers[cell]))
+            for k, cell in enumerate(partition.CellSlices(balance))]
 
   def _MakePlacement(self, num_cells: int) -> placement_lib.Placement:
     p = self.params
@@ -179,13 +220,20 @@ class PipeliningLayer(base_layer.BaseLayer):
       return microbatch.MicroBatchSizes(batch, micro_batch_size=p.micro_batch_size)
     return microbatch.MicroBatchSizes(batch, num_micro_batches=p.num_micro_batches)
 
+  def CellTheta(self, theta: NestedMap, k: int) -> NestedMap:
+    """Cell k's theta (what `cells[k].FProp` takes) from this layer's theta."""
+    if self.params.cell_tpl is not None:
+      return theta[f'cell_{k}']
+    return NestedMap(
+        sub=list(theta.layers[partition.CellSlices(self.balance)[k]]))
+
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     p = self.params
     x = inputs[0] if len(inputs) == 1 else tuple(inputs)
     self._traced_input_shapes = tuple(
         tf.nest.map_structure(lambda t: t.shape, inputs))
     sizes = self.MicroBatchSizes(x)
-    thetas = [theta[f'cell_{k}'] for k in range(len(self.cells))]
+    thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,
                                 input_grads_first=p.input_grads_first)
@@ -230,12 +278,13 @@ class PipeliningLayer(base_layer.BaseLayer):
     shapes = None if input_shapes is None else tuple(input_shapes)
     balance = balance or cls.CellBalance(p)
     devices = p.devices or []
-    cells, start = [], 0
-    for k, (cp, size) in enumerate(zip(cls._CellParamsOf(p, balance),
-                                       balance)):
-      names = ([l.name for l in p.layers[start:start + size]]
+    cells = []
+    for k, (cp, layers) in enumerate(zip(cls._CellParamsOf(p, balance),
+                                         partition.CellSlices(balance))):
+      names = ([l.name for l in p.layers[layers]]
                if p.layers is not None else [cp.name])
-      info = NestedMap(cell=k, first_layer=start, num_layers=size,
+      info = NestedMap(cell=k, first_layer=layers.start,
+                       num_layers=layers.stop - layers.start,
                        layer_names=names, num_params=cp.cls.NumParams(cp),
                        device=devices[k % len(devices)] if devices else None,
                        flops=None, peak_bytes=None)
@@ -244,7 +293,6 @@ class PipeliningLayer(base_layer.BaseLayer):
         info.flops = meta.flops
         shapes = tuple(meta.out_shapes)
       cells.append(info)
-      start += size
     m = p.num_micro_batches if p.micro_batch_size is None else None
     k = len(cells)
     return NestedMap(

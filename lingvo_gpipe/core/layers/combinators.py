@@ -44,8 +44,9 @@ def _SubMeta(owner: str, index: Any, p: base_layer.Params,
                      f'{e}') from e
 
 
-def _ChainFProp(layers: Sequence[base_layer.BaseLayer], thetas: Sequence[Any],
-                inputs: tuple) -> Any:
+def ChainFProp(layers: Sequence[base_layer.BaseLayer], thetas: Sequence[Any],
+               inputs: tuple) -> Any:
+  """Applies `layers` in turn (layer i with thetas[i]), as Sequential does."""
   outputs = inputs
   for layer, theta in zip(layers, thetas):
     outputs = layer.FProp(theta, *_AsArgs(outputs))
@@ -107,7 +108,7 @@ class Sequential(base_layer.BaseLayer):
     self.CreateChildren('sub', self.params.sub)
 
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
-    return _ChainFProp(self.sub, theta.sub, inputs)
+    return ChainFProp(self.sub, theta.sub, inputs)
 
   @classmethod
   def NumParams(cls, p) -> int:
@@ -146,7 +147,7 @@ class Repeat(base_layer.BaseLayer):
     self.CreateChildren('body', [self.params.sub] * self.params.num)
 
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
-    return _ChainFProp(self.body, theta.body, inputs)
+    return ChainFProp(self.body, theta.body, inputs)
 
   @classmethod
   def NumParams(cls, p) -> int:
