@@ -76,6 +76,11 @@ _MODE = flags.DEFINE_string('mode', 'train', f'One of {", ".join(MODES)}.')
 _PARAMS_FILE = flags.DEFINE_string(
     'params_file', None, "A file of 'key : value' or 'key=value' lines (e.g. "
     'a params.txt) applied over the config.')
+_PARAMS_IMPORT_ROOTS = flags.DEFINE_string(
+    'params_import_roots', '', 'Comma-separated top-level modules (besides '
+    "lingvo_gpipe, tasks and params) whose classes a params file's or "
+    "override's `@module.Name` may import. Importing runs a module's code, so "
+    'name only modules you trust.')
 _OVERRIDE = flags.DEFINE_string(
     'params_override', '', "Overrides applied after --params_file, e.g. "
     "'train.learning_rate=1e-3; task.network.num_layers=4'.")
@@ -136,6 +141,8 @@ def ResolveParams() -> hyperparams.Params:
   if not _MODEL.value:
     raise UsageError('--model is required, e.g. --model=image.digits.'
                      'AmoebaNetTiny (--list_models lists them all).')
+  hyperparams.AllowImportRoots(
+      [r.strip() for r in _PARAMS_IMPORT_ROOTS.value.split(',') if r.strip()])
   num_partitions = _NUM_PARTITIONS.value
   if num_partitions is None and WorkerHosts():
     num_partitions = len(WorkerHosts())  # one pipeline stage per worker

@@ -17,7 +17,7 @@ ApplyOverridesFile):
   * A value is a Python literal as `repr` writes it (floats round-trip exactly;
     also `inf`, `nan`), or `REQUIRED`, or `tf.float32` for a TF dtype, or
     `@pkg.module.QualName` for a class, function or enum member (found again by
-    import).
+    import; see below).
   * A list, tuple or dict holding Params is written once as a skeleton with a
     `Params(...)` placeholder per Params, e.g. `layers : [Params(...), 3]`,
     followed by each placeholder's own lines; an empty Params is `Params(...)`.
@@ -27,6 +27,16 @@ ApplyOverridesFile):
   * Blank lines and lines starting with `#` are ignored; `key=value` and
     `;`-separated assignments are read too, so overrides and dumps share one
     syntax.
+  * Reading text runs no code it names: params files are shared, and importing
+    a module runs its top-level code. So an `@` path is imported only for a
+    field whose current value is a class, function or enum member, or a `cls`
+    field (a `Params(...)` placeholder's class), and only if the module is
+    already imported (looking it up runs nothing) or lies under an import root:
+    the project's own `lingvo_gpipe`, `tasks` and `params`, plus the roots
+    given to AllowImportRoots (the trainer's --params_import_roots). A field
+    holding None, REQUIRED or a container looks `@` paths up only among
+    modules already imported; any other field refuses them. The field's kind
+    is checked before anything is imported.
 """
 
 import ast
@@ -37,9 +47,10 @@ import importlib
 import inspect
 import keyword
 import re
+import sys
 import types
-from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional,
-                    Tuple)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple,
+                    Optional, Tuple)
 
 
 class _Required:
@@ -194,8 +205,107 @@ def _FormatValue(v: Any) -> str:
   return repr(v)
 
 
+# Top-level packages whose modules `@` paths may import: the project's own.
+_PROJECT_IMPORT_ROOTS = ('lingvo_gpipe', 'params', 'tasks')
+_extra_import_roots = set()  # Added by AllowImportRoots.
+
+
+def AllowImportRoots(roots: Iterable[str]) -> None:
+  """Lets `@` paths in text import modules under these top-level packages.
+
+  Text (params files, overrides) may name classes of other libraries; their
+  modules are imported only once their root is allowed here, because
+  importing runs a module's top-level code (see the module docstring).
+
+  Args:
+    roots: top-level module names, e.g. ['mylib'] allows `@mylib.layers.Conv`.
+
+  Raises:
+    ParamsError: a root is not a top-level module name.
+  """
+  roots = [roots] if isinstance(roots, str) else list(roots)
+  for root in roots:
+    if not isinstance(root, str) or not root.isidentifier():
+      raise ParamsError(
+          f'AllowImportRoots: {root!r} is not a top-level module name; give '
+          "a package's first name, e.g. 'mylib' (not 'mylib.sub' or a path).")
+  _extra_import_roots.update(roots)
+
+
+def ImportRoots() -> Tuple[str, ...]:
+  """The top-level packages `@` paths may import from: project and allowed."""
+  return tuple(sorted(set(_PROJECT_IMPORT_ROOTS) | _extra_import_roots))
+
+
+def _Loaded(parts: List[str]) -> Any:
+  """The object at `parts` within modules already imported; _ABSENT if none."""
+  for i in range(len(parts), 0, -1):
+    obj = sys.modules.get('.'.join(parts[:i]))
+    if obj is None:
+      continue
+    for attr in parts[i:]:
+      obj = getattr(obj, attr, _ABSENT)
+      if obj is _ABSENT:
+        return _ABSENT  # Maybe a submodule not imported yet.
+    return obj
+  return _ABSENT
+
+
+def _Resolve(path: str, may_import: bool) -> Any:
+  """The object `@path` names, importing its module only if the rules allow.
+
+  Args:
+    path: `pkg.module.QualName`.
+    may_import: whether the field takes a class, function or enum member, so
+      its module may be imported (under an import root).
+  """
+  parts = path.split('.')
+  if not all(part.isidentifier() for part in parts):
+    raise ParamsError(f'{path!r} is not an import path; expected '
+                      '@pkg.module.Name')
+  obj = _Loaded(parts)
+  if obj is not _ABSENT:
+    return obj
+  if not may_import:
+    raise ParamsError(
+        f'cannot import {path!r}: this field holds no class, function or enum '
+        'member, so its import paths are looked up only in modules already '
+        "imported, and this one is not; set the field in the config's code "
+        'instead')
+  if parts[0] not in ImportRoots():
+    raise ParamsError(
+        f'cannot import {path!r}: refusing to import module {parts[0]!r}, as '
+        'importing runs its code; text may import only modules under '
+        f"{', '.join(ImportRoots())} or already imported. To trust it, call "
+        f'hyperparams.AllowImportRoots([{parts[0]!r}]) (trainer: '
+        f'--params_import_roots={parts[0]})')
+  return _Import(path)
+
+
+def _Resolver(name: Any, current: Any) -> Callable[[str], Any]:
+  """How `@` paths in the text for field `name` (now `current`) resolve.
+
+  Decided from the field alone, before anything is imported.
+  """
+  if _ByPathKind(current) or (name == 'cls' and _IsUnset(current)):
+    return lambda path: _Resolve(path, may_import=True)
+  if _IsUnset(current) or isinstance(current, (list, tuple, dict, set)):
+    return lambda path: _Resolve(path, may_import=False)
+
+  def Refuse(path: str) -> Any:
+    raise ParamsError(
+        f'@{path} is an import path, but this field holds a value of type '
+        f'{type(current).__name__}; only a field holding a class, function or '
+        'enum member takes one (nothing was imported)')
+
+  return Refuse
+
+
 def _Import(path: str) -> Any:
-  """Finds `pkg.module.Outer.Name` by importing the longest module prefix."""
+  """Finds `pkg.module.Outer.Name` by importing the longest module prefix.
+
+  Runs the modules' code: callers check the path with _Resolve first.
+  """
   parts = path.split('.')
   for i in range(len(parts), 0, -1):
     module_name = '.'.join(parts[:i])
@@ -228,29 +338,33 @@ class _Unparsable(Exception):
   pass
 
 
-def _Literal(text: str) -> Any:
-  """Parses one value of the text format; _UNPARSED if it is none."""
+def _Literal(text: str, resolve: Callable[[str], Any]) -> Any:
+  """Parses one value of the text format; _UNPARSED if it is none.
+
+  `@` paths are found with `resolve`.
+  """
   code = _STRING_OR_IMPORT.sub(
       lambda m: m.group(1) or f'_import_({m.group(2)!r})', text.strip())
   try:
-    return _Eval(ast.parse(code, mode='eval').body)
+    return _Eval(ast.parse(code, mode='eval').body, resolve)
   except ParamsError:
     raise
   except (SyntaxError, ValueError, _Unparsable):
     return _UNPARSED
 
 
-def _Eval(node: ast.AST) -> Any:
+def _Eval(node: ast.AST, resolve: Callable[[str], Any]) -> Any:
   """Evaluates the literal subset of Python the text format uses."""
   if isinstance(node, ast.Constant) and node.value is not Ellipsis:
     return node.value
   if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
     kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
-    return kind(_Eval(e) for e in node.elts)
+    return kind(_Eval(e, resolve) for e in node.elts)
   if isinstance(node, ast.Dict) and None not in node.keys:
-    return {_Eval(k): _Eval(v) for k, v in zip(node.keys, node.values)}
+    return {_Eval(k, resolve): _Eval(v, resolve)
+            for k, v in zip(node.keys, node.values)}
   if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-    v = _Eval(node.operand)
+    v = _Eval(node.operand, resolve)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
       return -v
   if isinstance(node, ast.Name):
@@ -267,13 +381,13 @@ def _Eval(node: ast.AST) -> Any:
     if name == 'Params' and constant is Ellipsis:
       return _Slot()
     if name == '_import_' and isinstance(constant, str):
-      return _Import(constant)
+      return resolve(constant)
     if name == 'set' and arg is None:
       return set()
   raise _Unparsable(ast.dump(node))
 
 
-def _Coerce(text: str, current: Any) -> Any:
+def _Coerce(text: str, current: Any, resolve: Callable[[str], Any]) -> Any:
   """Parses override `text` for a field whose value is `current`, or raises.
 
   `None` is accepted by every field (optional knobs are switched off that way).
@@ -284,7 +398,7 @@ def _Coerce(text: str, current: Any) -> Any:
   if (isinstance(current, str) and not isinstance(current, enum.Enum) and
       text[:1] not in ('"', "'")):
     return text  # A bare word; parsing it could only mis-read it.
-  value = _Literal(text)
+  value = _Literal(text, resolve)
   got = 'not a literal' if value is _UNPARSED else f'got {type(value).__name__}'
 
   def Expected(expected: str) -> ParamsError:
@@ -295,7 +409,7 @@ def _Coerce(text: str, current: Any) -> Any:
   kind = _ByPathKind(current)
   if kind:
     if value is _UNPARSED:
-      value = _Import(text)
+      value = resolve(text)
     if _ByPathKind(value) != kind:
       raise Expected(f'{kind} given by import path, e.g. @pkg.module.Name')
     return value
@@ -329,12 +443,17 @@ def _Coerce(text: str, current: Any) -> Any:
   raise Expected(type(current).__name__)
 
 
-def _ParseValue(key: str, text: str, current: Any, typed: bool) -> Any:
-  """The one value parser: exact (FromText) or type-checked (overrides)."""
+def _ParseValue(key: str, text: str, current: Any, typed: bool,
+                name: Any) -> Any:
+  """The one value parser: exact (FromText) or type-checked (overrides).
+
+  `name` is the field's own name (last path token), `current` its value.
+  """
+  resolve = _Resolver(name, current)
   try:
     if typed:
-      return _Coerce(text, current)
-    value = _Literal(text)
+      return _Coerce(text, current, resolve)
+    value = _Literal(text, resolve)
     if value is _UNPARSED:
       raise ParamsError('not a value literal (quote strings; classes are '
                         '@pkg.module.Name, dtypes tf.float32)')
@@ -739,7 +858,8 @@ class _Loader(_Walker):
     if key not in self._classes:
       # `type` as the current value makes overrides type-check a class.
       self._classes[key] = _ParseValue(_Join(self._prefix, key),
-                                       self._texts[key], type, self._overrides)
+                                       self._texts[key], type, self._overrides,
+                                       'cls')
     return self._classes[key]
 
   def _ClassChanged(self, value: Any, tokens: Tuple[Any, ...]) -> bool:
@@ -808,8 +928,8 @@ def _Load(params: Params, text: str, overrides: bool) -> Params:
   entries.sort(key=lambda e: len(e[0]))
   texts = {tokens: value for tokens, _, value in entries}
 
-  def Leaf(current, key, value):
-    new = _ParseValue(key, value, current, typed=overrides)
+  def Leaf(current, key, value, name):
+    new = _ParseValue(key, value, current, typed=overrides, name=name)
     _KeepReuse(new, current)
     return new
 
@@ -817,7 +937,8 @@ def _Load(params: Params, text: str, overrides: bool) -> Params:
     loader = _Loader(params._path, texts, overrides)
     for tokens, key, value in entries:
       try:
-        loader.Put(target, tokens, lambda c, k=key, v=value: Leaf(c, k, v))
+        loader.Put(target, tokens,
+                   lambda c, k=key, v=value, n=tokens[-1]: Leaf(c, k, v, n))
       except ParamsError as e:
         if key in str(e) or _Join(params._path, tokens) in str(e):
           raise
@@ -835,7 +956,8 @@ def ApplyOverrides(params: Params, text: str) -> Params:
   the field's current value: int takes an int literal; float an int or float;
   bool true/false/True/False/1/0; str a quoted or bare string; list, tuple,
   dict and set their own literal; a class, function or enum member an import
-  path (`@pkg.mod.Name` or `pkg.mod.Name`); a dtype `float32` or `tf.float32`;
+  path (`@pkg.mod.Name` or `pkg.mod.Name`, imported only under ImportRoots()
+  or if already imported; see the module docstring); a dtype `float32` or `tf.float32`;
   a None or REQUIRED field any literal (bare words as strings); any field
   `None`. All or nothing: on error params is unchanged.
 

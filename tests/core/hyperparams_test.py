@@ -2,10 +2,12 @@
 reads back from its own text unchanged (FromText, overrides, files)."""
 
 import enum
+import importlib
 import os
 import pickle
 import subprocess
 import sys
+import uuid
 
 import pytest
 import tensorflow as tf
@@ -502,6 +504,194 @@ def test_overrides_file(tmp_path):
     ApplyOverridesFile(_Model(), str(path))
   with pytest.raises(ParamsError, match='missing.txt'):
     ApplyOverridesFile(_Model(), str(tmp_path / 'missing.txt'))
+
+
+# --- import paths: loading text runs no code it names ------------------------
+
+
+def _Run():
+  """A tree with an int field and a class field, like a trainer config."""
+  p = Params()
+  train = Params()
+  train.Define('max_steps', 100, 'Steps.')
+  train.Define('optimizer_cls', Dense, 'A class.')
+  train.Define('notes', None, 'Anything.')
+  train.Define('dims', [1], 'A list.')
+  p.Define('train', train, 'Training.')
+  p.Define('layers', [Dense.Params()], 'Layer Params.')
+  return p
+
+
+def _FromTextLoader(p, text, tmp_path):
+  del tmp_path
+  return p.FromText(text)
+
+
+def _OverridesLoader(p, text, tmp_path):
+  del tmp_path
+  return ApplyOverrides(p, text)
+
+
+def _FileLoader(p, text, tmp_path):
+  path = tmp_path / 'shared_params.txt'
+  path.write_text(text, encoding='utf-8')
+  return ApplyOverridesFile(p, str(path))
+
+
+_LOADERS = pytest.mark.parametrize(
+    'load', [_FromTextLoader, _OverridesLoader, _FileLoader],
+    ids=['FromText', 'ApplyOverrides', 'ApplyOverridesFile'])
+
+
+class _Pwn:
+  """A module on sys.path whose top-level code leaves a marker file."""
+
+  def __init__(self, directory):
+    self.name = f'pwn_{uuid.uuid4().hex[:12]}'
+    self.marker = directory / 'marker'
+    (directory / f'{self.name}.py').write_text(
+        f'open({str(self.marker)!r}, "w").close()\n'
+        'class X:\n'
+        '  pass\n', encoding='utf-8')
+
+  @property
+  def ran(self):
+    return self.marker.exists()
+
+
+@pytest.fixture
+def pwn(tmp_path, monkeypatch):
+  module_dir = tmp_path / 'site'
+  module_dir.mkdir()
+  module = _Pwn(module_dir)
+  monkeypatch.syspath_prepend(str(module_dir))
+  # Each test starts with only the project's roots, and leaves none behind.
+  monkeypatch.setattr(hyperparams, '_extra_import_roots', set())
+  yield module
+  sys.modules.pop(module.name, None)
+
+
+@_LOADERS
+def test_import_path_for_an_int_field_imports_nothing(load, pwn, tmp_path):
+  p = _Run()
+  with pytest.raises(ParamsError) as e:
+    load(p, f'train.max_steps : @{pwn.name}.X', tmp_path)
+  assert 'train.max_steps' in str(e.value)
+  assert f'@{pwn.name}.X' in str(e.value)
+  assert 'int' in str(e.value)
+  assert not pwn.ran and pwn.name not in sys.modules
+  assert p == _Run()
+  # Allowing the root does not make an int field take a class.
+  hyperparams.AllowImportRoots([pwn.name])
+  with pytest.raises(ParamsError, match='train.max_steps'):
+    load(p, f'train.max_steps : @{pwn.name}.X', tmp_path)
+  assert not pwn.ran
+
+
+@_LOADERS
+def test_import_path_outside_the_roots_needs_an_explicit_opt_in(
+    load, pwn, tmp_path):
+  p = _Run()
+  text = f'train.optimizer_cls : @{pwn.name}.X'
+  with pytest.raises(ParamsError) as e:
+    load(p, text, tmp_path)
+  message = str(e.value)
+  assert 'train.optimizer_cls' in message and f'{pwn.name}.X' in message
+  assert f'AllowImportRoots([{pwn.name!r}])' in message
+  assert f'--params_import_roots={pwn.name}' in message
+  assert not pwn.ran and pwn.name not in sys.modules
+  assert p == _Run()
+
+  hyperparams.AllowImportRoots([pwn.name])
+  assert pwn.name in hyperparams.ImportRoots()
+  load(p, text, tmp_path)
+  assert pwn.ran
+  assert p.train.optimizer_cls is sys.modules[pwn.name].X
+
+
+def test_bare_import_path_override_is_checked_too(pwn):
+  with pytest.raises(ParamsError, match=r'train\.optimizer_cls.*'
+                     'AllowImportRoots'):
+    ApplyOverrides(_Run(), f'train.optimizer_cls={pwn.name}.X')
+  assert not pwn.ran
+
+
+@_LOADERS
+def test_placeholder_cls_outside_the_roots_is_refused(load, pwn, tmp_path):
+  text = (f'layers : [Params(...), Params(...)]\n'
+          f'layers[1].cls : @{pwn.name}.X\n')
+  with pytest.raises(ParamsError, match=r'layers\[1\]\.cls.*AllowImportRoots'):
+    load(_Run(), text, tmp_path)
+  assert not pwn.ran
+  hyperparams.AllowImportRoots(pwn.name)
+  p = load(_Run(), text, tmp_path)
+  assert pwn.ran and p.layers[1].cls is sys.modules[pwn.name].X
+
+
+@_LOADERS
+def test_fields_of_no_class_kind_never_import(load, pwn, tmp_path):
+  hyperparams.AllowImportRoots([pwn.name])  # Even allowed: the field decides.
+  for text, field in ((f'train.notes : @{pwn.name}.X', 'train.notes'),
+                      (f'train.dims : [@{pwn.name}.X]', 'train.dims')):
+    with pytest.raises(ParamsError) as e:
+      load(_Run(), text, tmp_path)
+    assert field in str(e.value) and 'already imported' in str(e.value)
+  assert not pwn.ran
+
+
+def test_already_imported_modules_resolve_without_running_again(pwn):
+  module = importlib.import_module(pwn.name)
+  pwn.marker.unlink()
+  p = _Run()
+  ApplyOverrides(p, f'train.optimizer_cls : @{pwn.name}.X')
+  p.FromText(f'train.notes : @{pwn.name}.X\n'
+             f'train.dims : [@{pwn.name}.X, @collections.OrderedDict]')
+  assert p.train.optimizer_cls is module.X and p.train.notes is module.X
+  assert p.train.dims == [module.X, __import__('collections').OrderedDict]
+  assert not pwn.ran  # Looked up, not imported again.
+  # Being imported does not let a non-class field take a class.
+  with pytest.raises(ParamsError, match='train.max_steps'):
+    p.FromText(f'train.max_steps : @{pwn.name}.X')
+
+
+def test_project_classes_import_in_a_fresh_process(tmp_path):
+  pwn = _Pwn(tmp_path)
+  code = (
+      'import sys\n'
+      'from lingvo_gpipe.core import hyperparams as h\n'
+      'module = "lingvo_gpipe.core.nested_map"\n'
+      'assert module not in sys.modules, "imported too early"\n'
+      'p = h.Params()\n'
+      'p.Define("layers", [], "")\n'
+      'p.Define("opt", dict, "")\n'
+      'p.FromText("layers : [Params(...)]\\n"\n'
+      '           f"layers[0].cls : @{module}.NestedMap")\n'
+      'h.ApplyOverrides(p, f"opt : @{module}.NestedMap")\n'
+      'assert p.layers[0].cls is sys.modules[module].NestedMap\n'
+      'assert p.opt is p.layers[0].cls\n'
+      'try:\n'
+      f'  h.ApplyOverrides(p, "opt : @{pwn.name}.X")\n'
+      'except h.ParamsError as e:\n'
+      '  print(e)\n')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(hyperparams.__file__))))
+  result = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True,
+      check=False, cwd=root,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path)])))
+  assert result.returncode == 0, result.stderr
+  assert f"opt: cannot set to '@{pwn.name}.X'" in result.stdout
+  assert not pwn.ran
+
+
+def test_allow_import_roots_takes_top_level_names_only(monkeypatch):
+  monkeypatch.setattr(hyperparams, '_extra_import_roots', set())
+  for bad in ('mylib.sub', 'my-lib', '', '/tmp/mylib', 3):
+    with pytest.raises(ParamsError, match='top-level module name'):
+      hyperparams.AllowImportRoots([bad])
+  hyperparams.AllowImportRoots(['mylib'])
+  assert hyperparams.ImportRoots() == ('lingvo_gpipe', 'mylib', 'params',
+                                       'tasks')
 
 
 def _Diff(p, q):
