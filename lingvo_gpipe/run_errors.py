@@ -20,6 +20,7 @@ from lingvo_gpipe import base_input_generator
 from lingvo_gpipe import model_registry
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import hyperparams
 
 
@@ -29,6 +30,7 @@ class ExitStatus(enum.IntEnum):
   DATA_NOT_FOUND = 2
   OUT_OF_MEMORY = 3
   NON_FINITE = 4
+  WORKER_LOST = 5  # a worker unreachable, killed or hung (bounded by a flag)
 
 
 class UsageError(ValueError):
@@ -39,6 +41,8 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
   """(status, message) for a failure the user can act on; None for a bug."""
   if isinstance(error, base_input_generator.DataNotFoundError):
     return ExitStatus.DATA_NOT_FOUND, f'{error} (set the directory with --data_dir).'
+  if isinstance(error, (cluster.WorkerLostError, tf.errors.UnavailableError)):
+    return ExitStatus.WORKER_LOST, WorkerLostMessage(error)
   if isinstance(error, tf.errors.ResourceExhaustedError):
     return ExitStatus.OUT_OF_MEMORY, OutOfMemoryMessage(error)
   if isinstance(error, train_program.NonFiniteLossError):
@@ -53,6 +57,13 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
   return None
 
 
+def WorkerLostMessage(error: BaseException) -> str:
+  """Which worker was lost and how to go on."""
+  return cluster.LostWorkerMessage(error) or (
+      f'a TensorFlow worker was lost: {_FirstLine(error)}. Checkpoints already '
+      'written are intact; restart the worker and rerun to resume.')
+
+
 def OutOfMemoryMessage(error: BaseException) -> str:
   """The allocation that failed and the knobs that lower the peak."""
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
@@ -64,3 +75,8 @@ def OutOfMemoryMessage(error: BaseException) -> str:
           '(re-materialize every cell), task.network.pipeline.'
           'input_grads_first=False (if it was turned on), or a smaller '
           'input.batch_size.')
+
+
+def _FirstLine(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:300]

@@ -23,7 +23,8 @@ back), checkpoints/, train/ and eval_<split>/ event files for TensorBoard.
 
 Exit status: 0 done; 1 bad invocation (unknown model, bad override or flag,
 unwritable logdir, a checkpoint of another model); 2 data set not found;
-3 out of memory; 4 non-finite loss.
+3 out of memory; 4 non-finite loss; 5 a worker lost (not listening, stopped,
+hung or killed; bounded by --worker_timeout_secs).
 """
 
 import os
@@ -102,6 +103,13 @@ _WORKER_HOSTS = flags.DEFINE_string(
     'worker_hosts', None, 'Comma-separated host:port of TensorFlow workers '
     '(lingvo_gpipe.tools.worker); cell k runs on worker k, and K defaults to '
     'their number. lingvo_gpipe.tools.local_cluster starts local ones.')
+_WORKER_TIMEOUT = flags.DEFINE_float(
+    'worker_timeout_secs', 120.0, 'With --worker_hosts: how long a worker may '
+    'take to answer, at start and to the liveness probe sent to each worker '
+    'every few seconds during the run; one that does not (not listening, '
+    'stopped, hung, unreachable or killed) ends the run with status 5, named. '
+    'A finite number > 0; generous, so a slow machine is not taken for a '
+    'lost worker.')
 _NUM_REPLICAS = flags.DEFINE_integer(
     'num_replicas', 1, 'R, data-parallel replicas of the K-cell pipeline in '
     'this process (MirroredStrategy): replica r runs on devices r*K..r*K+K-1 '
@@ -359,8 +367,17 @@ def main(argv):
     if _MODE.value == 'eval' and (_REPLICA_HOSTS.value or _TPU.value):
       raise UsageError('--mode=eval runs in one process on its own devices; '
                        'drop --replica_hosts / --tpu for the evaluator.')
+    cluster.CheckTimeout(_WORKER_TIMEOUT.value, '--worker_timeout_secs')
     if WorkerHosts():
-      cluster.ConnectToWorkers(WorkerHosts())
+      # TensorFlow waits forever for a worker that does not answer: bound the
+      # connection, then probe the workers for the whole run (the watchdog
+      # exits with WORKER_LOST even while a step is blocked on a lost one).
+      cluster.ConnectToWorkers(WorkerHosts(), _WORKER_TIMEOUT.value,
+                               '--worker_timeout_secs')
+      cluster.WorkerWatchdog(
+          WorkerHosts(), _WORKER_TIMEOUT.value,
+          cluster.ExitProcessOnLost(ExitStatus.WORKER_LOST),
+          '--worker_timeout_secs').Start()
     strategy = MakeStrategy(params)
     if _REPLICA_INDEX.value == 0:
       PrepareLogdir(_LOGDIR.value, params)

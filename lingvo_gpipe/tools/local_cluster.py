@@ -13,16 +13,19 @@ Replicas (--replica_processes=R): runs R trainer processes as one
 data-parallel job (MultiWorkerMirroredStrategy, --replica_hosts on free
 ports), each with its own K-cell pipeline on its own logical devices.
 
-Either way it stops every process it started when the trainer ends, also on
-failure or Ctrl-C, and exits with the trainer's status (the first failing
-replica's; 130 after Ctrl-C). For trying multi-process runs on one machine,
-and for tests.
+Invariant: no process it starts outlives it. It stops every one when the
+trainer ends, also on failure, Ctrl-C or SIGTERM, and exits with the trainer's
+status (the first failing replica's; 130 after Ctrl-C, 143 after SIGTERM);
+killed outright (SIGKILL), its trainers and workers get SIGKILL from the
+kernel (Linux), and workers also notice their launcher is gone. For trying
+multi-process runs on one machine, and for tests.
 """
 
 import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -44,7 +47,9 @@ _REPLICA_PROCESSES = flags.DEFINE_integer(
     'replica_processes', 1, 'R > 1: run R trainer processes as one '
     'data-parallel job instead of starting stage workers.')
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+_TRAINER_STOP_SECS = 30.0
 _SET_BY_LAUNCHER = ('--worker_hosts', '--replica_hosts', '--replica_index')
 
 
@@ -59,20 +64,52 @@ def main(argv):
       raise app.UsageError('--num_workers and --replica_processes cannot be '
                            'combined: replica processes keep their stages on '
                            'their own devices.')
-    sys.exit(_RunReplicas(_REPLICA_PROCESSES.value, trainer_flags))
+    sys.exit(_Stoppable(
+        lambda: _RunReplicas(_REPLICA_PROCESSES.value, trainer_flags)))
   if _REPLICA_PROCESSES.value < 1:
     raise app.UsageError('--replica_processes must be >= 1, got '
                          f'{_REPLICA_PROCESSES.value}.')
   if _NUM_WORKERS.value < 1:
     raise app.UsageError(f'--num_workers must be >= 1, got {_NUM_WORKERS.value}.')
-  hosts, workers = cluster.StartLocalWorkers(
-      _NUM_WORKERS.value, _MEM_LIMIT.value, _PIN.value, _STARTUP.value)
-  logging.info('Workers listening at %s.', ', '.join(hosts))
+  sys.exit(_Stoppable(lambda: _RunStages(_NUM_WORKERS.value, trainer_flags)))
+
+
+class _Terminated(BaseException):
+  """SIGTERM arrived; a BaseException so that no `except Exception` eats it."""
+
+
+def _RaiseTerminated(unused_signum, unused_frame):
+  raise _Terminated()
+
+
+def _IgnoreStopSignals() -> None:
+  # Stopping has begun: a second Ctrl-C or SIGTERM must not cut short the
+  # stopping of the children (StopAll kills what lingers anyway).
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _Stoppable(run: Callable[[], int]) -> int:
+  """run()'s status, or 130 / 143 if Ctrl-C / SIGTERM stopped it first."""
+  signal.signal(signal.SIGTERM, _RaiseTerminated)
   try:
-    status = _Supervise([[*trainer_flags, f'--worker_hosts={",".join(hosts)}']])
+    return run()
+  except KeyboardInterrupt:
+    return EXIT_INTERRUPTED
+  except _Terminated:
+    return EXIT_TERMINATED
+
+
+def _RunStages(num_workers: int, trainer_flags: list[str]) -> int:
+  workers = []
+  try:
+    hosts, workers = cluster.StartLocalWorkers(
+        num_workers, _MEM_LIMIT.value, _PIN.value, _STARTUP.value)
+    logging.info('Workers listening at %s.', ', '.join(hosts))
+    return _Supervise([[*trainer_flags, f'--worker_hosts={",".join(hosts)}']])
   finally:
+    _IgnoreStopSignals()
     cluster.StopAll(workers)
-  sys.exit(status)
 
 
 def _RunReplicas(num: int, trainer_flags: list[str]) -> int:
@@ -86,26 +123,45 @@ def _Supervise(flag_lists: list[list[str]]) -> int:
   """Runs one trainer per flag list until all end or one fails; its status.
 
   A failed replica would leave the others waiting in an all-reduce forever,
-  so the first failure stops the rest.
+  so the first failure stops the rest. Ctrl-C and SIGTERM are passed on to
+  the trainers (which may stop cleanly) before they are stopped.
   """
   trainers = []
+  failed = []  # before StopAll, whose SIGTERM would fail the others too
+  stop_signal = None
   try:
     for trainer_flags in flag_lists:
       trainers.append(subprocess.Popen(
-          [sys.executable, '-m', 'lingvo_gpipe.trainer', *trainer_flags]))
+          [sys.executable, '-m', 'lingvo_gpipe.trainer', *trainer_flags],
+          preexec_fn=cluster.DieWithThisProcess()))
     while True:
       statuses = [t.poll() for t in trainers]
       failed = [s for s in statuses if s]
       if failed or all(s is not None for s in statuses):
-        cluster.StopAll(trainers)
-        return failed[0] if failed else 0
+        break
       time.sleep(0.2)
   except KeyboardInterrupt:
+    stop_signal = signal.SIGINT
+  except _Terminated:
+    stop_signal = signal.SIGTERM
+  _IgnoreStopSignals()
+  if stop_signal is not None:
     for trainer in trainers:
       if trainer.poll() is None:
-        trainer.send_signal(signal.SIGINT)
-    cluster.StopAll(trainers)
-    return EXIT_INTERRUPTED
+        trainer.send_signal(stop_signal)
+    # Time to stop cleanly (finish the step, checkpoint) before StopAll's
+    # SIGTERM and SIGKILL.
+    deadline = time.monotonic() + _TRAINER_STOP_SECS
+    for trainer in trainers:
+      try:
+        trainer.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pass
+  cluster.StopAll(trainers)
+  if stop_signal is not None:
+    return (EXIT_INTERRUPTED if stop_signal == signal.SIGINT
+            else EXIT_TERMINATED)
+  return failed[0] if failed else 0
 
 
 if __name__ == '__main__':
