@@ -42,6 +42,7 @@ class EvalProgram:
     self.input = params.input.Instantiate()
     self.writer = tf.summary.create_file_writer(self.directory)
     self._eval_fn = tf.function(self._EvalStep)
+    self._skipped: set[str] = set()
 
   def _EvalStep(self, batch):
     with base_layer.Context(training=False):
@@ -84,11 +85,25 @@ class EvalProgram:
   # --- watching a training run's checkpoints ----------------------------------
 
   def LastEvaluated(self) -> Optional[str]:
+    """The last checkpoint evaluated (its name), or None.
+
+    A marker that names no checkpoint (garbled) is ignored with a warning:
+    evaluating a checkpoint again loses nothing.
+    """
+    marker = os.path.join(self.directory, _MARKER)
     try:
-      with open(os.path.join(self.directory, _MARKER), encoding='utf-8') as f:
-        return f.read().strip() or None
+      with open(marker, encoding='utf-8') as f:
+        name = f.read().strip()
     except FileNotFoundError:
       return None
+    try:
+      checkpoint_lib.StepOf(name)
+    except ValueError:
+      logging.warning('Ignoring %s: it holds %r, not a checkpoint name; '
+                      'evaluating from the newest checkpoint.', marker,
+                      name[:80])
+      return None
+    return name
 
   def MarkEvaluated(self, path: str) -> None:
     os.makedirs(self.directory, exist_ok=True)
@@ -102,23 +117,27 @@ class EvalProgram:
     """Yields the newest checkpoint not yet evaluated, each time one appears.
 
     An evaluator slower than the trainer skips to the newest checkpoint, as
-    older ones may already be deleted (max_checkpoints_to_keep). Stops after
-    the checkpoint at train.max_steps, or when no new one appears for
-    timeout_secs.
+    older ones may already be deleted (max_checkpoints_to_keep). A
+    checkpoint the caller could not read (deleted by the trainer after it
+    was listed, or damaged) is passed to `Skip` and the next newest is
+    yielded instead. Stops after the checkpoint at train.max_steps, or when
+    no new one appears for timeout_secs.
     """
     directory = checkpoint_lib.Directory(logdir)
     last = self.LastEvaluated()
     last_step = checkpoint_lib.StepOf(last) if last else -1
+    self._skipped = set()
     deadline = time.time() + timeout_secs
     while True:
-      state = tf.train.get_checkpoint_state(directory)
-      paths = list(state.all_model_checkpoint_paths) if state else []
-      new = sorted((p for p in paths if checkpoint_lib.StepOf(p) > last_step),
-                   key=checkpoint_lib.StepOf)
+      new = [p for p in checkpoint_lib.ListCheckpoints(directory)
+             if checkpoint_lib.StepOf(p) > last_step and
+             os.path.basename(p) not in self._skipped]
       if new:
         path = new[-1]
-        last_step = checkpoint_lib.StepOf(path)
         yield path
+        if os.path.basename(path) in self._skipped:
+          continue
+        last_step = checkpoint_lib.StepOf(path)
         if last_step >= self.params.train.max_steps:
           return
         deadline = time.time() + timeout_secs
@@ -128,3 +147,9 @@ class EvalProgram:
                      directory, timeout_secs)
         return
       time.sleep(poll_secs)
+
+  def Skip(self, path: str, reason: Exception) -> None:
+    """Passes over `path`, which could not be read; NewCheckpoints moves on."""
+    logging.warning('Skipping %s, which could not be read (%s); evaluating '
+                    'the next newest checkpoint instead.', path, reason)
+    self._skipped.add(os.path.basename(path))

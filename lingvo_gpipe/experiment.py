@@ -10,7 +10,8 @@ Settings apply in a fixed order, later ones winning: the registered config,
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import math
+from typing import Any, Iterator, Optional
 
 from lingvo_gpipe import model_registry
 from lingvo_gpipe.core import hyperparams
@@ -76,7 +77,88 @@ def Resolve(settings: Settings) -> hyperparams.Params:
     template.Set(**{field: value})
     if field == 'num_micro_batches':
       template.micro_batch_size = None
+  Validate(params)
   return params
+
+
+# Fields of `train` and `input` and the least value each takes; a knob that
+# divides a step count or sizes a batch is refused at 0 before it crashes a
+# run (or, negative, silently trains nothing).
+_AT_LEAST = {
+    'train.max_steps': 1, 'train.log_interval_steps': 1,
+    'train.save_interval_steps': 1, 'train.summary_interval_steps': 0,
+    'train.max_checkpoints_to_keep': 1, 'train.eval_max_batches': 0,
+    'train.clip_gradient_norm': 0, 'train.epsilon': 0,
+    'input.batch_size': 1,
+}
+_POSITIVE = ('train.learning_rate',)
+
+
+def Validate(params: hyperparams.Params) -> None:
+  """Refuses Params no run can use, naming the field and what is valid.
+
+  Every number in the tree must be finite (a NaN learning rate would write
+  NaN weights); the step, interval and batch-size knobs of `train` and
+  `input` must be in range.
+
+  Raises:
+    hyperparams.ParamsError: the first bad field.
+  """
+  for path, value in _Numbers(params):
+    if not math.isfinite(value):
+      raise hyperparams.ParamsError(
+          f'{path}={value}: every numeric setting must be a finite number.')
+  for path, least in _AT_LEAST.items():
+    value = _Get(params, path)
+    if value is not None and value < least:
+      raise hyperparams.ParamsError(
+          f'{path}={value}: must be >= {least}.')
+  for path in _POSITIVE:
+    value = _Get(params, path)
+    if value is not None and value <= 0:
+      raise hyperparams.ParamsError(f'{path}={value}: must be > 0.')
+  CheckMicroBatches(params)
+
+
+def CheckMicroBatches(params: hyperparams.Params, num_replicas: int = 1) -> None:
+  """Refuses more micro-batches than a replica's share of the mini-batch has examples."""
+  template = PipelineTemplate(params)
+  batch = _Get(params, 'input.batch_size')
+  if template is None or batch is None or template.micro_batch_size is not None:
+    return
+  per_replica = batch // max(1, num_replicas)
+  if template.num_micro_batches > per_replica:
+    where = (f'each of {num_replicas} replicas gets {per_replica} of the '
+             f'{batch}' if num_replicas > 1 else f'input.batch_size is {batch}')
+    raise hyperparams.ParamsError(
+        f'num_micro_batches={template.num_micro_batches} (--num_micro_batches) '
+        f'cannot split a batch of {per_replica} examples ({where}): every '
+        'micro-batch needs at least one example. Use at most '
+        f'{per_replica} micro-batches or a larger input.batch_size.')
+
+
+def _Get(params: hyperparams.Params, path: str) -> Any:
+  node = params
+  for name in path.split('.'):
+    if not isinstance(node, hyperparams.Params) or name not in node:
+      return None
+    node = node.Get(name)
+  return node
+
+
+def _Numbers(value: Any, path: str = '') -> Iterator[tuple[str, float]]:
+  """(path, value) of every float in a Params tree (ints are always finite)."""
+  if isinstance(value, hyperparams.Params):
+    for name, child in value.IterParams():
+      yield from _Numbers(child, f'{path}.{name}' if path else name)
+  elif isinstance(value, (list, tuple)):
+    for i, child in enumerate(value):
+      yield from _Numbers(child, f'{path}[{i}]')
+  elif isinstance(value, dict):
+    for key, child in value.items():
+      yield from _Numbers(child, f'{path}[{key!r}]')
+  elif isinstance(value, float):
+    yield path, value
 
 
 def NumPartitions(params: hyperparams.Params) -> int:

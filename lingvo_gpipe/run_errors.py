@@ -17,6 +17,7 @@ from absl import logging
 import tensorflow as tf
 
 from lingvo_gpipe import base_input_generator
+from lingvo_gpipe import logdir
 from lingvo_gpipe import model_registry
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
@@ -31,6 +32,8 @@ class ExitStatus(enum.IntEnum):
   OUT_OF_MEMORY = 3
   NON_FINITE = 4
   WORKER_LOST = 5  # a worker unreachable, killed or hung (bounded by a flag)
+  STORAGE = 6  # the logdir's disk is full or turned unwritable mid-run
+  INTERRUPTED = 130  # Ctrl-C or SIGTERM, after a clean stop (shell convention)
 
 
 class UsageError(ValueError):
@@ -41,6 +44,17 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
   """(status, message) for a failure the user can act on; None for a bug."""
   if isinstance(error, base_input_generator.DataNotFoundError):
     return ExitStatus.DATA_NOT_FOUND, f'{error} (set the directory with --data_dir).'
+  if isinstance(error, (train_program.TrainingInterrupted, KeyboardInterrupt)):
+    return ExitStatus.INTERRUPTED, (str(error) or 'Interrupted before '
+                                    'training started; nothing was written.')
+  if isinstance(error, checkpoint_lib.StorageError):
+    return ExitStatus.STORAGE, str(error)
+  storage = checkpoint_lib.StorageProblem(error)
+  if storage is not None and isinstance(error, (OSError, tf.errors.OpError)):
+    return ExitStatus.STORAGE, (f'cannot write to the logdir: {storage} '
+                                f'({_FirstLine(error)}). Checkpoints already '
+                                'written are intact; a rerun resumes from the '
+                                'latest.')
   if isinstance(error, (cluster.WorkerLostError, tf.errors.UnavailableError)):
     return ExitStatus.WORKER_LOST, WorkerLostMessage(error)
   if isinstance(error, tf.errors.ResourceExhaustedError):
@@ -48,12 +62,13 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
   if isinstance(error, train_program.NonFiniteLossError):
     return ExitStatus.NON_FINITE, str(error)
   if isinstance(error, (UsageError, hyperparams.ParamsError,
-                        model_registry.UnknownModelError,
-                        checkpoint_lib.CheckpointMismatchError)):
+                        model_registry.UnknownModelError, logdir.LogdirError,
+                        checkpoint_lib.CheckpointMismatchError,
+                        checkpoint_lib.CheckpointDamagedError)):
     return ExitStatus.USAGE, str(error)
   if isinstance(error, ValueError):
     logging.debug('Configuration error', exc_info=error)
-    return ExitStatus.USAGE, str(error)
+    return ExitStatus.USAGE, _UserMessage(error)
   return None
 
 
@@ -62,6 +77,28 @@ def WorkerLostMessage(error: BaseException) -> str:
   return cluster.LostWorkerMessage(error) or (
       f'a TensorFlow worker was lost: {_FirstLine(error)}. Checkpoints already '
       'written are intact; restart the worker and rerun to resume.')
+
+
+def _UserMessage(error: BaseException) -> str:
+  """The error's own message, without the stack tf.function wraps it in.
+
+  An error raised while tracing a tf.function reads 'in user code:' and the
+  traced frames, then the original 'ValueError: message' last.
+  """
+  text = str(error).strip()
+  if not text.startswith('in user code:'):
+    return text
+  prefix = f'{type(error).__name__}: '
+  lines = [l.strip() for l in text.splitlines()]
+  for i in range(len(lines) - 1, -1, -1):
+    if lines[i].startswith(prefix):
+      return ' '.join(l for l in lines[i:] if l)[len(prefix):]
+  return lines[-1]
+
+
+def _FirstLine(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:300]
 
 
 def OutOfMemoryMessage(error: BaseException) -> str:
@@ -75,8 +112,3 @@ def OutOfMemoryMessage(error: BaseException) -> str:
           '(re-materialize every cell), task.network.pipeline.'
           'input_grads_first=False (if it was turned on), or a smaller '
           'input.batch_size.')
-
-
-def _FirstLine(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return (text[0] if text else type(error).__name__)[:300]

@@ -1,10 +1,13 @@
 """The training loop: one traced step per batch, logs, summaries and checkpoints.
 
-Invariant: the state a step changes (weights, BatchNorm moving averages,
-optimizer slots, the global step) changes only when the step's loss and
-gradient norm are finite. A non-finite step applies nothing (only its batch
-is consumed) and stops the run with NonFiniteLossError, so the last
-checkpoint and the weights in memory both stay good.
+Invariant: no non-finite weight or optimizer slot is ever checkpointed. The
+state a step changes (weights, BatchNorm moving averages, optimizer slots,
+the global step) changes only when the step's loss, gradient norm and
+learning rate are finite; a non-finite step applies nothing (only its batch
+is consumed) and stops the run with NonFiniteLossError. An update that is
+itself non-finite (finite gradients times a rate too large for float32)
+is caught by checking every weight and slot after it, and stops the run
+before the next save, so the last checkpoint stays good.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ TRAIN_SUBDIR = 'train'
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A training step produced a NaN or Inf loss or gradient norm."""
+  """A training step produced a NaN or Inf loss, gradient norm or update."""
+
+
+class TrainingInterrupted(Exception):
+  """Training was stopped by Ctrl-C or SIGTERM between two steps."""
 
 
 def FindPipelines(layer: base_layer.BaseLayer) -> list[pipelining_layer.PipeliningLayer]:
@@ -84,10 +91,12 @@ class TrainProgram:
                                      name='global_step')
     objects = dict(global_step=self.global_step, task=self.task,
                    optimizer=self.optimizer)
-    if p.checkpoint_input:
-      objects['input'] = self._iterator
+    # The input position holds only for the input settings it was saved
+    # under (another batch size or shuffle buffer is another pipeline).
+    keyed = ({'input': (self._iterator, params.input.ToText())}
+             if p.checkpoint_input else None)
     self.checkpointer = checkpoint_lib.Checkpointer(
-        logdir, objects, max_to_keep=p.max_checkpoints_to_keep)
+        logdir, objects, max_to_keep=p.max_checkpoints_to_keep, keyed=keyed)
     self.writer = (tf.summary.create_file_writer(
         os.path.join(logdir, TRAIN_SUBDIR)) if model.is_chief else
                    tf.summary.create_noop_writer())
@@ -98,8 +107,13 @@ class TrainProgram:
     return int(self.global_step.numpy())
 
   def Restore(self) -> int:
-    """Restores the latest checkpoint if there is one; returns the global step."""
-    self.checkpointer.Restore()
+    """Resumes from the newest checkpoint that restores; returns the global step.
+
+    Raises:
+      checkpoint.CheckpointMismatchError: the logdir holds another model.
+      checkpoint.CheckpointDamagedError: no checkpoint in it restores.
+    """
+    self.checkpointer.Resume()
     self.replicas.SyncFromFirst(
         [[t, o] for t, o in zip(self.replicas.tasks, self._optimizers)])
     return self.step
@@ -136,23 +150,26 @@ class TrainProgram:
     stats = collector.Gathered(
         None if replicas_lib.OneReplica() else replicas_lib.CrossReplicaSum)
     grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
-    finite = tf.logical_and(tf.math.is_finite(loss),
-                            tf.math.is_finite(grad_norm))
+    learning_rate = p.learning_rate * lr_schedule.Factor(p.lr_schedule, step)
+    finite = tf.reduce_all([tf.math.is_finite(loss),
+                            tf.math.is_finite(grad_norm),
+                            tf.math.is_finite(learning_rate)])
     if p.clip_gradient_norm > 0:
       grads, _ = tf.clip_by_global_norm(grads, p.clip_gradient_norm,
                                         use_norm=grad_norm)
-    learning_rate = p.learning_rate * lr_schedule.Factor(p.lr_schedule, step)
+    optimizer = self._optimizers[index]
 
     def Apply():
-      update = self._optimizers[index].Apply(grads, variables, learning_rate)
+      update = optimizer.Apply(grads, variables, learning_rate)
       with tf.control_dependencies([update]):
         collector.ApplyAll(stats)  # BatchNorm moving averages, once per step
-        return tf.constant(True)
+      with tf.control_dependencies([update]):
+        return _AllFinite(list(variables) + optimizer.SlotVariables())
 
     applied = tf.cond(finite, Apply, lambda: tf.constant(False))
     out = {f'metrics/{name}': value for name, (value, _) in metrics.items()}
     out.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate,
-               finite=tf.logical_and(finite, applied))
+               finite=finite, applied=applied)
     return out
 
   # --- the host loop ------------------------------------------------------------
@@ -165,48 +182,72 @@ class TrainProgram:
     `on_checkpoint(step, path)` after each save.
 
     Raises:
-      NonFiniteLossError: a step's loss or gradient norm was NaN or Inf.
+      NonFiniteLossError: a step's loss, gradient norm, learning rate or
+        update was NaN or Inf.
+      TrainingInterrupted: Ctrl-C (or SIGTERM, which the trainer turns into it).
+      checkpoint.StorageError: a checkpoint could not be written.
       tf.errors.ResourceExhaustedError: out of memory.
     """
     p = self.params.train
     target = min(until_step or p.max_steps, p.max_steps)
-    summary_every = p.summary_interval_steps or p.log_interval_steps
     meter = _Meter()
-    while self.step < target:
-      start = time.time()
-      out = {k: v.numpy() for k, v in self._step_fn().items()}
-      meter.Add(time.time() - start, out['loss'])
-      if not out['finite']:
-        self._RaiseNonFinite(out)
-      step = int(out['step'])
-      if meter.first:
-        logging.info('Step %d took %.1f s (tracing the step included).',
-                     step, meter.last_time)
-        self._WriteStaticSummaries(step)
-      if step % p.log_interval_steps == 0 or step == target:
-        logging.info('%s', meter.Line(step, p.max_steps, self.batch_size))
-      if step % summary_every == 0 or step == target:
-        self._WriteSummaries(step, out, meter)
-      if self.replicas.is_chief and (step % p.save_interval_steps == 0 or
-                                     step == target):
-        path = self.checkpointer.Save(step)
-        if on_checkpoint is not None:
-          on_checkpoint(step, path)
-      if step % p.log_interval_steps == 0:
-        meter.Reset()
+    try:
+      while self.step < target:
+        self._RunStep(meter, target, on_checkpoint)
+    except KeyboardInterrupt:
+      raise TrainingInterrupted(
+          f'Interrupted at global step {self.step}. {self._Kept()}') from None
     self.writer.flush()
     return self.step
 
-  def _RaiseNonFinite(self, out: dict[str, np.ndarray]) -> None:
+  def _RunStep(self, meter: '_Meter', target: int,
+               on_checkpoint: Optional[Callable[[int, str], None]]) -> None:
+    """One step and whatever is due after it: log, summaries, checkpoint."""
+    p = self.params.train
+    summary_every = p.summary_interval_steps or p.log_interval_steps
+    start = time.time()
+    out = {k: v.numpy() for k, v in self._step_fn().items()}
+    meter.Add(time.time() - start, out['loss'])
+    if not out['finite'] or not out['applied']:
+      self._RaiseNonFinite(out)
+    step = int(out['step'])
+    if meter.first:
+      logging.info('Step %d took %.1f s (tracing the step included).',
+                   step, meter.last_time)
+      self._WriteStaticSummaries(step)
+    if step % p.log_interval_steps == 0 or step == target:
+      logging.info('%s', meter.Line(step, p.max_steps, self.batch_size))
+    if step % summary_every == 0 or step == target:
+      self._WriteSummaries(step, out, meter)
+    if self.replicas.is_chief and (step % p.save_interval_steps == 0 or
+                                   step == target):
+      path = self.checkpointer.Save(step)
+      if on_checkpoint is not None:
+        on_checkpoint(step, path)
+    if step % p.log_interval_steps == 0:
+      meter.Reset()
+
+  def _Kept(self) -> str:
+    """What a stopped run leaves to resume from."""
     latest = self.checkpointer.latest
-    kept = (f'The latest checkpoint, {latest} (step '
-            f'{checkpoint_lib.StepOf(latest)}), is intact.' if latest else
-            'No checkpoint had been written yet.')
+    return (f'The latest checkpoint, {latest} (step '
+            f'{checkpoint_lib.StepOf(latest)}), is intact; a rerun resumes '
+            'from it.' if latest else 'No checkpoint had been written yet.')
+
+  def _RaiseNonFinite(self, out: dict[str, np.ndarray]) -> None:
+    values = (f'loss {float(out["loss"])}, gradient norm '
+              f'{float(out["grad_norm"])}, learning rate '
+              f'{float(out["learning_rate"])}')
+    if out['finite']:
+      what = (f'The update made weights or optimizer slots non-finite at '
+              f'global step {int(out["step"])} ({values}); nothing was '
+              'saved.')
+    else:
+      what = (f'Non-finite training step at global step {int(out["step"])}: '
+              f'{values}. The update was not applied and nothing was saved.')
     raise NonFiniteLossError(
-        f'Non-finite training step at global step {int(out["step"])}: loss '
-        f'{float(out["loss"])}, gradient norm {float(out["grad_norm"])}. The '
-        f'update was not applied and nothing was saved. {kept} Try a lower '
-        'train.learning_rate, train.clip_gradient_norm > 0, or a warmup '
+        f'{what} {self._Kept()} Try a lower train.learning_rate (and check '
+        'train.lr_schedule), train.clip_gradient_norm > 0, or a warmup '
         '(train.lr_schedule.warmup_steps), or check the input data.')
 
   # --- summaries ----------------------------------------------------------------
@@ -282,6 +323,15 @@ class _Meter:
       line += (f'  {batch_size / step_time:.1f} examples/s  {step_time:.3f} s/step'
                f'  ETA {_Duration(eta)}')
     return line
+
+
+def _AllFinite(variables: list[tf.Variable]) -> tf.Tensor:
+  """Whether every element of every variable is finite; each checked on its device."""
+  checks = []
+  for var in variables:
+    with tf.device(var.device):
+      checks.append(tf.reduce_all(tf.math.is_finite(var)))
+  return tf.reduce_all(checks) if checks else tf.constant(True)
 
 
 def _Duration(seconds: float) -> str:

@@ -22,12 +22,16 @@ What lands in DIR: params.txt (the resolved Params; --params_file takes it
 back), checkpoints/, train/ and eval_<split>/ event files for TensorBoard.
 
 Exit status: 0 done; 1 bad invocation (unknown model, bad override or flag,
-unwritable logdir, a checkpoint of another model); 2 data set not found;
-3 out of memory; 4 non-finite loss; 5 a worker lost (not listening, stopped,
-hung or killed; bounded by --worker_timeout_secs).
+unwritable or busy logdir, a checkpoint of another model, no checkpoint that
+restores); 2 data set not found; 3 out of memory; 4 non-finite loss or
+update; 5 a worker lost; 6 the logdir's disk full or read-only; 130 stopped
+by Ctrl-C or SIGTERM. README.md's "Faults and what happens" says what is
+kept in each case.
 """
 
+import math
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -49,6 +53,7 @@ import tensorflow as tf
 
 from lingvo_gpipe import eval_program
 from lingvo_gpipe import experiment
+from lingvo_gpipe import logdir as logdir_lib
 from lingvo_gpipe import model_registry
 from lingvo_gpipe import run_errors
 from lingvo_gpipe import train_program
@@ -63,7 +68,6 @@ UsageError = run_errors.UsageError
 
 MODES = ('train', 'eval', 'train_and_eval')
 DEVICES = ('auto', 'cpu', 'gpu')
-PARAMS_FILE = 'params.txt'
 TPU_CONNECT_TIMEOUT_SECS = 60.0
 
 
@@ -167,6 +171,9 @@ def CheckLayout() -> None:
     raise UsageError(f'--device={_DEVICE.value!r}; valid: {", ".join(DEVICES)}.')
   if _NUM_REPLICAS.value < 1:
     raise UsageError(f'--num_replicas must be >= 1, got {_NUM_REPLICAS.value}.')
+  if not (math.isfinite(_EVAL_TIMEOUT.value) and _EVAL_TIMEOUT.value >= 0):
+    raise UsageError(f'--eval_timeout_secs={_EVAL_TIMEOUT.value}: must be a '
+                     'finite number of seconds >= 0.')
   chosen = [name for name, value in (('--worker_hosts', _WORKER_HOSTS.value),
                                      ('--replica_hosts', _REPLICA_HOSTS.value),
                                      ('--tpu', _TPU.value)) if value]
@@ -272,28 +279,6 @@ def MakeStrategy(params: hyperparams.Params
   return None
 
 
-def PrepareLogdir(logdir: str, params: hyperparams.Params) -> None:
-  """Creates logdir and writes params.txt atomically; says what blocks it."""
-  text = params.ToText()
-  path = os.path.join(logdir, PARAMS_FILE)
-  try:
-    os.makedirs(logdir, exist_ok=True)
-    if os.path.exists(path):
-      with open(path, encoding='utf-8') as f:
-        old = f.read()
-      if old != text:
-        changed = sorted(set(text.splitlines()) ^ set(old.splitlines()))
-        logging.warning('%s differs from this run\'s Params (%d lines, e.g. '
-                        '%s); it is replaced.', path, len(changed), changed[:4])
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
-  except OSError as e:
-    raise UsageError(f'--logdir={logdir!r} is not writable: {e.strerror or e} '
-                     f'({e.filename or logdir}). Choose a directory you can '
-                     'write to.') from e
-
-
 def CheckData(params: hyperparams.Params, mode: str, eval_split: str) -> None:
   """Opens the splits `mode` reads, so a missing data set fails before the build."""
   inputs = params.input.Instantiate()
@@ -310,18 +295,32 @@ def Run(params: hyperparams.Params, logdir: str, mode: str,
   split = _EVAL_SPLIT.value or params.input.eval_split
   CheckData(params, mode, split)
   if mode == 'eval':
+    # One evaluator per split beside the trainer, which holds the logdir.
+    lock = logdir_lib.Lock(os.path.join(logdir, eval_program.Subdir(split)),
+                           role=f'evaluator of split {split!r}')
     task = params.task.Instantiate()
     evaluator = eval_program.EvalProgram(params, logdir, task, split)
     checkpointer = checkpoint_lib.Checkpointer(
         logdir, dict(task=task, global_step=tf.Variable(0, dtype=tf.int64)))
     for path in evaluator.NewCheckpoints(logdir, _EVAL_TIMEOUT.value):
-      checkpointer.Restore(path, partial=True)
+      try:
+        checkpointer.Restore(path, partial=True)
+      except checkpoint_lib.CheckpointDamagedError as e:
+        evaluator.Skip(path, e)
+        continue
       evaluator.Evaluate(checkpoint_lib.StepOf(path))
       evaluator.MarkEvaluated(path)
+    lock.Release()
     return
+  lock = (logdir_lib.Lock(logdir) if _REPLICA_INDEX.value == 0 else None)
   replicas = MakeReplicas(params, groups, strategy)
+  experiment.CheckMicroBatches(params, replicas.num_replicas)
   trainer = train_program.TrainProgram(params, logdir, replicas)
   start = trainer.Restore()
+  if lock is not None:
+    # Only now: a run refused above (another model's checkpoint) must not
+    # change the params.txt that describes the checkpoints in logdir.
+    logdir_lib.WriteParams(logdir, params)
   logging.info('Training %s from step %d to %d in %s on %d replica(s).',
                params.name, start, params.train.max_steps, logdir,
                replicas.num_replicas)
@@ -339,6 +338,8 @@ def Run(params: hyperparams.Params, logdir: str, mode: str,
       on_checkpoint(start, trainer.checkpointer.latest)
   trainer.Run(on_checkpoint=on_checkpoint)
   logging.info('Done: %s at step %d.', params.name, trainer.step)
+  if lock is not None:
+    lock.Release()
 
 
 def main(argv):
@@ -367,6 +368,8 @@ def main(argv):
     if _MODE.value == 'eval' and (_REPLICA_HOSTS.value or _TPU.value):
       raise UsageError('--mode=eval runs in one process on its own devices; '
                        'drop --replica_hosts / --tpu for the evaluator.')
+    # SIGTERM stops a run as Ctrl-C does: between steps, with a message.
+    signal.signal(signal.SIGTERM, _RaiseKeyboardInterrupt)
     cluster.CheckTimeout(_WORKER_TIMEOUT.value, '--worker_timeout_secs')
     if WorkerHosts():
       # TensorFlow waits forever for a worker that does not answer: bound the
@@ -379,14 +382,17 @@ def main(argv):
           cluster.ExitProcessOnLost(ExitStatus.WORKER_LOST),
           '--worker_timeout_secs').Start()
     strategy = MakeStrategy(params)
-    if _REPLICA_INDEX.value == 0:
-      PrepareLogdir(_LOGDIR.value, params)
     Run(params, _LOGDIR.value, _MODE.value, groups, strategy)
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
     report = run_errors.Report(e)
     if report is None:
       raise  # a bug: keep the traceback
     _Fail(*report)
+
+
+def _RaiseKeyboardInterrupt(signum, frame) -> None:
+  del signum, frame
+  raise KeyboardInterrupt()
 
 
 def _Fail(status: ExitStatus, message: str) -> None:

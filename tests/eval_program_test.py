@@ -1,5 +1,6 @@
 """EvalProgram: weighted means over a whole split, decode metrics, each checkpoint once."""
 
+import os
 import numpy as np
 import tensorflow as tf
 
@@ -76,3 +77,26 @@ def test_new_checkpoints_yields_each_once_and_stops_at_max_steps(tmp_path):
       str(tmp_path), timeout_secs=30, poll_secs=0.05)]
   assert seen == [20]  # and it stopped there: 20 is train.max_steps
   assert params.train.max_steps == 20
+
+
+def test_new_checkpoints_moves_to_the_next_newest_after_a_skip(tmp_path):
+  program, _ = _Program(tmp_path, 'train.max_steps=20')
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path),
+                                             dict(v=tf.Variable(1.0)))
+  checkpointer.Save(5)
+  checkpointer.Save(10)
+  seen = []
+  for path in program.NewCheckpoints(str(tmp_path), timeout_secs=0.3,
+                                     poll_secs=0.05):
+    seen.append(checkpoint_lib.StepOf(path))
+    if seen == [10]:  # as if the trainer deleted it before it was read
+      program.Skip(path, ValueError('gone'))
+  assert seen == [10, 5]
+
+
+def test_a_garbled_marker_is_ignored(tmp_path):
+  program, _ = _Program(tmp_path)
+  os.makedirs(program.directory, exist_ok=True)
+  with open(os.path.join(program.directory, 'last_evaluated'), 'w') as f:
+    f.write('not a checkpoint')
+  assert program.LastEvaluated() is None

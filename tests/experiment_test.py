@@ -1,5 +1,6 @@
 """experiment.Resolve: config, then --params_file, then overrides, then shortcut flags."""
 
+import re
 import pytest
 
 from lingvo_gpipe import experiment
@@ -69,3 +70,25 @@ def test_errors_name_the_bad_thing():
     _Resolve(model=_TOY, num_micro_batches=0)
   with pytest.raises(hyperparams.ParamsError, match='nowhere.txt'):
     _Resolve(model=_TOY, params_file='/nowhere.txt')
+
+
+@pytest.mark.parametrize('override,message', [
+    ('train.learning_rate=nan', 'train.learning_rate=nan: every numeric'),
+    ('train.lr_schedule.decay_rate=inf', 'train.lr_schedule.decay_rate=inf'),
+    ('train.learning_rate=-0.1', 'train.learning_rate=-0.1: must be > 0'),
+    ('train.max_steps=-1', 'train.max_steps=-1: must be >= 1'),
+    ('train.save_interval_steps=0', 'train.save_interval_steps=0: must be >= 1'),
+    ('train.log_interval_steps=0', 'train.log_interval_steps=0: must be >= 1'),
+    ('input.batch_size=-4', 'input.batch_size=-4: must be >= 1'),
+])
+def test_validate_names_a_knob_no_run_can_use(override, message):
+  with pytest.raises(hyperparams.ParamsError, match=re.escape(message)):
+    _Resolve(model=_TOY, params_override=override)
+
+
+def test_more_micro_batches_than_examples_is_refused():
+  with pytest.raises(hyperparams.ParamsError, match='at most 16 micro-batches'):
+    _Resolve(model=_TOY, num_micro_batches=17)
+  p = _Resolve(model=_TOY, num_micro_batches=16)
+  with pytest.raises(hyperparams.ParamsError, match='each of 2 replicas gets 8'):
+    experiment.CheckMicroBatches(p, num_replicas=2)

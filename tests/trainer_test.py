@@ -121,18 +121,23 @@ def test_a_kill_mid_run_loses_no_completed_checkpoint(tmp_path):
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-  steps = _CheckpointSteps(logdir)
-  # TensorFlow lists a new checkpoint before it deletes the one it displaces
-  # (max_checkpoints_to_keep=3), so a kill in between leaves 4 listed, the
-  # oldest possibly half deleted. The 3 newest are always complete.
-  assert len(steps) in (3, 4) and steps == sorted(steps)
-  for step in steps[-3:]:
+  listed = _CheckpointSteps(logdir)
+  on_disk = [checkpoint_lib.StepOf(p) for p in checkpoint_lib.ListCheckpoints(
+      checkpoint_lib.Directory(str(logdir)))]
+  # TensorFlow writes a checkpoint's files, then lists it in the index, then
+  # deletes the one it displaces (max_checkpoints_to_keep=3): a kill in
+  # between leaves the newest on disk but not yet listed, or 4 listed, the
+  # oldest possibly half deleted. The 3 newest listed are always complete.
+  assert len(listed) in (3, 4) and listed == sorted(listed)
+  assert set(listed[-3:]) <= set(on_disk) and on_disk[-1] - listed[-1] in (0, 5)
+  for step in listed[-3:]:
     reader = tf.train.load_checkpoint(
         os.path.join(checkpoint_lib.Directory(str(logdir)), f'ckpt-{step}'))
     assert reader.get_variable_to_shape_map()
-  target = steps[-1] + 5
+  # The trainer resumes from the newest complete checkpoint on disk.
+  target = on_disk[-1] + 5
   result = _Train(logdir, f'--max_steps={target}')
-  assert f'from step {steps[-1]} to {target}' in result.stderr
+  assert f'from step {on_disk[-1]} to {target}' in result.stderr
   assert max(_CheckpointSteps(logdir)) == target
 
 

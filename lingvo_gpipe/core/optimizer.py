@@ -69,6 +69,11 @@ class Optimizer(tf.Module):
                        f'{var.name}; call Build(variables) before Apply.'
                        ) from None
 
+  def SlotVariables(self) -> list[tf.Variable]:
+    """Every slot variable, in a fixed order (slot name, then variable name)."""
+    return [table[name] for slot, table in sorted(self.slots.items())
+            for name in sorted(table)]
+
   def Apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable],
             learning_rate: tf.Tensor) -> tf.Operation:
     """One update of every variable that has a gradient (None: skipped)."""

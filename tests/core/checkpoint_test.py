@@ -178,3 +178,113 @@ def test_extra_saved_object_needs_partial(tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path), {'model': evaluated}).Restore(
       partial=True) == path
   _AssertSameValues(saved, evaluated)
+
+
+# --- Resume: the writer's restore under faults ----------------------------------
+
+
+def _SavedRun(tmp_path, steps=(10, 20)):
+  model = _Model(seed=0)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': model})
+  paths = []
+  for step in steps:
+    model.w.assign_add(tf.ones_like(model.w))
+    paths.append(ckpt.Save(step))
+  return model, paths
+
+
+def test_resume_without_an_index_lists_the_disk_and_rewrites_it(tmp_path):
+  saved, paths = _SavedRun(tmp_path)
+  os.remove(os.path.join(checkpoint.Directory(str(tmp_path)), 'checkpoint'))
+  fresh = _Model(seed=1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': fresh}, max_to_keep=2)
+  assert ckpt.Resume() == paths[-1]
+  _AssertSameValues(saved, fresh)
+  state = tf.train.get_checkpoint_state(ckpt.directory)
+  assert list(state.all_model_checkpoint_paths) == paths
+  # The rebuilt index counts against max_to_keep: the oldest goes.
+  ckpt.Save(30)
+  assert [checkpoint.StepOf(p) for p in
+          checkpoint.ListCheckpoints(ckpt.directory)] == [20, 30]
+
+
+def test_resume_moves_a_damaged_checkpoint_aside_and_falls_back(tmp_path):
+  _, paths = _SavedRun(tmp_path)
+  with open(paths[-1] + '.data-00000-of-00001', 'r+b') as f:
+    f.truncate(10)
+  fresh = _Model(seed=1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': fresh})
+  assert ckpt.Resume() == paths[0]
+  damaged = os.path.join(ckpt.directory, checkpoint.DAMAGED_SUBDIR)
+  assert sorted(os.listdir(damaged)) == ['ckpt-20.data-00000-of-00001',
+                                         'ckpt-20.index']
+  assert ckpt.latest == paths[0]
+
+
+def test_resume_refuses_when_nothing_restores_and_moves_nothing(tmp_path):
+  _, paths = _SavedRun(tmp_path)
+  for path in paths:
+    open(path + '.index', 'wb').write(b'\0' * 64)
+  before = sorted(os.listdir(checkpoint.Directory(str(tmp_path))))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': _Model(seed=1)})
+  with pytest.raises(checkpoint.CheckpointDamagedError, match='ckpt-20, ckpt-10'):
+    ckpt.Resume()
+  assert sorted(os.listdir(ckpt.directory)) == before
+
+
+def test_resume_removes_an_unfinished_save(tmp_path):
+  _SavedRun(tmp_path)
+  temp = os.path.join(checkpoint.Directory(str(tmp_path)), 'ckpt-30_temp')
+  os.makedirs(temp)
+  checkpoint.Checkpointer(str(tmp_path), {'model': _Model(seed=1)}).Resume()
+  assert not os.path.exists(temp)
+
+
+def test_restore_of_a_missing_file_is_damaged_not_a_mismatch(tmp_path):
+  _, paths = _SavedRun(tmp_path)
+  os.remove(paths[-1] + '.data-00000-of-00001')
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': _Model(seed=1)})
+  with pytest.raises(checkpoint.CheckpointDamagedError, match='ckpt-20'):
+    ckpt.Restore(paths[-1], partial=True)
+
+
+def test_a_keyed_object_restores_only_under_its_key(tmp_path):
+  counter = tf.Variable(5)
+  checkpoint.Checkpointer(str(tmp_path), {'model': _Model(seed=0)},
+                          keyed={'position': (counter, 'batch_size : 16')}
+                          ).Save(1)
+  same, other = tf.Variable(0), tf.Variable(0)
+  checkpoint.Checkpointer(str(tmp_path), {'model': _Model(seed=1)},
+                          keyed={'position': (same, 'batch_size : 16')}
+                          ).Restore()
+  assert int(same.numpy()) == 5
+  model = _Model(seed=1)
+  checkpoint.Checkpointer(str(tmp_path), {'model': model},
+                          keyed={'position': (other, 'batch_size : 8')}
+                          ).Restore()
+  assert int(other.numpy()) == 0  # not restored: another key
+  _AssertSameValues(model, _Model(seed=0))  # everything else is
+
+
+def test_a_failed_save_for_want_of_space_raises_storage_error(tmp_path,
+                                                              monkeypatch):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': _Model()})
+  ckpt.Save(1)
+
+  def FullDisk(*unused_args, **unused_kwargs):
+    os.makedirs(os.path.join(ckpt.directory, 'ckpt-2_temp'))
+    open(os.path.join(ckpt.directory, 'ckpt-2.index'), 'w').close()
+    raise tf.errors.ResourceExhaustedError(None, None,
+                                           'write: No space left on device')
+
+  monkeypatch.setattr(ckpt._manager, 'save', FullDisk)
+  with pytest.raises(checkpoint.StorageError, match='the disk is full') as e:
+    ckpt.Save(2)
+  assert 'ckpt-1 (step 1) is the latest intact' in str(e.value)
+  assert sorted(os.listdir(ckpt.directory)) == [
+      'checkpoint', 'ckpt-1.data-00000-of-00001', 'ckpt-1.index']
+
+
+def test_step_of_names_a_bad_name():
+  with pytest.raises(ValueError, match="'garbage' is not a checkpoint name"):
+    checkpoint.StepOf('garbage')
