@@ -34,8 +34,8 @@ from absl import flags
 import tensorflow as tf
 
 from bench import common
-from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.core.gpipe import recompute
 
 _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 4, 'K cells, each on '
                                        'its own logical CPU device.')
@@ -45,7 +45,7 @@ _NUM_LAYERS = flags.DEFINE_integer('num_layers', 8, 'Dense layers.')
 _DIM = flags.DEFINE_integer('dim', 256, 'Width of every layer.')
 _BATCH = flags.DEFINE_integer('batch', 256, 'Mini-batch size.')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
-                               list(pipeline.RECOMPUTE_MODES),
+                               list(recompute.RECOMPUTE_MODES),
                                'Re-materialization mode.')
 _STEADY_STEPS = flags.DEFINE_integer('steady_steps', 10, 'Measured steps after '
                                      'two warm-up steps.')

@@ -30,7 +30,6 @@ from lingvo_gpipe.core import summary
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import report as report_lib
-from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 from lingvo_gpipe.core.nested_map import NestedMap
 
 TRAIN_SUBDIR = 'train'
@@ -280,8 +279,7 @@ class TrainProgram:
       for pipe in FindPipelines(self.task):
         report = pipe.Report()
         summary.Text(f'pipeline/report/{pipe.path}', report_lib.FormatTable(report), step)
-        num_mb = report.num_micro_batches or 1
-        summary.Schedule(schedule_lib.FillDrain(len(pipe.cells), num_mb), step)
+        summary.Schedule(pipe.Schedule(report.num_micro_batches or 1), step)
 
 
 class _Meter:

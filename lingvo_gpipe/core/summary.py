@@ -49,7 +49,8 @@ def ScheduleGrid(sched: schedule_lib.Schedule) -> list[list[Optional[schedule_li
 def ScheduleText(sched: schedule_lib.Schedule) -> str:
   """The schedule as a table: a row per cell, F3/B3 = forward/backward of micro-batch 3."""
   grid = ScheduleGrid(sched)
-  width = max(3, len(str(sched.num_micro_batches - 1)) + 2)
+  kind = max(len(t.kind) for row in grid for t in row if t)
+  width = max(3, kind + len(str(sched.num_micro_batches - 1)) + 1)
   header = 'cell ' + ''.join(f'{t:>{width}}' for t in range(len(grid[0])))
   rows = [header]
   for cell, row in enumerate(grid):
@@ -65,9 +66,13 @@ def ScheduleText(sched: schedule_lib.Schedule) -> str:
 
 
 def TaskColor(task: schedule_lib.Task, num_micro_batches: int) -> tuple[int, int, int]:
-  """Forward passes in blues, backward passes in oranges; hue steps with the micro-batch."""
+  """Forwards in blues, backwards in oranges (weight gradients apart in greens).
+
+  The hue steps with the micro-batch.
+  """
   shade = task.micro_batch / max(1, num_micro_batches - 1)
-  hue = 0.55 + 0.12 * shade if task.kind == 'F' else 0.02 + 0.10 * shade
+  base = {'F': 0.55, 'Bw': 0.25}.get(task.kind, 0.02)
+  hue = base + (0.12 if task.kind == 'F' else 0.10) * shade
   r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95 - 0.3 * shade)
   return int(r * 255), int(g * 255), int(b * 255)
 
@@ -101,7 +106,8 @@ def Schedule(sched: schedule_lib.Schedule, step: int) -> None:
   tf.summary.image('pipeline/schedule', ScheduleImage(sched)[np.newaxis],
                    step=step,
                    description=f'{sched.name}: rows are cells, columns clocks; '
-                   'blue forward, orange backward (darker: later micro-batch), '
+                   'blue forward, orange backward, green weight gradients when '
+                   'split from the backward (darker: later micro-batch), '
                    'grey: bubble.')
   Text('pipeline/schedule_table', ScheduleText(sched), step)
 

@@ -35,9 +35,9 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import cluster
-from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.core.gpipe import recompute
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
@@ -71,7 +71,7 @@ _WORKER_HOSTS = flags.DEFINE_string(
     'fewer), and this process only feeds the input and reads the results.')
 _NUM_MICRO_BATCHES = flags.DEFINE_integer('num_micro_batches', 1, 'M.')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
-                               list(pipeline.RECOMPUTE_MODES),
+                               list(recompute.RECOMPUTE_MODES),
                                'Re-materialization mode.')
 _INPUT_GRADS_FIRST = flags.DEFINE_bool(
     'input_grads_first', False, "PipeliningLayer's input_grads_first: cells "

@@ -208,3 +208,13 @@ def test_read_events_reads_back_what_was_written(tmp_path):
   assert step == 2
   np.testing.assert_array_equal(tf.io.decode_png(png).numpy(),
                                 summary.ScheduleImage(sched))
+
+
+def test_a_split_backward_is_drawn_task_by_task():
+  sched = schedule_lib.FillDrain(2, 2, split_backward=True)
+  text = summary.ScheduleText(sched)
+  for mark in ('Bx1', 'Bw1', 'Bx0', 'Bw0'):
+    assert text.count(mark) == 2, text  # once per cell
+  bx, bw = (summary.TaskColor(schedule_lib.Task(kind, 0, 0), 2)
+            for kind in ('Bx', 'Bw'))
+  assert bx != bw

@@ -27,7 +27,9 @@ from lingvo_gpipe.core.gpipe import partition
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import profile
+from lingvo_gpipe.core.gpipe import recompute
 from lingvo_gpipe.core.gpipe import report as report_lib
+from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -86,7 +88,7 @@ class PipeliningLayer(base_layer.BaseLayer):
              'micro-batches of this size (last may be smaller) instead of M.')
     p.Define('batch_dim', 0, 'The batch dimension of every input and output.')
     p.Define('recompute', 'always', 'Re-materialization: '
-             f'{", ".join(pipeline.RECOMPUTE_MODES)}.')
+             f'{", ".join(recompute.RECOMPUTE_MODES)}.')
     p.Define('input_grads_first', False, 'Speed for memory: in the backward, '
              'each cell computes the gradient the previous cell waits for '
              'before its weight gradients, so that stage starts sooner (2 '
@@ -143,9 +145,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     if not isinstance(chosen, (list, tuple)) or not chosen:
       raise ValueError(f'{self.path}: cell_tpl/layers must be a non-empty list '
                        f'of layer Params, got {chosen!r}.')
-    if p.recompute not in pipeline.RECOMPUTE_MODES:
+    if p.recompute not in recompute.RECOMPUTE_MODES:
       raise ValueError(f'{self.path}: recompute={p.recompute!r}; valid: '
-                       f'{", ".join(pipeline.RECOMPUTE_MODES)}.')
+                       f'{", ".join(recompute.RECOMPUTE_MODES)}.')
     if p.partition_method not in partition.PARTITION_METHODS:
       raise ValueError(f'{self.path}: partition_method={p.partition_method!r}; '
                        f'valid: {", ".join(partition.PARTITION_METHODS)}.')
@@ -236,7 +238,16 @@ class PipeliningLayer(base_layer.BaseLayer):
     thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,
-                                input_grads_first=p.input_grads_first)
+                                schedule=self.Schedule(len(sizes)))
+
+  def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:
+    """The order in which each cell runs its tasks for M micro-batches.
+
+    The one schedule the executor runs, the report's bubble and the
+    TensorBoard picture come from.
+    """
+    return pipeline.MakeSchedule(len(self.cells), num_micro_batches,
+                                 self.params.input_grads_first)
 
   def OutputScope(self) -> contextlib.AbstractContextManager:
     """The last cell's scope: where the pipeline's outputs are."""
@@ -297,7 +308,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     k = len(cells)
     return NestedMap(
         num_cells=k, num_micro_batches=m, recompute=p.recompute,
-        bubble_fraction=None if m is None else (k - 1) / (m + k - 1),
+        bubble_fraction=None if m is None else pipeline.MakeSchedule(
+            k, m, p.input_grads_first).TheoreticalBubble(),
         process_peak_bytes=None, cells=cells)
 
   def Report(self) -> NestedMap:

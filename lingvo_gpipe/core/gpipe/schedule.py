@@ -1,11 +1,17 @@
-"""Pipeline schedules (what each cell runs at each clock) and their simulator.
+"""Pipeline schedules: the order in which each cell runs its tasks, and their simulator.
 
-Invariant: a schedule is a per-cell ordered list of tasks, each a forward
-('F') or backward ('B') pass of one micro-batch; the simulator runs any such
-schedule against per-cell times and activation sizes, honouring the data
-dependencies F(k-1, m) -> F(k, m) and B(k+1, m) -> B(k, m) and one task at a
-time per device. GPipe's fill-drain comes first; 1F1B and others only need a
-new task order.
+Invariant: a Schedule's per-cell task lists (`CellOrder`) are the single source
+of order. The executor (executor.py) lowers exactly these lists; the clock
+grid that the report and the TensorBoard picture draw (`Clocks`) and the
+predicted step time, bubble and memory (`Simulate`) are derived from the same
+lists by running them with the data dependencies
+  F(k-1, m) -> F(k, m),  F(k, m) -> B(k, m),  B(k+1, m) -> B(k, m)
+and one task at a time per cell. A new schedule only gives new task lists.
+
+Tasks: 'F' a forward pass of one micro-batch; 'B' its backward pass
+(re-materialization included); or the backward split in two, 'Bx' (the
+gradient the previous cell waits for) then 'Bw' (the cell's weight
+gradients), as `input_grads_first` asks. GPipe's fill-drain comes first.
 """
 
 from __future__ import annotations
@@ -15,12 +21,27 @@ from typing import Optional, Sequence
 
 from lingvo_gpipe.core.nested_map import NestedMap
 
+FORWARD = 'F'
+BACKWARD = 'B'
+INPUT_GRAD = 'Bx'
+WEIGHT_GRAD = 'Bw'
+KINDS = (FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD)
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  kind: str  # 'F' forward, 'B' backward (with recomputation when enabled)
+  kind: str  # one of KINDS
   cell: int
   micro_batch: int
+
+  @property
+  def is_backward(self) -> bool:
+    return self.kind != FORWARD
+
+  @property
+  def sends_gradient(self) -> bool:
+    """Whether the previous cell's backward of this micro-batch waits for it."""
+    return self.kind in (BACKWARD, INPUT_GRAD)
 
 
 class Schedule:
@@ -36,47 +57,73 @@ class Schedule:
     self.num_micro_batches = num_micro_batches
 
   def CellOrder(self, cell: int) -> list[Task]:
+    """The tasks cell `cell` runs, in the order it runs them."""
     raise TypeError(f'{type(self).__name__} must override CellOrder.')
 
+  def Timeline(self) -> list[tuple[int, Task]]:
+    """(clock, task) of every task, each taking one clock, in time order.
+
+    The clocks of `Simulate` with unit task times: what the picture draws and
+    the order in which the executor emits the tasks.
+    """
+    result = Simulate(self, [1.0] * self.num_cells, [1.0] * self.num_cells,
+                      input_grad_times=[1.0] * self.num_cells,
+                      weight_grad_times=[1.0] * self.num_cells)
+    # Within a clock: forwards from the first cell, backwards from the last,
+    # the order in which activations and gradients travel.
+    return sorted(((int(start), task) for task, start, _ in result.timeline),
+                  key=lambda pair: (pair[0], -pair[1].cell if
+                                    pair[1].is_backward else pair[1].cell))
+
   def Clocks(self) -> list[list[Task]]:
-    """Tasks grouped by clock: all tasks that can run at once, in order."""
-    raise TypeError(f'{type(self).__name__} must override Clocks.')
+    """Tasks grouped by clock (one clock a task); empty clocks kept."""
+    timeline = self.Timeline()
+    clocks = [[] for _ in range(timeline[-1][0] + 1)] if timeline else []
+    for clock, task in timeline:
+      clocks[clock].append(task)
+    return clocks
 
   def TheoreticalBubble(self) -> float:
+    """The idle fraction of fill-drain, (K-1)/(M+K-1), as the paper gives it."""
     k, m = self.num_cells, self.num_micro_batches
     return (k - 1) / (m + k - 1)
 
 
 class FillDrain(Schedule):
-  """GPipe: cell k runs forward of micro-batch m at clock k+m; then all backward.
+  """GPipe: every cell runs all its forwards, then all its backwards in reverse.
 
-  Backward runs in reverse: at backward clock t, cell k runs micro-batch
-  (M+K-2-t) - (K-1-k), so the last cell starts with the last micro-batch.
+  Cell k's forward of micro-batch m lands at clock k+m; the backward starts
+  with the last cell's last micro-batch. With `split_backward` each backward
+  is an input-gradient task followed by its weight-gradient task.
   """
 
   name = 'fill_drain'
 
-  def Clocks(self) -> list[list[Task]]:
-    k, m = self.num_cells, self.num_micro_batches
-    n = m + k - 1
-    forward = [[Task('F', c, t - c) for c in range(k) if 0 <= t - c < m]
-               for t in range(n)]
-    backward = [[Task('B', c, t - c) for c in reversed(range(k))
-                 if 0 <= t - c < m] for t in reversed(range(n))]
-    return forward + backward
+  def __init__(self, num_cells: int, num_micro_batches: int,
+               split_backward: bool = False):
+    super().__init__(num_cells, num_micro_batches)
+    self.split_backward = split_backward
 
   def CellOrder(self, cell: int) -> list[Task]:
-    return [task for clock in self.Clocks() for task in clock
-            if task.cell == cell]
+    m = self.num_micro_batches
+    order = [Task(FORWARD, cell, i) for i in range(m)]
+    for i in reversed(range(m)):
+      if self.split_backward:
+        order += [Task(INPUT_GRAD, cell, i), Task(WEIGHT_GRAD, cell, i)]
+      else:
+        order.append(Task(BACKWARD, cell, i))
+    return order
 
 
 SCHEDULES = {FillDrain.name: FillDrain}
 
 
-def MakeSchedule(name: str, num_cells: int, num_micro_batches: int) -> Schedule:
+def MakeSchedule(name: str, num_cells: int, num_micro_batches: int,
+                 split_backward: bool = False) -> Schedule:
   if name not in SCHEDULES:
     raise ValueError(f'Unknown schedule {name!r}; valid: {sorted(SCHEDULES)}.')
-  return SCHEDULES[name](num_cells, num_micro_batches)
+  return SCHEDULES[name](num_cells, num_micro_batches,
+                         split_backward=split_backward)
 
 
 def Simulate(schedule: Schedule,
@@ -85,7 +132,8 @@ def Simulate(schedule: Schedule,
              boundary_bytes: Optional[Sequence[float]] = None,
              internal_bytes: Optional[Sequence[float]] = None,
              recompute: bool = True,
-             input_grad_times: Optional[Sequence[float]] = None) -> NestedMap:
+             input_grad_times: Optional[Sequence[float]] = None,
+             weight_grad_times: Optional[Sequence[float]] = None) -> NestedMap:
   """Runs `schedule` with per-cell task times; reports time, bubble and memory.
 
   Args:
@@ -99,27 +147,37 @@ def Simulate(schedule: Schedule,
       cell; kept until backward without recompute, transient with it.
     recompute: whether cells re-materialize their forward in backward.
     input_grad_times: per cell, seconds from a backward's start until the
-      gradient it sends to the previous cell is ready (the pipeline computes it
-      before the weight gradients, see grad_order); None: only at its end.
+      gradient it sends to the previous cell is ready: a 'B' task hands it
+      over then, and an 'Bx' task takes this long. None: a 'B' hands it over
+      at its end.
+    weight_grad_times: per cell, seconds of a 'Bw' task; default
+      backward_times - input_grad_times.
 
   Returns:
     NestedMap(step_time, bubble_fraction, busy (per cell), peak_bytes (per
-    cell), timeline: list of (cell, kind, micro_batch, start, end)).
+    cell), timeline: list of (task, start, end)).
   """
   k = schedule.num_cells
   for name, values in (('forward_times', forward_times),
                        ('backward_times', backward_times),
                        ('boundary_bytes', boundary_bytes),
                        ('internal_bytes', internal_bytes),
-                       ('input_grad_times', input_grad_times)):
+                       ('input_grad_times', input_grad_times),
+                       ('weight_grad_times', weight_grad_times)):
     if values is not None and len(values) != k:
       raise ValueError(f'{name} has {len(values)} entries; expected one per '
                        f'cell ({k}).')
-  boundary = list(boundary_bytes or [0.0] * k)
-  internal = list(internal_bytes or [0.0] * k)
-  sends_after = list(input_grad_times or backward_times)
   orders = [schedule.CellOrder(c) for c in range(k)]
-  done: dict[Task, float] = {}  # when a task's output for the next one is ready
+  split = any(t.kind in (INPUT_GRAD, WEIGHT_GRAD) for o in orders for t in o)
+  if split and input_grad_times is None:
+    raise ValueError(f'Schedule {schedule.name} splits backward passes into '
+                     "'Bx' and 'Bw' tasks: give input_grad_times.")
+  sends_after = list(input_grad_times or backward_times)
+  weight_times = list(weight_grad_times or [
+      b - x for b, x in zip(backward_times, sends_after)])
+  costs = {FORWARD: forward_times, BACKWARD: backward_times,
+           INPUT_GRAD: sends_after, WEIGHT_GRAD: weight_times}
+  ready: dict[tuple[str, int, int], float] = {}  # (what, cell, mb) -> when
   device_free = [0.0] * k
   position = [0] * k
   timeline = []
@@ -129,52 +187,66 @@ def Simulate(schedule: Schedule,
       if position[c] >= len(orders[c]):
         continue
       task = orders[c][position[c]]
-      if task.kind == 'F':
-        deps = [Task('F', c - 1, task.micro_batch)] if c > 0 else []
-        cost = forward_times[c]
-      else:
-        deps = [Task('F', c, task.micro_batch)]
-        if c < k - 1:
-          deps.append(Task('B', c + 1, task.micro_batch))
-        cost = backward_times[c]
-      if any(d not in done for d in deps):
+      deps = _Dependencies(task, k)
+      if any(d not in ready for d in deps):
         continue
-      start = max([device_free[c]] + [done[d] for d in deps])
+      start = max([device_free[c]] + [ready[d] for d in deps])
+      cost = costs[task.kind][c]
       device_free[c] = start + cost
-      done[task] = start + (sends_after[c] if task.kind == 'B' else cost)
-      timeline.append((c, task.kind, task.micro_batch, start, start + cost))
+      if task.kind == FORWARD:
+        ready[('F', c, task.micro_batch)] = start + cost
+      if task.sends_gradient:
+        ready[('dx', c, task.micro_batch)] = start + (
+            sends_after[c] if task.kind == BACKWARD else cost)
+      timeline.append((task, start, start + cost))
       position[c] += 1
       progressed = True
     if not progressed:
       raise ValueError(f'Schedule {schedule.name} deadlocks: its task orders '
                        'wait on each other.')
   step_time = max(device_free) if timeline else 0.0
-  busy = [sum(e - s for cc, _, _, s, e in timeline if cc == c)
-          for c in range(k)]
+  busy = [sum(e - s for t, s, e in timeline if t.cell == c) for c in range(k)]
   bubble = 1.0 - sum(busy) / (k * step_time) if step_time > 0 else 0.0
-  peak = [_PeakBytes([t for t in timeline if t[0] == c], boundary[c],
-                     internal[c], recompute) for c in range(k)]
+  boundary = list(boundary_bytes or [0.0] * k)
+  internal = list(internal_bytes or [0.0] * k)
+  peak = [_PeakBytes([(t, s) for t, s, _ in timeline if t.cell == c],
+                     boundary[c], internal[c], recompute) for c in range(k)]
   return NestedMap(step_time=step_time, bubble_fraction=bubble, busy=busy,
                    peak_bytes=peak, timeline=timeline)
 
 
-def _PeakBytes(cell_timeline, boundary: float, internal: float,
-               recompute: bool) -> float:
+def _Dependencies(task: Task, num_cells: int) -> list[tuple[str, int, int]]:
+  """What `task` waits for, besides its cell's previous task."""
+  c, m = task.cell, task.micro_batch
+  if task.kind == FORWARD:
+    return [('F', c - 1, m)] if c > 0 else []
+  if task.kind == WEIGHT_GRAD:
+    return [('dx', c, m)]
+  deps = [('F', c, m)]
+  if c < num_cells - 1:
+    deps.append(('dx', c + 1, m))
+  return deps
+
+
+def _PeakBytes(cell_tasks: list[tuple[Task, float]], boundary: float,
+               internal: float, recompute: bool) -> float:
   """Peak live activation bytes of one cell over its tasks, in run order.
 
   A forward keeps the micro-batch's input (and, without recompute, its
   internal activations) until that micro-batch's backward ends. While a task
   runs its internal activations are live: during forward they are being made,
-  during backward (recomputed or kept) they are being consumed.
+  during backward (recomputed or kept) they are being consumed; a split
+  backward holds them from its 'Bx' to the end of its 'Bw'.
   """
   kept = 0.0
   peak = 0.0
-  for _, kind, _, _, _ in sorted(cell_timeline, key=lambda t: t[3]):
-    if kind == 'F':
+  for task, _ in sorted(cell_tasks, key=lambda pair: pair[1]):
+    if task.kind == FORWARD:
       peak = max(peak, kept + boundary + internal)
       kept += boundary + (0.0 if recompute else internal)
-    else:
+    elif task.kind in (BACKWARD, INPUT_GRAD):
       peak = max(peak, kept + (internal if recompute else 0.0))
+    if task.kind in (BACKWARD, WEIGHT_GRAD):
       kept -= boundary + (0.0 if recompute else internal)
   return peak
 

@@ -344,3 +344,16 @@ def test_bad_params_raise_clear_errors(overrides, message):
   p.Set(**overrides)
   with pytest.raises(ValueError, match=message):
     p.Instantiate()
+
+
+def test_the_layer_runs_the_schedule_it_reports():
+  p = PipeliningLayer.Params().Set(
+      name='pipe', layers=[dense.Dense.Params().Set(
+          name=f'fc{i}', input_dim=4, output_dim=4) for i in range(2)],
+      num_partitions=2, num_micro_batches=3, input_grads_first=True,
+      devices=['/device:CPU:0', '/device:CPU:1'])
+  pipe = p.Instantiate()
+  sched = pipe.Schedule(3)
+  assert (sched.num_cells, sched.num_micro_batches) == (2, 3)
+  assert {t.kind for t in sched.CellOrder(1)} == {'F', 'Bx', 'Bw'}
+  assert pipe.Report().bubble_fraction == sched.TheoreticalBubble()

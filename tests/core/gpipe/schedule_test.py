@@ -73,3 +73,35 @@ def test_times_from_flops_feed_the_simulator():
   assert result.step_time == pytest.approx(2 + 4 * 16 + 6)
   with pytest.raises(ValueError, match='flops_per_second must be > 0'):
     schedule.TimesFromFlops([1.0], 0)
+
+
+def test_clocks_are_derived_from_the_task_lists():
+  s = schedule.FillDrain(3, 5)
+  for cell in range(3):
+    ran = [t for clock in s.Clocks() for t in clock if t.cell == cell]
+    assert ran == s.CellOrder(cell)
+  assert len(s.Clocks()) == 2 * (5 + 3 - 1)
+
+
+def test_a_split_backward_runs_each_input_gradient_before_its_weight_gradient():
+  s = schedule.FillDrain(2, 3, split_backward=True)
+  assert [(t.kind, t.micro_batch) for t in s.CellOrder(1)][3:] == [
+      ('Bx', 2), ('Bw', 2), ('Bx', 1), ('Bw', 1), ('Bx', 0), ('Bw', 0)]
+  # With Bx the cost a plain B hands its gradient over after, the split
+  # schedule predicts what the plain one does.
+  plain = schedule.Simulate(schedule.FillDrain(2, 4), [1, 1], [2, 2],
+                            input_grad_times=[1, 1])
+  split = schedule.Simulate(schedule.FillDrain(2, 4, split_backward=True),
+                            [1, 1], [2, 2], input_grad_times=[1, 1])
+  assert split.step_time == plain.step_time == pytest.approx(14)
+  assert split.busy == plain.busy
+  with pytest.raises(ValueError, match='give input_grad_times'):
+    schedule.Simulate(schedule.FillDrain(2, 4, split_backward=True),
+                      [1, 1], [2, 2])
+
+
+def test_split_backward_memory_holds_internals_until_the_weight_gradient():
+  s = schedule.FillDrain(1, 2, split_backward=True)
+  result = schedule.Simulate(s, [1], [2], boundary_bytes=[10],
+                             internal_bytes=[100], input_grad_times=[1])
+  assert result.peak_bytes == [2 * 10 + 100]

@@ -1,0 +1,98 @@
+"""Tests of the executor: it lowers exactly the schedule's per-cell order."""
+
+import pytest
+import tensorflow as tf
+
+from lingvo_gpipe.core.gpipe import executor
+from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.core.gpipe import schedule
+
+
+class _RecordingRunner:
+  """Stands in for a CellRunner; records what the executor asks of it."""
+
+  def __init__(self, cell, log):
+    self.cell, self.log = cell, log
+
+  def Forward(self, micro_batch, x, keep):
+    self.log.append(('F', self.cell, micro_batch))
+    return x + 1.0, None
+
+  def Backward(self, micro_batch, x, dy, kept, input_grad_first):
+    del kept
+    kind = 'Bx' if input_grad_first else 'B'
+    self.log.append((kind, self.cell, micro_batch))
+    return [dy * x], dy
+
+
+class _ForwardOrderBackward(schedule.FillDrain):
+  """Fill-drain whose backwards run in forward order: a different task list."""
+
+  name = 'fill_drain_forward_order_backward'
+
+  def CellOrder(self, cell):
+    order = super().CellOrder(cell)
+    forwards = [t for t in order if t.kind == 'F']
+    return forwards + sorted((t for t in order if t.kind != 'F'),
+                             key=lambda t: t.micro_batch)
+
+
+def _Run(sched, k, m):
+  log = []
+  runners = [_RecordingRunner(c, log) for c in range(k)]
+  ex = executor.Executor(sched, runners,
+                         placement.DevicePlacement(k, ['/device:CPU:0']),
+                         'always')
+  outs = ex.RunForward([tf.constant(float(i)) for i in range(m)])
+  sums, dx = ex.RunBackward([tf.constant(1.0)] * m)
+  return log, outs, sums, dx
+
+
+@pytest.mark.parametrize('sched', [schedule.FillDrain(3, 4),
+                                   _ForwardOrderBackward(3, 4)],
+                         ids=['fill_drain', 'forward_order_backward'])
+def test_each_cell_runs_its_tasks_in_the_schedules_order(sched):
+  log, outs, sums, dx = _Run(sched, 3, 4)
+  for cell in range(3):
+    ran = [(kind, m) for kind, c, m in log if c == cell]
+    assert ran == [(t.kind, t.micro_batch) for t in sched.CellOrder(cell)]
+  assert [float(o) for o in outs] == [3.0, 4.0, 5.0, 6.0]  # three +1 cells
+  # Cell 0's running sum adds dy * x over micro-batches: sum of inputs.
+  assert float(sums[0][0]) == 0.0 + 1.0 + 2.0 + 3.0
+  assert [float(d) for d in dx] == [1.0] * 4
+
+
+def test_split_backward_lowers_each_input_gradient_task_first():
+  log, _, _, _ = _Run(schedule.FillDrain(2, 2, split_backward=True), 2, 2)
+  # The Bx/Bw pair is one gradient computation whose weight-gradient ops
+  # wait for the input gradient; the first cell sends no gradient upstream.
+  assert [e for e in log if e[0] != 'F'] == [
+      ('Bx', 1, 1), ('B', 0, 1), ('Bx', 1, 0), ('B', 0, 0)]
+
+
+class _OneForwardOneBackward(schedule.Schedule):
+  name = '1f1b_like'
+
+  def CellOrder(self, cell):
+    return [schedule.Task(kind, cell, m) for m in range(self.num_micro_batches)
+            for kind in ('F', 'B')]
+
+
+class _WeightGradLater(schedule.FillDrain):
+  name = 'weight_grad_later'
+
+  def CellOrder(self, cell):
+    order = schedule.FillDrain(self.num_cells, self.num_micro_batches,
+                               split_backward=True).CellOrder(cell)
+    return ([t for t in order if t.kind != 'Bw'] +
+            [t for t in order if t.kind == 'Bw'])
+
+
+@pytest.mark.parametrize('sched,message', [
+    (_OneForwardOneBackward(2, 2), 'starts a backward before its last forward'),
+    (_WeightGradLater(2, 2), "lowers a 'Bw' only right after the 'Bx'"),
+])
+def test_a_schedule_it_cannot_lower_is_refused_by_name(sched, message):
+  with pytest.raises(ValueError, match=message) as e:
+    _Run(sched, 2, 2)
+  assert sched.name in str(e.value)
