@@ -36,12 +36,14 @@ def DenseStack(num_layers: int, dim: int) -> list:
 
 def BuildPipeline(layers: list, num_partitions: int, num_micro_batches: int,
                   recompute: str,
-                  devices: Optional[Sequence[str]] = None):
+                  devices: Optional[Sequence[str]] = None,
+                  executor: str = 'unrolled'):
   """An instantiated PipeliningLayer over `layers`."""
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=num_partitions,
       num_micro_batches=num_micro_batches, recompute=recompute,
-      devices=list(devices) if devices else ['/device:CPU:0'])
+      devices=list(devices) if devices else ['/device:CPU:0'],
+      executor=executor)
   return p.Instantiate()
 
 

@@ -34,6 +34,7 @@ from absl import flags
 import tensorflow as tf
 
 from bench import common
+from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import recompute
 
@@ -47,6 +48,9 @@ _BATCH = flags.DEFINE_integer('batch', 256, 'Mini-batch size.')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(recompute.RECOMPUTE_MODES),
                                'Re-materialization mode.')
+_EXECUTOR = flags.DEFINE_enum('executor', 'unrolled', list(pipeline.EXECUTORS),
+                              "The pipeline's executor (loop: a graph that "
+                              'does not grow with M).')
 _STEADY_STEPS = flags.DEFINE_integer('steady_steps', 10, 'Measured steps after '
                                      'two warm-up steps.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 300, 'Seconds allowed per point.')
@@ -58,7 +62,7 @@ _POINT = flags.DEFINE_integer('point', None, 'Internal: measure one point in '
 
 # Flags a point's process inherits from the driver.
 _SHARED_FLAGS = (_NUM_PARTITIONS, _NUM_LAYERS, _DIM, _BATCH, _RECOMPUTE,
-                 _STEADY_STEPS)
+                 _STEADY_STEPS, _EXECUTOR)
 
 
 def MeasurePoint(m: int) -> dict:
@@ -66,7 +70,8 @@ def MeasurePoint(m: int) -> dict:
   k = _NUM_PARTITIONS.value
   devices = placement.SplitCpu(k)  # before any op runs
   layers = common.DenseStack(_NUM_LAYERS.value, _DIM.value)
-  model = common.BuildPipeline(layers, k, max(m, 1), _RECOMPUTE.value, devices)
+  model = common.BuildPipeline(layers, k, max(m, 1), _RECOMPUTE.value, devices,
+                               executor=_EXECUTOR.value)
   step = common.TrainStep(model, plain=(m == 0))
   x = tf.random.stateless_normal([_BATCH.value, _DIM.value], [0, 1])
 
@@ -127,7 +132,10 @@ def Run() -> tuple[str, dict]:
         _WallCpu(r, 'steady', 1e3, '.1f')])
   body = common.MarkdownTable(HEADER, rows)
   piped = [r for r in results if r['micro_batches']]
-  if len(piped) >= 2:
+  if len({r['ops'] for r in piped}) == 1:
+    body += (f'\n\nThe graph has {piped[0]["ops"]} ops at every M: it does '
+             'not grow with the micro-batches.')
+  elif len(piped) >= 2:
     # Least-squares slopes over the pipelined points: cost per graph op.
     ops = [r['ops'] for r in piped]
     mean_ops = statistics.fmean(ops)
@@ -155,7 +163,8 @@ def Run() -> tuple[str, dict]:
       'model': f'{_NUM_LAYERS.value} × Dense({_DIM.value}→{_DIM.value}, relu), '
                f'batch {_BATCH.value}, fp32',
       'pipeline': f'K={k} cells on {k} logical CPU devices '
-                  f'(placement.SplitCpu), recompute={_RECOMPUTE.value}',
+                  f'(placement.SplitCpu), recompute={_RECOMPUTE.value}, '
+                  f'executor={_EXECUTOR.value}',
       'step': 'tf.function: plain GradientTape around the model, loss = '
               'mean(y²), gradients of all variables',
       'per point': 'its own process; trace = get_concrete_function; first '
@@ -177,8 +186,11 @@ def main(argv):
   print(body)
   if _WRITE_RESULTS.value:
     command = 'python -m bench.graph_build ' + ' '.join(sys.argv[1:])
+    name = ('graph_build.md' if _EXECUTOR.value == 'unrolled' else
+            f'graph_build_{_EXECUTOR.value}.md')
     path = common.WriteResults(
-        'graph_build.md', 'Graph build and step time as K·M grows', command,
+        name, f'Graph build and step time as K·M grows, executor '
+        f'{_EXECUTOR.value}', command,
         facts, config, body)
     print(f'wrote {path}')
 

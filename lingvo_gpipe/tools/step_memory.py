@@ -37,6 +37,7 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import recompute
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import transformer
@@ -77,6 +78,9 @@ _INPUT_GRADS_FIRST = flags.DEFINE_bool(
     'input_grads_first', False, "PipeliningLayer's input_grads_first: cells "
     'compute the gradient for the previous cell before their weight '
     'gradients.')
+_EXECUTOR = flags.DEFINE_enum('executor', 'unrolled',
+                              list(pipeline.EXECUTORS),
+                              "PipeliningLayer's executor.")
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
@@ -147,7 +151,8 @@ def Measure() -> dict:
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=k,
       num_micro_batches=_NUM_MICRO_BATCHES.value, recompute=_RECOMPUTE.value,
-      input_grads_first=_INPUT_GRADS_FIRST.value, devices=devices)
+      input_grads_first=_INPUT_GRADS_FIRST.value, devices=devices,
+      executor=_EXECUTOR.value)
   model = p.Instantiate()
   variables = model.trainable_variables
 

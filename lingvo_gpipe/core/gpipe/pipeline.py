@@ -28,6 +28,7 @@ import tensorflow as tf
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import executor as executor_lib
+from lingvo_gpipe.core.gpipe import loop_executor
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
@@ -35,7 +36,10 @@ from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 from lingvo_gpipe.core.gpipe import sinks as sinks_lib
 from lingvo_gpipe.core.nested_map import NestedMap
 
-RECOMPUTE_MODES = recompute_lib.RECOMPUTE_MODES
+# 'unrolled': a copy of each cell per micro-batch, every schedule the
+# executor lowers; 'loop': two loops over clocks, a graph that does not grow
+# with M (loop_executor.py says what it does not run yet).
+EXECUTORS = ('unrolled', 'loop')
 
 
 def MakeSchedule(num_cells: int, num_micro_batches: int,
@@ -57,7 +61,8 @@ def RunPipeline(cells: Sequence[Any],
                 recompute: str = 'always',
                 batch_dim: int = 0,
                 input_grads_first: bool = False,
-                schedule: Optional[schedule_lib.Schedule] = None) -> Any:
+                schedule: Optional[schedule_lib.Schedule] = None,
+                executor: str = 'unrolled') -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
@@ -74,11 +79,15 @@ def RunPipeline(cells: Sequence[Any],
       the previous stage's drain starts sooner, at the cost of holding the
       cell's intermediate gradients of a micro-batch until then (grad_order).
     schedule: the task order; default MakeSchedule(K, M, input_grads_first).
+    executor: how the schedule is lowered, one of EXECUTORS.
 
   Returns:
     The last cell's outputs for the whole batch (micro-batches merged).
   """
   recompute_lib.CheckMode(recompute)
+  if executor not in EXECUTORS:
+    raise ValueError(f'Unknown executor {executor!r}; valid: '
+                     f'{", ".join(EXECUTORS)}.')
   num_cells = len(cells)
   if schedule is None:
     schedule = MakeSchedule(num_cells, len(sizes), input_grads_first)
@@ -91,7 +100,13 @@ def RunPipeline(cells: Sequence[Any],
   forward_context = base_layer.CurrentContext()
   runners = [recompute_lib.CellRunner(cell, theta, forward_context, collector)
              for cell, theta in zip(cells, thetas)]
-  executor = executor_lib.Executor(schedule, runners, placement, recompute)
+  if executor == 'loop':
+    lowered = loop_executor.LoopExecutor(schedule, runners, placement,
+                                         recompute, sizes, batch_dim)
+  else:
+    lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
+                                              recompute), sizes, batch_dim,
+                        placement)
   sinks = sinks_lib.Sinks()
   for k, theta in enumerate(thetas):
     sinks.Token(f'cell_{k}', tf.nest.flatten(theta), placement.CellScope(k))
@@ -100,26 +115,15 @@ def RunPipeline(cells: Sequence[Any],
 
   @tf.custom_gradient
   def Forward(*unused_tokens):
-    # Split where the first cell runs and merge where the last one does, so
-    # that micro-batches do not travel through whichever device the caller's
-    # default is (a remote cell would pay a round trip per micro-batch).
-    with placement.CellScope(0):
-      micro_inputs = microbatch.Split(inputs, list(sizes), batch_dim)
-    last = executor.RunForward(micro_inputs)
-    with placement.CellScope(num_cells - 1):
-      outputs = microbatch.Merge(last, batch_dim)
+    outputs = lowered.RunForward(inputs)
     output_structure.append(outputs)
 
     def Backward(*flat_dy):
       dy = tf.nest.pack_sequence_as(outputs, list(flat_dy))
-      with placement.CellScope(num_cells - 1):
-        micro_dys = microbatch.Split(dy, list(sizes), batch_dim)
-      running_sums, dx = executor.RunBackward(micro_dys)
+      running_sums, input_grads = lowered.RunBackward(dy)
       for k, grads in enumerate(running_sums):
         sinks.Fill(f'cell_{k}', grads)
-      with placement.CellScope(0):
-        sinks.Fill('inputs', accumulate.MergeInputGrads(dx, micro_inputs,
-                                                        batch_dim))
+      sinks.Fill('inputs', input_grads)
       return sinks.TokenGradients()
 
     return tf.nest.flatten(outputs), Backward
@@ -138,3 +142,36 @@ def RunPipeline(cells: Sequence[Any],
   else:
     collector.ApplyAll()
   return tf.nest.pack_sequence_as(output_structure[0], list(flat_out))
+
+
+class _Unrolled:
+  """The unrolled executor behind whole-batch inputs and outputs.
+
+  Splits where the first cell runs and merges where the last one does, so
+  that micro-batches do not travel through whichever device the caller's
+  default is (a remote cell would pay a round trip per micro-batch).
+  """
+
+  def __init__(self, executor: executor_lib.Executor, sizes: Sequence[int],
+               batch_dim: int, placement: placement_lib.Placement):
+    self._executor = executor
+    self._sizes = list(sizes)
+    self._batch_dim = batch_dim
+    self._placement = placement
+    self._micro_inputs = None
+
+  def RunForward(self, inputs: Any) -> Any:
+    with self._placement.CellScope(0):
+      self._micro_inputs = microbatch.Split(inputs, self._sizes,
+                                            self._batch_dim)
+    last = self._executor.RunForward(self._micro_inputs)
+    with self._placement.CellScope(self._placement.num_cells - 1):
+      return microbatch.Merge(last, self._batch_dim)
+
+  def RunBackward(self, dy: Any) -> tuple[list, list]:
+    with self._placement.CellScope(self._placement.num_cells - 1):
+      micro_dys = microbatch.Split(dy, self._sizes, self._batch_dim)
+    running_sums, dx = self._executor.RunBackward(micro_dys)
+    with self._placement.CellScope(0):
+      return running_sums, accumulate.MergeInputGrads(
+          dx, self._micro_inputs, self._batch_dim)

@@ -95,6 +95,11 @@ class PipeliningLayer(base_layer.BaseLayer):
              'worker stages, M=4: a 9% shorter step), but it holds all its '
              "layers' intermediate gradients of a micro-batch until then (a "
              'higher peak; bench/README.md). False: the memory-lean backward.')
+    p.Define('executor', 'unrolled', "How the schedule becomes a graph: "
+             "'unrolled' (a copy of each cell per micro-batch; every recompute "
+             "mode, BatchNorm) or 'loop' (two loops over clocks: build time "
+             'and graph do not grow with M; recompute always, no layers that '
+             'record statistics yet).')
     p.Define('placement_backend', 'devices', "'devices' (local or remote "
              "TensorFlow device names) or 'tpu' (logical cores of the current "
              'TPUStrategy; build the layer under strategy.scope()).')
@@ -151,6 +156,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     if p.partition_method not in partition.PARTITION_METHODS:
       raise ValueError(f'{self.path}: partition_method={p.partition_method!r}; '
                        f'valid: {", ".join(partition.PARTITION_METHODS)}.')
+    if p.executor not in pipeline.EXECUTORS:
+      raise ValueError(f'{self.path}: executor={p.executor!r}; valid: '
+                       f'{", ".join(pipeline.EXECUTORS)}.')
     if p.placement_backend not in PLACEMENT_BACKENDS:
       raise ValueError(f'{self.path}: placement_backend='
                        f'{p.placement_backend!r}; valid: '
@@ -238,7 +246,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,
-                                schedule=self.Schedule(len(sizes)))
+                                schedule=self.Schedule(len(sizes)),
+                                executor=p.executor)
 
   def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:
     """The order in which each cell runs its tasks for M micro-batches.

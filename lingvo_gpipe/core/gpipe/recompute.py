@@ -62,25 +62,46 @@ class CellRunner:
     self._context = forward_context
     self._collector = collector
 
-  def _FProp(self, micro_batch: int, x: Any, record: bool) -> Any:
-    stats = self._collector if record else base_layer.StatsCollector()
+  def _FProp(self, micro_batch: Any, x: Any, record: bool,
+             collector: Optional[base_layer.StatsCollector] = None) -> Any:
+    stats = (collector or self._collector) if record else (
+        base_layer.StatsCollector())
     with base_layer.Context(training=self._context.training,
                             step=self._context.step, micro_batch=micro_batch,
                             stats_collector=stats):
       return self.cell.FProp(self.theta, x)
 
-  def Forward(self, micro_batch: int, x: Any, keep: bool
+  def Forward(self, micro_batch: Any, x: Any, keep: bool,
+              collector: Optional[base_layer.StatsCollector] = None
               ) -> tuple[Any, Optional[tf.GradientTape]]:
-    """(outputs, the tape that kept the activations if `keep`, else None)."""
+    """(outputs, the tape that kept the activations if `keep`, else None).
+
+    Statistics the cell records go to `collector` if given, else to the
+    pipeline's.
+    """
     if not keep:
-      return self._FProp(micro_batch, x, record=True), None
+      return self._FProp(micro_batch, x, record=True,
+                         collector=collector), None
     tape = tf.GradientTape(persistent=False, watch_accessed_variables=False)
     with tape:
       _Watched(tape, self.theta, x)
       y = self._FProp(micro_batch, x, record=True)
     return y, tape
 
-  def Backward(self, micro_batch: int, x: Any, dy: Any,
+  def OutputSpec(self, x_spec: Any) -> Any:
+    """The structure, dtypes and shapes of the cell's outputs for inputs like `x_spec`.
+
+    Traced in a function of its own that is never run, so nothing is added
+    to the graph being built.
+    """
+    def Trace(x):
+      return self._FProp(tf.constant(0), x, record=False)
+
+    traced = tf.function(Trace, autograph=False).get_concrete_function(x_spec)
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
+
+  def Backward(self, micro_batch: Any, x: Any, dy: Any,
                kept: Optional[tuple[tf.GradientTape, Any]],
                input_grad_first: bool) -> tuple[list, Any]:
     """(theta's gradients, flat; x's gradient) for one micro-batch.

@@ -49,3 +49,16 @@ def test_pipeline_and_recompute_lower_peak_memory():
   assert plain > 150, plain  # the measurement itself works
   assert plain / always >= 3.0, (plain, always)
   assert never / always >= 3.0, (never, always)
+
+
+@pytest.mark.heavy
+def test_the_loop_executor_keeps_one_partial_gradient_at_a_time():
+  plain = _PeakMiB('--plain')
+  unrolled = _PeakMiB('--num_micro_batches=8')
+  loop = _PeakMiB('--num_micro_batches=8', '--executor=loop')
+  print(f'peak MiB: plain {plain:.0f}, unrolled {unrolled:.0f}, '
+        f'loop {loop:.0f}')
+  # All 8 partial gradients alive at once would add 7 × 24 MiB of weight
+  # gradients over the unrolled executor's peak.
+  assert loop <= unrolled + 48, (loop, unrolled)
+  assert plain / loop >= 3.0, (plain, loop)

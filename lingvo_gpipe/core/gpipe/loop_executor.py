@@ -1,0 +1,225 @@
+"""The loop executor: fill-drain as two loops over clocks, a graph that does not grow with M.
+
+Invariant: each cell's forward, and its backward (re-materialization plus
+gradients), is built once, however many micro-batches there are, and the
+numbers are those of the unrolled executor (executor.py): the same tasks in
+the same per-cell order, each backward waiting for the cell's running
+gradient sum, so one micro-batch's partial gradients are alive at a time.
+
+How: the forward is a `tf.while_loop` over the M+K-1 clocks of fill-drain;
+at clock t every cell k runs micro-batch t-k, reading its input from a
+TensorArray and writing its output into the next cell's. The backward is a
+second loop over the clocks in reverse, with the running sums as loop
+variables. At a bubble clock a cell runs on an empty batch: every array has
+a spare slot M holding zero examples, which bubble clocks read and write,
+so they cost almost nothing and add nothing to the sums (computing on a
+real micro-batch and masking its gradient, or branching with `tf.cond`,
+were measured slower). Each TensorArray lives on the device of the cell that
+reads it, and the cell before writes into it there: written on the
+writer's device, the whole array crossed devices at every write, which made
+a first loop prototype run at half the unrolled executor's speed
+(bench/results/executor_step_d64.md and executor_step_d512.md give
+today's ratios).
+
+What it does not do yet, and refuses by name: recompute other than 'always'
+(a kept activation cannot leave the forward loop's tape), layers that record
+statistics (BatchNorm's moments would have to be loop variables), a batch
+dimension other than 0, and schedules other than fill-drain.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import tensorflow as tf
+
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import accumulate
+from lingvo_gpipe.core.gpipe import placement as placement_lib
+from lingvo_gpipe.core.gpipe import recompute as recompute_lib
+from lingvo_gpipe.core.gpipe import schedule as schedule_lib
+
+
+def _Spec(t: tf.Tensor) -> tf.TensorSpec:
+  """A micro-batch's spec: the batch dimension unknown (micro-batches differ)."""
+  return tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
+
+
+class LoopExecutor:
+  """Runs `runners` (one per cell) over micro-batches of `sizes` in two loops."""
+
+  def __init__(self, schedule: schedule_lib.Schedule,
+               runners: Sequence[recompute_lib.CellRunner],
+               placement: placement_lib.Placement, recompute: str,
+               sizes: Sequence[int], batch_dim: int):
+    expected = schedule_lib.FillDrain(
+        schedule.num_cells, schedule.num_micro_batches,
+        split_backward=getattr(schedule, 'split_backward', False))
+    if any(schedule.CellOrder(c) != expected.CellOrder(c)
+           for c in range(schedule.num_cells)):
+      raise ValueError(f"executor='loop' runs fill-drain only, not schedule "
+                       f"{schedule.name}; use executor='unrolled'.")
+    if recompute != 'always':
+      raise ValueError(f"executor='loop' re-materializes every cell: "
+                       f"recompute={recompute!r} needs executor='unrolled'.")
+    if batch_dim != 0:
+      raise ValueError(f"executor='loop' cuts micro-batches along dimension "
+                       f"0, not batch_dim={batch_dim}; use executor='unrolled'.")
+    self._runners = list(runners)
+    self._placement = placement
+    self._sizes = list(sizes)
+    self._split = expected.split_backward
+    self._k = schedule.num_cells
+    self._m = schedule.num_micro_batches
+    self._clocks = self._m + self._k - 1
+    self._in_specs: list[Any] = []
+    self._inputs: list[list[tf.TensorArray]] = []
+    self._no_grad: list[list[bool]] = []
+
+  def _Clock(self, t: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(slot, micro-batch index) of cell k at clock t.
+
+    Cell k runs micro-batch t-k. At a bubble clock its slot is the spare slot
+    M, which holds an empty batch (zero examples) in every array, so the
+    cell computes on nothing and writes nothing that counts.
+    """
+    m = t - k
+    valid = tf.logical_and(m >= 0, m < self._m)
+    return tf.where(valid, m, self._m), tf.clip_by_value(m, 0, self._m - 1)
+
+  def _Arrays(self, k: int, spec: Any) -> list[tf.TensorArray]:
+    """Arrays for micro-batches like `spec` on cell k's device; slot M empty."""
+    arrays = []
+    with self._placement.CellScope(k):
+      for s in tf.nest.flatten(spec):
+        if not s.shape[1:].is_fully_defined():
+          raise ValueError(
+              "executor='loop' needs every activation's shape but the batch "
+              f'dimension known when the graph is built, got {s.shape}; use '
+              "executor='unrolled'.")
+        arrays.append(tf.TensorArray(
+            s.dtype, size=self._m + 1, infer_shape=False,
+            clear_after_read=False,
+            element_shape=s.shape).write(
+                self._m, tf.zeros([0] + s.shape[1:].as_list(), s.dtype)))
+    return arrays
+
+  def _Split(self, k: int, value: Any) -> list[tf.TensorArray]:
+    """`value`'s micro-batches in arrays on cell k's device (slot M spare)."""
+    with self._placement.CellScope(k):
+      return [tf.TensorArray(leaf.dtype, size=self._m + 1, infer_shape=False,
+                             clear_after_read=False,
+                             element_shape=_Spec(leaf).shape).split(
+                                 leaf, self._sizes + [0])
+              for leaf in tf.nest.flatten(value)]
+
+  def _Merge(self, k: int, arrays: Sequence[tf.TensorArray], spec: Any) -> Any:
+    """The whole batch from arrays of `_Arrays` (the spare slot M is empty)."""
+    with self._placement.CellScope(k):
+      return tf.nest.pack_sequence_as(spec, [a.concat() for a in arrays])
+
+  def RunForward(self, inputs: Any) -> Any:
+    """The last cell's outputs for the whole batch."""
+    spec = tf.nest.map_structure(_Spec, inputs)
+    self._in_specs = [spec]
+    for runner in self._runners[:-1]:
+      spec = runner.OutputSpec(spec)
+      self._in_specs.append(spec)
+    out_spec = self._runners[-1].OutputSpec(spec)
+    arrays = [self._Split(0, inputs)] + [
+        self._Arrays(k, self._in_specs[k]) for k in range(1, self._k)]
+    outputs = self._Arrays(self._k - 1, out_spec)
+    probe = base_layer.StatsCollector()
+
+    def Body(t, arrays, outputs):
+      arrays = [list(a) for a in arrays]
+      # Last cell first: each reads its array before the cell in front of
+      # it writes this clock's micro-batch, so all cells of a clock can run
+      # at once.
+      for k in reversed(range(self._k)):
+        slot, micro_batch = self._Clock(t, k)
+        with self._placement.CellScope(k):
+          x = tf.nest.pack_sequence_as(
+              self._in_specs[k], [a.read(slot) for a in arrays[k]])
+          x = self._placement.Annotate(k, x)
+          y, _ = self._runners[k].Forward(micro_batch, x, keep=False,
+                                          collector=probe)
+        target = k + 1 if k + 1 < self._k else k
+        with self._placement.CellScope(target):
+          written = [a.write(slot, leaf) for a, leaf in zip(
+              arrays[k + 1] if k + 1 < self._k else outputs,
+              tf.nest.flatten(y))]
+        if k + 1 < self._k:
+          arrays[k + 1] = written
+        else:
+          outputs = written
+      return t + 1, arrays, outputs
+
+    _, arrays, outputs = tf.while_loop(
+        lambda t, *_: t < self._clocks, Body,
+        (tf.constant(0), arrays, outputs))
+    if probe.records:
+      raise ValueError(
+          "executor='loop' cannot run layers that record statistics yet "
+          f'({", ".join(sorted({l.path for l, _ in probe.records}))}: '
+          "BatchNorm's moments); use executor='unrolled'.")
+    self._inputs = arrays
+    return self._Merge(self._k - 1, outputs, out_spec)
+
+  def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
+    """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
+    grads_in = [self._Arrays(k, self._in_specs[k + 1])
+                for k in range(self._k - 1)] + [self._Split(self._k - 1, dy)]
+    input_grads = self._Arrays(0, self._in_specs[0])
+    sums = []
+    for k, runner in enumerate(self._runners):
+      with self._placement.CellScope(k):
+        sums.append([tf.zeros_like(t) for t in tf.nest.flatten(runner.theta)])
+    self._no_grad = [[False] * len(s) for s in sums]
+
+    def Body(s, grads_in, input_grads, sums):
+      grads_in, sums = [list(g) for g in grads_in], [list(a) for a in sums]
+      t = self._clocks - 1 - s
+      # First cell first: each reads its output gradient before the cell
+      # behind it writes this clock's.
+      for k in range(self._k):
+        slot, micro_batch = self._Clock(t, k)
+        runner = self._runners[k]
+        with self._placement.CellScope(k):
+          # At a bubble clock both are empty: nothing is added to the sums.
+          x = tf.nest.pack_sequence_as(self._in_specs[k], [
+              a.read(slot) for a in self._inputs[k]])
+          out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
+                      tf.nest.map_structure(_Spec, dy))
+          dy_k = tf.nest.pack_sequence_as(out_spec, [
+              a.read(slot) for a in grads_in[k]])
+          # One micro-batch's partial gradients at a time (accumulate.py).
+          x, dy_k = accumulate.Gated([sums[k]], (x, dy_k))
+          g_theta, g_x = runner.Backward(
+              micro_batch, x, dy_k, None,
+              input_grad_first=self._split and k > 0)
+          for i, g in enumerate(g_theta):
+            if g is None:
+              self._no_grad[k][i] = True
+            else:
+              sums[k][i] = sums[k][i] + tf.convert_to_tensor(g)
+        g_x = tf.nest.map_structure(
+            lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
+        with self._placement.CellScope(max(k - 1, 0)):
+          written = [a.write(slot, leaf) for a, leaf in zip(
+              grads_in[k - 1] if k > 0 else input_grads,
+              tf.nest.flatten(g_x))]
+        if k > 0:
+          grads_in[k - 1] = written
+        else:
+          input_grads = written
+      return s + 1, grads_in, input_grads, sums
+
+    _, _, input_grads, sums = tf.while_loop(
+        lambda s, *_: s < self._clocks, Body,
+        (tf.constant(0), grads_in, input_grads, sums))
+    sums = [[None if none else g for g, none in zip(cell_sums, no_grad)]
+            for cell_sums, no_grad in zip(sums, self._no_grad)]
+    merged = tf.nest.flatten(self._Merge(0, input_grads, self._in_specs[0]))
+    dx = [g if accumulate.IsDifferentiable(g) else None for g in merged]
+    return sums, dx

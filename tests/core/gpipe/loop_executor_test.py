@@ -1,0 +1,148 @@
+"""Tests of the loop executor: the unrolled executor's numbers from a graph that does not grow with M."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import test_utils
+from lingvo_gpipe.core.gpipe import microbatch
+from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
+from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import dropout
+from lingvo_gpipe.core.layers import normalization
+from lingvo_gpipe.core.nested_map import NestedMap
+
+_DEVICES = [f'/device:CPU:{k}' for k in range(4)]
+
+
+class _Masked(base_layer.BaseLayer):
+  """Dense and dropout on `x`, zeroed past each example's length; lengths pass through."""
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('dim', 4, '')
+    return p
+
+  def __init__(self, params):
+    super().__init__(params)
+    self.CreateChild('fc', dense.Dense.Params().Set(
+        input_dim=self.params.dim, output_dim=self.params.dim,
+        activation='tanh'))
+    self.CreateChild('drop', dropout.Dropout.Params().Set(keep_prob=0.7))
+
+  def FProp(self, theta, inputs):
+    mask = tf.sequence_mask(inputs.lengths, tf.shape(inputs.x)[1],
+                            tf.float32)[..., None]
+    out = inputs.copy()
+    out.x = self.drop.FProp(theta.drop, self.fc.FProp(theta.fc, inputs.x))
+    out.x *= mask
+    return out
+
+
+def _Pipeline(layers, k, m, **kwargs):
+  return PipeliningLayer.Params().Set(
+      name='pipe', layers=layers, num_partitions=k, num_micro_batches=m,
+      devices=_DEVICES, executor='loop', **kwargs).Instantiate()
+
+
+def _Layers():
+  return [_Masked.Params().Set(name=f'm{i}') for i in range(4)]
+
+
+def _Inputs(batch):
+  return NestedMap(x=tf.random.stateless_normal([batch, 3, 4], [4, 4]),
+                   lengths=tf.constant([1, 2, 3] * batch)[:batch])
+
+
+def _LossAndGrads(pipe, inputs, reference=False):
+
+  @tf.function
+  def Step():
+    with base_layer.Context(training=True, step=3):
+      with tf.GradientTape() as tape:
+        tape.watch(inputs.x)
+        if reference:
+          sizes = microbatch.MicroBatchSizes(
+              int(inputs.x.shape[0]),
+              num_micro_batches=pipe.params.num_micro_batches)
+          out = test_utils.SequentialReference(pipe, inputs, sizes,
+                                               pipe.theta)
+        else:
+          out = pipe.FPropDefaultTheta(inputs)
+        loss = tf.reduce_sum(out.x ** 2)
+    return loss, tape.gradient(
+        loss, list(pipe.trainable_variables) + [inputs.x]), out.lengths
+
+  return Step
+
+
+@pytest.mark.parametrize('k,m,batch', [(1, 1, 4), (2, 3, 7), (4, 5, 13),
+                                       (4, 2, 6)])
+@pytest.mark.parametrize('input_grads_first', [False, True])
+def test_loss_and_gradients_equal_the_sequential_model(k, m, batch,
+                                                       input_grads_first):
+  pipe = _Pipeline(_Layers(), k, m, input_grads_first=input_grads_first)
+  inputs = _Inputs(batch)  # ragged micro-batches, an int leaf, dropout
+  loss, grads, lengths = _LossAndGrads(pipe, inputs)()
+  ref_loss, ref_grads, _ = _LossAndGrads(pipe, inputs, reference=True)()
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_array_equal(lengths, inputs.lengths)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_calls_compute_the_same():
+  pipe = _Pipeline(_Layers(), 2, 3)
+  inputs = _Inputs(6)
+  with base_layer.Context(training=True, step=3):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(inputs).x ** 2)
+    grads = tape.gradient(loss, pipe.trainable_variables)
+  graph_loss, graph_grads, _ = _LossAndGrads(pipe, inputs)()
+  np.testing.assert_allclose(loss, graph_loss, rtol=1e-6)
+  for g, r in zip(grads, graph_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def _NumOps(executor, m):
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=[dense.Dense.Params().Set(
+          name=f'fc{i}', input_dim=8, output_dim=8) for i in range(8)],
+      num_partitions=4, num_micro_batches=m, devices=_DEVICES,
+      executor=executor).Instantiate()
+  x = tf.ones([64, 8])
+
+  @tf.function
+  def Step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x))
+    return tape.gradient(loss, pipe.trainable_variables)
+
+  return len(Step.get_concrete_function().graph.get_operations())
+
+
+def test_the_graph_does_not_grow_with_the_micro_batches():
+  loop = {m: _NumOps('loop', m) for m in (4, 32)}
+  unrolled = {m: _NumOps('unrolled', m) for m in (4, 32)}
+  # What grows is reading the M micro-batches' outputs and input gradients
+  # back out of their arrays (a few ops each), not the cells.
+  assert loop[32] - loop[4] <= 3 * (32 - 4)
+  assert unrolled[32] - unrolled[4] > 20 * (loop[32] - loop[4])
+
+
+@pytest.mark.parametrize('kwargs,layers,message', [
+    (dict(recompute='never'), None, "recompute='never' needs "
+     "executor='unrolled'"),
+    (dict(batch_dim=1), None, 'not batch_dim=1'),
+    ({}, [normalization.BatchNorm.Params().Set(name='bn', dim=4)],
+     'record statistics yet (pipe/layers_0'),
+])
+def test_what_it_cannot_run_yet_is_refused_by_name(kwargs, layers, message):
+  layers = layers or [dense.Dense.Params().Set(name='fc', input_dim=4,
+                                               output_dim=4)]
+  pipe = _Pipeline(layers, 1, 2, **kwargs)
+  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+    with base_layer.Context(training=True):
+      pipe.FPropDefaultTheta(tf.ones([4, 4]))
