@@ -37,13 +37,13 @@ def DenseStack(num_layers: int, dim: int) -> list:
 def BuildPipeline(layers: list, num_partitions: int, num_micro_batches: int,
                   recompute: str,
                   devices: Optional[Sequence[str]] = None,
-                  executor: str = 'unrolled'):
+                  executor: str = 'unrolled', clocks_per_iteration: int = 1):
   """An instantiated PipeliningLayer over `layers`."""
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=num_partitions,
       num_micro_batches=num_micro_batches, recompute=recompute,
       devices=list(devices) if devices else ['/device:CPU:0'],
-      executor=executor)
+      executor=executor, clocks_per_iteration=clocks_per_iteration)
   return p.Instantiate()
 
 

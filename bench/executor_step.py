@@ -31,6 +31,8 @@ _MICRO_BATCHES = flags.DEFINE_list('micro_batches', '16,64', 'Values of M.')
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', 16, 'Dense layers.')
 _DIM = flags.DEFINE_integer('dim', 64, 'Width of every layer.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Mini-batch size.')
+_CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
+                               "executor's clocks per loop iteration.")
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per executor per round.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
@@ -46,7 +48,8 @@ def Measure(m: int, devices: list[str]) -> dict:
   for executor in _EXECUTORS:
     model = common.BuildPipeline(
         common.DenseStack(_NUM_LAYERS.value, _DIM.value),
-        _NUM_PARTITIONS.value, m, 'always', devices, executor=executor)
+        _NUM_PARTITIONS.value, m, 'always', devices, executor=executor,
+        clocks_per_iteration=_CLOCKS.value)
     steps[executor] = common.TrainStep(model, plain=False)
     for _ in range(3):  # trace, first step, warm-up
       common.RunOnce(steps[executor], x)
@@ -84,13 +87,15 @@ def main(argv):
         'model': f'{_NUM_LAYERS.value} × Dense({_DIM.value}), batch '
                  f'{_BATCH.value}, recompute always',
         'pipeline': f'K={_NUM_PARTITIONS.value} cells on as many logical '
-                    'CPU devices, one process',
+                    'CPU devices, one process; loop executor with '
+                    f'{_CLOCKS.value} clock(s) per iteration',
         'timing': f'{_ROUNDS.value} alternating rounds of {_STEPS.value} '
                   'steps per executor; a round\'s median per executor',
         'load average at end (1, 5, 15 min)': common.LoadAverage(),
     }
     path = common.WriteResults(
-        f'executor_step_d{_DIM.value}.md',
+        f'executor_step_d{_DIM.value}' +
+        (f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else '') + '.md',
         'Steady step: loop executor against unrolled',
         'python -m bench.executor_step ' + ' '.join(sys.argv[1:]), facts,
         config, body)

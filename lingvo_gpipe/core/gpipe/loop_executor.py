@@ -21,6 +21,11 @@ a first loop prototype run at half the unrolled executor's speed
 (bench/results/executor_step_d64.md and executor_step_d512.md give
 today's ratios).
 
+`clocks_per_iteration` clocks run in one iteration: each loop iteration
+over 4 devices has a fixed cost that dominates tiny cells (16 × Dense(64),
+K=4, M=64: the step 1.9× the unrolled one at 1 clock an iteration, 1.4× at
+4), at the price of a graph that many times the cells (build 1.7 s → 3.5 s).
+
 What it does not do yet, and refuses by name: recompute other than 'always'
 (a kept activation cannot leave the forward loop's tape), layers that record
 statistics (BatchNorm's moments would have to be loop variables), a batch
@@ -51,7 +56,8 @@ class LoopExecutor:
   def __init__(self, schedule: schedule_lib.Schedule,
                runners: Sequence[recompute_lib.CellRunner],
                placement: placement_lib.Placement, recompute: str,
-               sizes: Sequence[int], batch_dim: int):
+               sizes: Sequence[int], batch_dim: int,
+               clocks_per_iteration: int = 1):
     expected = schedule_lib.FillDrain(
         schedule.num_cells, schedule.num_micro_batches,
         split_backward=getattr(schedule, 'split_backward', False))
@@ -65,6 +71,10 @@ class LoopExecutor:
     if batch_dim != 0:
       raise ValueError(f"executor='loop' cuts micro-batches along dimension "
                        f"0, not batch_dim={batch_dim}; use executor='unrolled'.")
+    if clocks_per_iteration < 1:
+      raise ValueError('clocks_per_iteration must be >= 1, got '
+                       f'{clocks_per_iteration}.')
+    self._unroll = clocks_per_iteration
     self._runners = list(runners)
     self._placement = placement
     self._sizes = list(sizes)
@@ -131,12 +141,13 @@ class LoopExecutor:
     outputs = self._Arrays(self._k - 1, out_spec)
     probe = base_layer.StatsCollector()
 
-    def Body(t, arrays, outputs):
+    def Body(first, arrays, outputs):
       arrays = [list(a) for a in arrays]
       # Last cell first: each reads its array before the cell in front of
       # it writes this clock's micro-batch, so all cells of a clock can run
-      # at once.
-      for k in reversed(range(self._k)):
+      # at once. Clocks past the last are bubbles for every cell.
+      for t, k in ((first + u, k) for u in range(self._unroll)
+                   for k in reversed(range(self._k))):
         slot, micro_batch = self._Clock(t, k)
         with self._placement.CellScope(k):
           x = tf.nest.pack_sequence_as(
@@ -153,7 +164,7 @@ class LoopExecutor:
           arrays[k + 1] = written
         else:
           outputs = written
-      return t + 1, arrays, outputs
+      return first + self._unroll, arrays, outputs
 
     _, arrays, outputs = tf.while_loop(
         lambda t, *_: t < self._clocks, Body,
@@ -177,12 +188,12 @@ class LoopExecutor:
         sums.append([tf.zeros_like(t) for t in tf.nest.flatten(runner.theta)])
     self._no_grad = [[False] * len(s) for s in sums]
 
-    def Body(s, grads_in, input_grads, sums):
+    def Body(done, grads_in, input_grads, sums):
       grads_in, sums = [list(g) for g in grads_in], [list(a) for a in sums]
-      t = self._clocks - 1 - s
       # First cell first: each reads its output gradient before the cell
       # behind it writes this clock's.
-      for k in range(self._k):
+      for t, k in ((self._clocks - 1 - done - u, k)
+                   for u in range(self._unroll) for k in range(self._k)):
         slot, micro_batch = self._Clock(t, k)
         runner = self._runners[k]
         with self._placement.CellScope(k):
@@ -213,7 +224,7 @@ class LoopExecutor:
           grads_in[k - 1] = written
         else:
           input_grads = written
-      return s + 1, grads_in, input_grads, sums
+      return done + self._unroll, grads_in, input_grads, sums
 
     _, _, input_grads, sums = tf.while_loop(
         lambda s, *_: s < self._clocks, Body,

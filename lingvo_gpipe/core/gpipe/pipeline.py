@@ -62,7 +62,8 @@ def RunPipeline(cells: Sequence[Any],
                 batch_dim: int = 0,
                 input_grads_first: bool = False,
                 schedule: Optional[schedule_lib.Schedule] = None,
-                executor: str = 'unrolled') -> Any:
+                executor: str = 'unrolled',
+                clocks_per_iteration: int = 1) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
@@ -80,6 +81,8 @@ def RunPipeline(cells: Sequence[Any],
       cell's intermediate gradients of a micro-batch until then (grad_order).
     schedule: the task order; default MakeSchedule(K, M, input_grads_first).
     executor: how the schedule is lowered, one of EXECUTORS.
+    clocks_per_iteration: with executor 'loop', clocks run per loop
+      iteration (loop_executor.py).
 
   Returns:
     The last cell's outputs for the whole batch (micro-batches merged).
@@ -102,7 +105,8 @@ def RunPipeline(cells: Sequence[Any],
              for cell, theta in zip(cells, thetas)]
   if executor == 'loop':
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
-                                         recompute, sizes, batch_dim)
+                                         recompute, sizes, batch_dim,
+                                         clocks_per_iteration)
   else:
     lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
                                               recompute), sizes, batch_dim,

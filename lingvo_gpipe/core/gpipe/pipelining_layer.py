@@ -100,6 +100,10 @@ class PipeliningLayer(base_layer.BaseLayer):
              "mode, BatchNorm) or 'loop' (two loops over clocks: build time "
              'and graph do not grow with M; recompute always, no layers that '
              'record statistics yet).')
+    p.Define('clocks_per_iteration', 1, "executor='loop': clocks run per "
+             'loop iteration; more cuts the per-iteration cost that '
+             'dominates small cells and grows the graph as many times '
+             '(bench/results/executor_step_d64.md).')
     p.Define('placement_backend', 'devices', "'devices' (local or remote "
              "TensorFlow device names) or 'tpu' (logical cores of the current "
              'TPUStrategy; build the layer under strategy.scope()).')
@@ -247,7 +251,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,
                                 schedule=self.Schedule(len(sizes)),
-                                executor=p.executor)
+                                executor=p.executor,
+                                clocks_per_iteration=p.clocks_per_iteration)
 
   def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:
     """The order in which each cell runs its tasks for M micro-batches.

@@ -93,6 +93,17 @@ def test_loss_and_gradients_equal_the_sequential_model(k, m, batch,
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('clocks_per_iteration', [2, 3])
+def test_several_clocks_an_iteration_compute_the_same(clocks_per_iteration):
+  pipe = _Pipeline(_Layers(), 4, 5, clocks_per_iteration=clocks_per_iteration)
+  inputs = _Inputs(13)
+  loss, grads, _ = _LossAndGrads(pipe, inputs)()
+  ref_loss, ref_grads, _ = _LossAndGrads(pipe, inputs, reference=True)()
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_eager_calls_compute_the_same():
   pipe = _Pipeline(_Layers(), 2, 3)
   inputs = _Inputs(6)
@@ -136,6 +147,7 @@ def test_the_graph_does_not_grow_with_the_micro_batches():
     (dict(recompute='never'), None, "recompute='never' needs "
      "executor='unrolled'"),
     (dict(batch_dim=1), None, 'not batch_dim=1'),
+    (dict(clocks_per_iteration=0), None, 'clocks_per_iteration must be >= 1'),
     ({}, [normalization.BatchNorm.Params().Set(name='bn', dim=4)],
      'record statistics yet (pipe/layers_0'),
 ])
