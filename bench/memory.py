@@ -165,8 +165,8 @@ def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
   num_workers=0 runs the step in one process capped at cap_mb. Otherwise
   the step's K cells run on num_workers fresh worker processes, each capped
   at cap_mb, fed by an uncapped client, and any failure of the client or of
-  a worker counts as not fitting (shared/TF_FACTS.md, fact 10: out of
-  memory can crash a process); the workers are stopped whatever happens.
+  a worker counts as not fitting (out of memory under a cap sometimes
+  ends in a segmentation fault rather than ResourceExhaustedError); the workers are stopped whatever happens.
   """
   env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
              TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=common.REPO)

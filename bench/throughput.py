@@ -13,7 +13,8 @@ with the same update. The
 baseline and every (recompute mode, M) alternate within each round, so the
 machine's other load touches them alike; the speed-up of a round is the
 baseline's step time over the pipeline's. The client's inter-op pool is 2 so
-that the stages can overlap (shared/TF_FACTS.md, fact 9).
+that the stages can overlap (with a pool of 1 they were
+measured to run mostly in turn).
 
 Roles: the driver (default) starts the workers and two long-lived children,
 `--role=baseline` and `--role=pipeline`, that trace their steps once and then

@@ -2,7 +2,7 @@
 
 Each configuration runs in its own process (BFC allocator on, so the peak is
 measured, not estimated) with a plain GradientTape around the model, as the
-trainer and users take gradients. The stack is shared/TF_FACTS.md's: 24
+trainer and users take gradients. The stack is the one the design was measured on: 24
 Dense(512), batch 4096, fp32: activations 8 MiB per layer (192 MiB in all),
 weights 24 MiB.
 
