@@ -53,6 +53,11 @@ _GRPC_MESSAGE = re.compile(r'grpc_message:\s*"\s*([^"\\]+)')
 _connected_hosts: list[str] = []
 
 
+# Errors of a probe that mean its worker is gone, not merely busy or full.
+_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                tf.errors.CancelledError, OSError)
+
+
 class WorkerLostError(RuntimeError):
   """A worker did not answer in time, or is gone; the message names it."""
 
@@ -243,7 +248,8 @@ class WorkerWatchdog:
 
   Every interval_secs each worker runs one op in a probe thread; a worker that
   has not answered within timeout_secs (stopped, hung, unreachable) or whose
-  probe fails (killed) is lost, and on_lost(message) gets a one-line message
+  probe cannot reach it (killed) is lost (one that answers with an error of
+  its own, e.g. out of memory, is alive), and on_lost(message) gets a one-line message
   naming it. Probes run in threads of their own, so they go on while the main
   thread is blocked in a step that waits for the lost worker; probes of the
   other workers keep answering meanwhile (measured). After on_lost the
@@ -297,7 +303,11 @@ class WorkerWatchdog:
     probes = [_Probe(d) for d in devices]
     deadline = time.monotonic() + self._timeout
     while True:
-      failed = [k for k, p in enumerate(probes) if p.done.is_set() and p.error]
+      # Only a failed connection means a lost worker: a worker that answers
+      # with an error of its own (out of memory while a step fills it) is
+      # alive, and the step itself reports that error.
+      failed = [k for k, p in enumerate(probes) if p.done.is_set() and
+                isinstance(p.error, _LOST_ERRORS)]
       if failed:
         who, was = _Workers(self._hosts, failed)
         return (f'{who} {was} lost: a probe of it failed '

@@ -155,6 +155,16 @@ def test_watchdog_names_a_worker_whose_probe_fails(probes):
                             'of it failed (recvmsg:Connection reset by peer).')
 
 
+def test_a_worker_that_answers_with_its_own_error_is_not_lost(probes):
+  # A capped worker out of memory mid-step fails the probe too, but answers.
+  probes.fail[_DEVICES[0]] = tf.errors.ResourceExhaustedError(
+      None, None, 'OOM when allocating tensor with shape[2048,2048]')
+  watchdog, lost, reported = _Watch(timeout_secs=30)
+  with watchdog:
+    assert not reported.wait(timeout=1.5)
+  assert not lost
+
+
 def test_watchdog_stopped_in_time_reports_nothing(probes):
   probes.hang.add(_DEVICES[0])
   watchdog, lost, _ = _Watch(timeout_secs=2)
