@@ -483,6 +483,16 @@ class BaseLayer(tf.Module):
     raise TypeError(f'{type(self).__name__} records stats but does not '
                     'override ApplyStats.')
 
+  def MergeStats(self, stats_list: Sequence[NestedMap]) -> NestedMap:
+    """The statistics of all of `stats_list`'s examples as one record.
+
+    An executor that keeps a running merge over micro-batches (the loop
+    executor) calls it with two records at a time; applying the merged
+    record must equal applying the list.
+    """
+    raise TypeError(f'{type(self).__name__} records stats but does not '
+                    'override MergeStats, so the loop executor cannot run it.')
+
   def CrossReplicaStats(self, stats_list: Sequence[NestedMap],
                         cross_replica_sum: Callable[[Any], Any]
                         ) -> list[NestedMap]:

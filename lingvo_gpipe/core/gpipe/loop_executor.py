@@ -10,11 +10,12 @@ How: the forward is a `tf.while_loop` over the M+K-1 clocks of fill-drain;
 at clock t every cell k runs micro-batch t-k, reading its input from a
 TensorArray and writing its output into the next cell's. The backward is a
 second loop over the clocks in reverse, with the running sums as loop
-variables. At a bubble clock a cell runs on an empty batch: every array has
-a spare slot M holding zero examples, which bubble clocks read and write,
-so they cost almost nothing and add nothing to the sums (computing on a
-real micro-batch and masking its gradient, or branching with `tf.cond`,
-were measured slower). Each TensorArray lives on the device of the cell that
+variables. At a bubble clock a cell runs on one row: every array has a
+spare slot M holding a one-example batch, which bubble clocks read and
+write, so they cost almost nothing and, their output gradient being zero,
+add nothing to the sums (computing on a real micro-batch and masking its
+gradient, or branching with `tf.cond`, were measured slower; an empty batch
+breaks layers that reshape, such as AmoebaNet's). Each TensorArray lives on the device of the cell that
 reads it, and the cell before writes into it there: written on the
 writer's device, the whole array crossed devices at every write, which made
 a first loop prototype run at half the unrolled executor's speed
@@ -57,6 +58,7 @@ class LoopExecutor:
                runners: Sequence[recompute_lib.CellRunner],
                placement: placement_lib.Placement, recompute: str,
                sizes: Sequence[int], batch_dim: int,
+               collector: base_layer.StatsCollector,
                clocks_per_iteration: int = 1):
     expected = schedule_lib.FillDrain(
         schedule.num_cells, schedule.num_micro_batches,
@@ -75,6 +77,7 @@ class LoopExecutor:
       raise ValueError('clocks_per_iteration must be >= 1, got '
                        f'{clocks_per_iteration}.')
     self._unroll = clocks_per_iteration
+    self._collector = collector
     self._runners = list(runners)
     self._placement = placement
     self._sizes = list(sizes)
@@ -85,20 +88,22 @@ class LoopExecutor:
     self._in_specs: list[Any] = []
     self._inputs: list[list[tf.TensorArray]] = []
     self._no_grad: list[list[bool]] = []
+    self._reduces_batch: list[bool] = []
 
   def _Clock(self, t: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(slot, micro-batch index) of cell k at clock t.
 
     Cell k runs micro-batch t-k. At a bubble clock its slot is the spare slot
-    M, which holds an empty batch (zero examples) in every array, so the
-    cell computes on nothing and writes nothing that counts.
+    M, which holds a one-example batch in every array (zeros, or what a
+    bubble wrote), so the cell computes on one row and writes nothing that
+    counts.
     """
     m = t - k
     valid = tf.logical_and(m >= 0, m < self._m)
     return tf.where(valid, m, self._m), tf.clip_by_value(m, 0, self._m - 1)
 
   def _Arrays(self, k: int, spec: Any) -> list[tf.TensorArray]:
-    """Arrays for micro-batches like `spec` on cell k's device; slot M empty."""
+    """Arrays for micro-batches like `spec` on cell k's device; slot M one zero row."""
     arrays = []
     with self._placement.CellScope(k):
       for s in tf.nest.flatten(spec):
@@ -111,38 +116,44 @@ class LoopExecutor:
             s.dtype, size=self._m + 1, infer_shape=False,
             clear_after_read=False,
             element_shape=s.shape).write(
-                self._m, tf.zeros([0] + s.shape[1:].as_list(), s.dtype)))
+                self._m, tf.zeros([1] + s.shape[1:].as_list(), s.dtype)))
     return arrays
 
   def _Split(self, k: int, value: Any) -> list[tf.TensorArray]:
-    """`value`'s micro-batches in arrays on cell k's device (slot M spare)."""
+    """`value`'s micro-batches in arrays on cell k's device; slot M one zero row."""
     with self._placement.CellScope(k):
       return [tf.TensorArray(leaf.dtype, size=self._m + 1, infer_shape=False,
                              clear_after_read=False,
                              element_shape=_Spec(leaf).shape).split(
-                                 leaf, self._sizes + [0])
+                                 tf.concat([leaf, tf.zeros_like(leaf[:1])], 0),
+                                 self._sizes + [1])
               for leaf in tf.nest.flatten(value)]
 
   def _Merge(self, k: int, arrays: Sequence[tf.TensorArray], spec: Any) -> Any:
-    """The whole batch from arrays of `_Arrays` (the spare slot M is empty)."""
+    """The whole batch from arrays of `_Arrays`, less the spare slot M at the end."""
+    batch = sum(self._sizes)
     with self._placement.CellScope(k):
-      return tf.nest.pack_sequence_as(spec, [a.concat() for a in arrays])
+      return tf.nest.pack_sequence_as(
+          spec, [a.concat()[:batch] for a in arrays])
 
   def RunForward(self, inputs: Any) -> Any:
     """The last cell's outputs for the whole batch."""
     spec = tf.nest.map_structure(_Spec, inputs)
     self._in_specs = [spec]
-    for runner in self._runners[:-1]:
-      spec = runner.OutputSpec(spec)
+    recorded = []  # per cell: [(layer, the spec of what it records)]
+    for runner in self._runners:
+      spec, stats = runner.Specs(spec)
       self._in_specs.append(spec)
-    out_spec = self._runners[-1].OutputSpec(spec)
+      recorded.append(stats)
+    out_spec = self._in_specs.pop()
     arrays = [self._Split(0, inputs)] + [
         self._Arrays(k, self._in_specs[k]) for k in range(1, self._k)]
     outputs = self._Arrays(self._k - 1, out_spec)
-    probe = base_layer.StatsCollector()
+    merged = self._NoStatistics(recorded)
+    self._reduces_batch = [bool(r) for r in recorded]
 
-    def Body(first, arrays, outputs):
-      arrays = [list(a) for a in arrays]
+    def Body(first, arrays, outputs, merged):
+      arrays, merged = [list(a) for a in arrays], [list(m) for m in merged]
       # Last cell first: each reads its array before the cell in front of
       # it writes this clock's micro-batch, so all cells of a clock can run
       # at once. Clocks past the last are bubbles for every cell.
@@ -153,8 +164,12 @@ class LoopExecutor:
           x = tf.nest.pack_sequence_as(
               self._in_specs[k], [a.read(slot) for a in arrays[k]])
           x = self._placement.Annotate(k, x)
+          probe = base_layer.StatsCollector()
           y, _ = self._runners[k].Forward(micro_batch, x, keep=False,
                                           collector=probe)
+          # A bubble's statistics (of an empty batch) are left out.
+          merged[k] = self._MergeStatistics(merged[k], probe, slot < self._m,
+                                            recorded[k])
         target = k + 1 if k + 1 < self._k else k
         with self._placement.CellScope(target):
           written = [a.write(slot, leaf) for a, leaf in zip(
@@ -164,18 +179,54 @@ class LoopExecutor:
           arrays[k + 1] = written
         else:
           outputs = written
-      return first + self._unroll, arrays, outputs
+      return first + self._unroll, arrays, outputs, merged
 
-    _, arrays, outputs = tf.while_loop(
+    _, arrays, outputs, merged = tf.while_loop(
         lambda t, *_: t < self._clocks, Body,
-        (tf.constant(0), arrays, outputs))
-    if probe.records:
-      raise ValueError(
-          "executor='loop' cannot run layers that record statistics yet "
-          f'({", ".join(sorted({l.path for l, _ in probe.records}))}: '
-          "BatchNorm's moments); use executor='unrolled'.")
+        (tf.constant(0), arrays, outputs, merged))
+    for cell_records, cell_merged in zip(recorded, merged):
+      for (layer, _), stats in zip(cell_records, cell_merged):
+        self._collector.Add(layer, stats)
     self._inputs = arrays
     return self._Merge(self._k - 1, outputs, out_spec)
+
+  def _NoStatistics(self, recorded: list[list[tuple[Any, Any]]]) -> list[list]:
+    """Per cell and record, the merge of no micro-batch: zeros, count 0.
+
+    Raises:
+      ValueError: naming a layer that records statistics but cannot merge
+        them two records at a time.
+    """
+    cannot = sorted({layer.path for cell in recorded for layer, _ in cell
+                     if type(layer).MergeStats is base_layer.BaseLayer.MergeStats})
+    if cannot:
+      raise ValueError(
+          f"executor='loop' keeps a running merge of the statistics layers "
+          f'record, and {", ".join(cannot)} cannot merge theirs (no '
+          "MergeStats); use executor='unrolled'.")
+    zeros = []
+    for k, cell in enumerate(recorded):
+      with self._placement.CellScope(k):
+        zeros.append([tf.nest.map_structure(
+            lambda s: tf.zeros(s.shape, s.dtype), spec) for _, spec in cell])
+    return zeros
+
+  @staticmethod
+  def _MergeStatistics(merged: list, probe: base_layer.StatsCollector,
+                       valid: tf.Tensor, recorded: list[tuple[Any, Any]]
+                       ) -> list:
+    """`merged` with this micro-batch's records added where it is not a bubble."""
+    if len(probe.records) != len(recorded):
+      raise ValueError(f'A cell recorded {len(probe.records)} statistics in '
+                       f'the loop but {len(recorded)} when traced alone.')
+    result = []
+    for so_far, (layer, stats) in zip(merged, probe.records):
+      both = layer.MergeStats([so_far, stats])
+      both = tf.nest.map_structure(lambda b, s: tf.cast(b, s.dtype), both,
+                                   so_far)
+      result.append(tf.nest.map_structure(
+          lambda b, s: tf.where(valid, b, s), both, so_far))
+    return result
 
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
@@ -197,7 +248,8 @@ class LoopExecutor:
         slot, micro_batch = self._Clock(t, k)
         runner = self._runners[k]
         with self._placement.CellScope(k):
-          # At a bubble clock both are empty: nothing is added to the sums.
+          # At a bubble clock both are the spare row, the output gradient
+          # zero (or a bubble's zero input gradient): nothing is added.
           x = tf.nest.pack_sequence_as(self._in_specs[k], [
               a.read(slot) for a in self._inputs[k]])
           out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
@@ -212,6 +264,12 @@ class LoopExecutor:
           for i, g in enumerate(g_theta):
             if g is None:
               self._no_grad[k][i] = True
+            elif self._reduces_batch[k]:
+              # A layer that reduces over the batch (BatchNorm) could make a
+              # bubble's gradient 0 · inf; keep the bubble out of the sum.
+              sums[k][i] = tf.where(slot < self._m,
+                                    sums[k][i] + tf.convert_to_tensor(g),
+                                    sums[k][i])
             else:
               sums[k][i] = sums[k][i] + tf.convert_to_tensor(g)
         g_x = tf.nest.map_structure(

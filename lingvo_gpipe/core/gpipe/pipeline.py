@@ -106,7 +106,7 @@ def RunPipeline(cells: Sequence[Any],
   if executor == 'loop':
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
                                          recompute, sizes, batch_dim,
-                                         clocks_per_iteration)
+                                         collector, clocks_per_iteration)
   else:
     lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
                                               recompute), sizes, batch_dim,

@@ -88,18 +88,27 @@ class CellRunner:
       y = self._FProp(micro_batch, x, record=True)
     return y, tape
 
-  def OutputSpec(self, x_spec: Any) -> Any:
-    """The structure, dtypes and shapes of the cell's outputs for inputs like `x_spec`.
+  def Specs(self, x_spec: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+    """What the cell returns and records for inputs like `x_spec`.
 
-    Traced in a function of its own that is never run, so nothing is added
-    to the graph being built.
+    Returns:
+      (the outputs' structure of TensorSpecs, [(layer, its statistics'
+      structure of TensorSpecs)] in the order the cell records them).
+      Traced in a function of its own that is never run, so nothing is
+      added to the graph being built.
     """
+    scratch = base_layer.StatsCollector()
+
     def Trace(x):
-      return self._FProp(tf.constant(0), x, record=False)
+      outputs = self._FProp(tf.constant(0), x, record=True,
+                            collector=scratch)
+      return outputs, [stats for _, stats in scratch.records]
 
     traced = tf.function(Trace, autograph=False).get_concrete_function(x_spec)
-    return tf.nest.map_structure(
+    outputs, stats = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
+    return outputs, [(layer, spec) for (layer, _), spec in
+                     zip(scratch.records, stats)]
 
   def Backward(self, micro_batch: Any, x: Any, dy: Any,
                kept: Optional[tuple[tf.GradientTape, Any]],

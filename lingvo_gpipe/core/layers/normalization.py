@@ -169,6 +169,12 @@ class BatchNorm(base_layer.BaseLayer):
                        (self.vars.moving_variance, variance)):
       var.assign_sub((var - tf.cast(value, var.dtype)) * rate)
 
+  def MergeStats(self, stats_list: Sequence[NestedMap]) -> NestedMap:
+    """The exact moments and count of the union of the groups."""
+    mean, variance = MergeMoments(stats_list)
+    count = tf.add_n([tf.cast(s.count, mean.dtype) for s in stats_list])
+    return NestedMap(mean=mean, variance=variance, count=count)
+
   def CrossReplicaStats(self, stats_list: Sequence[NestedMap],
                         cross_replica_sum: Callable[[Any], Any]
                         ) -> list[NestedMap]:
