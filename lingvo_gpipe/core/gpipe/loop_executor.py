@@ -27,10 +27,14 @@ over 4 devices has a fixed cost that dominates tiny cells (16 × Dense(64),
 K=4, M=64: the step 1.9× the unrolled one at 1 clock an iteration, 1.4× at
 4), at the price of a graph that many times the cells (build 1.7 s → 3.5 s).
 
+Statistics layers record (BatchNorm's moments) are loop variables too,
+merged a micro-batch at a time (BaseLayer.MergeStats) and recorded once.
+
 What it does not do yet, and refuses by name: recompute other than 'always'
 (a kept activation cannot leave the forward loop's tape), layers that record
-statistics (BatchNorm's moments would have to be loop variables), a batch
-dimension other than 0, and schedules other than fill-drain.
+statistics without MergeStats, activations whose shapes (but the batch) are
+not known when the graph is built, a batch dimension other than 0, and
+schedules other than fill-drain.
 """
 
 from __future__ import annotations

@@ -97,9 +97,9 @@ class PipeliningLayer(base_layer.BaseLayer):
              'higher peak; bench/README.md). False: the memory-lean backward.')
     p.Define('executor', 'unrolled', "How the schedule becomes a graph: "
              "'unrolled' (a copy of each cell per micro-batch; every recompute "
-             "mode, BatchNorm) or 'loop' (two loops over clocks: build time "
-             'and graph do not grow with M; recompute always, no layers that '
-             'record statistics yet).')
+             "mode and schedule) or 'loop' (two loops over clocks: build time "
+             'and graph do not grow with M; fill-drain with recompute always '
+             'only, loop_executor.py).')
     p.Define('clocks_per_iteration', 1, "executor='loop': clocks run per "
              'loop iteration; more cuts the per-iteration cost that '
              'dominates small cells and grows the graph as many times '
