@@ -138,12 +138,11 @@ def CheckMicroBatches(params: hyperparams.Params, num_replicas: int = 1) -> None
 
 
 def _Get(params: hyperparams.Params, path: str) -> Any:
-  node = params
-  for name in path.split('.'):
-    if not isinstance(node, hyperparams.Params) or name not in node:
-      return None
-    node = node.Get(name)
-  return node
+  """The value at `path`, or None for a config without that field."""
+  try:
+    return params.Get(path)
+  except hyperparams.UnknownParamError:
+    return None
 
 
 def _Numbers(value: Any, path: str = '') -> Iterator[tuple[str, float]]:

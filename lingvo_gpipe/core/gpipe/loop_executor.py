@@ -15,10 +15,11 @@ spare slot M holding a one-example batch, which bubble clocks read and
 write, so they cost almost nothing and, their output gradient being zero,
 add nothing to the sums (computing on a real micro-batch and masking its
 gradient, or branching with `tf.cond`, were measured slower; an empty batch
-breaks layers that reshape, such as AmoebaNet's). Each TensorArray lives on the device of the cell that
-reads it, and the cell before writes into it there: written on the
-writer's device, the whole array crossed devices at every write, which made
-a first loop prototype run at half the unrolled executor's speed
+breaks layers that reshape, such as AmoebaNet's). Each TensorArray lives on
+the device of the cell that reads it, and the cell before writes into it
+there: written on the writer's device, the whole array crossed devices at
+every write, which made a first loop prototype run at half the unrolled
+executor's speed
 (bench/results/executor_step_d64.md and executor_step_d512.md give
 today's ratios).
 
@@ -133,6 +134,13 @@ class LoopExecutor:
                                  self._sizes + [1])
               for leaf in tf.nest.flatten(value)]
 
+  def _Written(self, k: int, arrays: Sequence[tf.TensorArray],
+               slot: tf.Tensor, value: Any) -> list[tf.TensorArray]:
+    """`arrays` (on cell k's device, their reader's) with `value` at `slot`."""
+    with self._placement.CellScope(k):
+      return [a.write(slot, leaf)
+              for a, leaf in zip(arrays, tf.nest.flatten(value))]
+
   def _Merge(self, k: int, arrays: Sequence[tf.TensorArray], spec: Any) -> Any:
     """The whole batch from arrays of `_Arrays`, less the spare slot M at the end."""
     batch = sum(self._sizes)
@@ -171,18 +179,13 @@ class LoopExecutor:
           probe = base_layer.StatsCollector()
           y, _ = self._runners[k].Forward(micro_batch, x, keep=False,
                                           collector=probe)
-          # A bubble's statistics (of an empty batch) are left out.
+          # A bubble's statistics (of its spare row) are left out.
           merged[k] = self._MergeStatistics(merged[k], probe, slot < self._m,
                                             recorded[k])
-        target = k + 1 if k + 1 < self._k else k
-        with self._placement.CellScope(target):
-          written = [a.write(slot, leaf) for a, leaf in zip(
-              arrays[k + 1] if k + 1 < self._k else outputs,
-              tf.nest.flatten(y))]
         if k + 1 < self._k:
-          arrays[k + 1] = written
+          arrays[k + 1] = self._Written(k + 1, arrays[k + 1], slot, y)
         else:
-          outputs = written
+          outputs = self._Written(k, outputs, slot, y)
       return first + self._unroll, arrays, outputs, merged
 
     _, arrays, outputs, merged = tf.while_loop(
@@ -278,14 +281,10 @@ class LoopExecutor:
               sums[k][i] = sums[k][i] + tf.convert_to_tensor(g)
         g_x = tf.nest.map_structure(
             lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
-        with self._placement.CellScope(max(k - 1, 0)):
-          written = [a.write(slot, leaf) for a, leaf in zip(
-              grads_in[k - 1] if k > 0 else input_grads,
-              tf.nest.flatten(g_x))]
         if k > 0:
-          grads_in[k - 1] = written
+          grads_in[k - 1] = self._Written(k - 1, grads_in[k - 1], slot, g_x)
         else:
-          input_grads = written
+          input_grads = self._Written(0, input_grads, slot, g_x)
       return done + self._unroll, grads_in, input_grads, sums
 
     _, _, input_grads, sums = tf.while_loop(
