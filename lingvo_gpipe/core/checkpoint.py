@@ -21,6 +21,9 @@ completed checkpoint is ever overwritten or deleted by a fault:
   start, naming them.
 - A save that fails for lack of disk space or write permission removes its
   own partial files and raises StorageError; older checkpoints stay.
+- Ctrl-C or SIGTERM during a save waits for it to finish: the interrupt is
+  delivered (as KeyboardInterrupt) right after, so a stopped run leaves a
+  complete checkpoint and no `ckpt-N_temp/` behind.
 - A keyed object (the input position) is restored only from a checkpoint
   written with the same key (the input settings): an iterator restored
   under other settings would replay the old input pipeline.
@@ -32,13 +35,16 @@ or delete anything.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import glob
 import os
 import re
 import shutil
-from typing import Any, Mapping, Optional
+import signal
+import threading
+from typing import Any, Iterator, Mapping, Optional
 
 from absl import logging
 import tensorflow as tf
@@ -55,6 +61,33 @@ _STORAGE_ERRNOS = {errno.ENOSPC: 'the disk is full',
                    errno.EROFS: 'the file system is read-only',
                    errno.EACCES: 'permission denied',
                    errno.EPERM: 'permission denied'}
+
+
+@contextlib.contextmanager
+def InterruptsDeferred() -> Iterator[None]:
+  """Holds SIGINT and SIGTERM until the block ends, then raises KeyboardInterrupt.
+
+  A save cut by an interrupt would leave a `ckpt-N_temp/` directory and lose
+  the step it was saving. Signals go to the main thread only, so elsewhere
+  this does nothing.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  held = (signal.SIGINT, signal.SIGTERM)
+  previous = {s: signal.getsignal(s) for s in held}
+  for s in held:
+    signal.signal(s, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+  if received:
+    logging.warning('%s arrived during a checkpoint save; stopping after it.',
+                    signal.Signals(received[0]).name)
+    raise KeyboardInterrupt()
 
 
 class CheckpointMismatchError(ValueError):
@@ -153,7 +186,8 @@ class Checkpointer:
           self._checkpoint, self.directory, max_to_keep=self._max_to_keep,
           checkpoint_name=CHECKPOINT_PREFIX)
     try:
-      path = self._manager.save(checkpoint_number=step)
+      with InterruptsDeferred():
+        path = self._manager.save(checkpoint_number=step)
     except (OSError, tf.errors.OpError) as e:
       reason = StorageProblem(e)
       if reason is None:

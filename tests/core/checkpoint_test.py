@@ -2,6 +2,7 @@
 
 import glob
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -283,6 +284,29 @@ def test_a_failed_save_for_want_of_space_raises_storage_error(tmp_path,
   assert 'ckpt-1 (step 1) is the latest intact' in str(e.value)
   assert sorted(os.listdir(ckpt.directory)) == [
       'checkpoint', 'ckpt-1.data-00000-of-00001', 'ckpt-1.index']
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_a_save_lets_it_finish_then_stops(tmp_path,
+                                                              monkeypatch,
+                                                              signum):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), {'model': _Model()})
+  ckpt.Save(1)
+  real_save = ckpt._manager.save
+
+  def InterruptedSave(*args, **kwargs):
+    os.kill(os.getpid(), signum)  # arrives while the save is under way
+    return real_save(*args, **kwargs)
+
+  monkeypatch.setattr(ckpt._manager, 'save', InterruptedSave)
+  handler_before = signal.getsignal(signum)
+  with pytest.raises(KeyboardInterrupt):
+    ckpt.Save(2)
+  assert sorted(os.listdir(ckpt.directory)) == [
+      'checkpoint', 'ckpt-1.data-00000-of-00001', 'ckpt-1.index',
+      'ckpt-2.data-00000-of-00001', 'ckpt-2.index']
+  assert checkpoint.ListCheckpoints(ckpt.directory)[-1].endswith('ckpt-2')
+  assert signal.getsignal(signum) is handler_before
 
 
 def test_step_of_names_a_bad_name():
