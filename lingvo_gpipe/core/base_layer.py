@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import stacked_variable
 from lingvo_gpipe.core.nested_map import NestedMap
 
 Params = hyperparams.Params
@@ -183,11 +184,15 @@ class ExecutionContext:
       masks differ per step and micro-batch, yet repeat under recomputation.
     micro_batch: int or scalar tensor, the micro-batch index.
     stats_collector: where training statistics go; None applies them at once.
+    repeat_iterations: inside Repeat layers, the iteration (int or scalar
+      tensor) of each enclosing Repeat, outermost first; seeds random ops so
+      that every iteration draws its own masks.
   """
   training: bool = False
   step: Any = 0
   micro_batch: Any = 0
   stats_collector: Optional[StatsCollector] = None
+  repeat_iterations: tuple = ()
 
 
 _UNSET = object()
@@ -202,11 +207,13 @@ def CurrentContext() -> ExecutionContext:
 @contextlib.contextmanager
 def Context(training: Any = _UNSET, step: Any = _UNSET,
             micro_batch: Any = _UNSET,
-            stats_collector: Any = _UNSET) -> Iterator[ExecutionContext]:
+            stats_collector: Any = _UNSET,
+            repeat_iterations: Any = _UNSET) -> Iterator[ExecutionContext]:
   """Sets fields of the execution context; unset fields keep their value."""
   changes = {k: v for k, v in dict(
       training=training, step=step, micro_batch=micro_batch,
-      stats_collector=stats_collector).items() if v is not _UNSET}
+      stats_collector=stats_collector,
+      repeat_iterations=repeat_iterations).items() if v is not _UNSET}
   ctx = dataclasses.replace(CurrentContext(), **changes)
   if not hasattr(_local, 'contexts'):
     _local.contexts = []
@@ -247,6 +254,36 @@ def AbstractBuild() -> Iterator[None]:
 
 def _IsAbstract() -> bool:
   return getattr(_local, 'abstract', False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacking:
+  piece_sizes: tuple[int, ...]
+  piece_scopes: Optional[Sequence[Callable[[], Any]]]
+
+
+@contextlib.contextmanager
+def StackedBuild(piece_sizes: Sequence[int],
+                 piece_scopes: Optional[Sequence[Callable[[], Any]]] = None
+                 ) -> Iterator[None]:
+  """Within it, CreateVariable makes StackedVariables of sum(piece_sizes) iterations.
+
+  Piece i (piece_sizes[i] iterations) is created under piece_scopes[i]() if
+  given, e.g. the device of the pipeline cell that runs those iterations.
+  The Repeat layer builds its body under it.
+  """
+  if getattr(_local, 'stacking', None) is not None:
+    raise ValueError('A Repeat inside a Repeat is not supported: its body '
+                     'would need weights stacked twice. Flatten the two into '
+                     'one Repeat, or unroll the inner one.')
+  if piece_scopes is not None and len(piece_scopes) != len(piece_sizes):
+    raise ValueError(f'{len(piece_scopes)} piece scopes for '
+                     f'{len(piece_sizes)} pieces.')
+  _local.stacking = _Stacking(tuple(piece_sizes), piece_scopes)
+  try:
+    yield
+  finally:
+    _local.stacking = None
 
 
 def _IsShapeLeaf(x: Any) -> bool:
@@ -383,6 +420,14 @@ class BaseLayer(tf.Module):
     wp = weight_params
     dtype = wp.dtype or p.dtype
     full_name = f'{self._path}/{name}'
+    stacking = getattr(_local, 'stacking', None)
+    if stacking is not None:
+      var = self._CreateStacked(full_name, wp, dtype, stacking)
+      self._variables_by_name[name] = var
+      setattr(self, f'_var_{name}', var)  # the checkpoint's one key
+      # tf.Module finds the pieces here (untracked: they save through var).
+      setattr(self, f'_pieces_{name}', self._no_dependency(list(var.pieces)))
+      return var
     if _IsAbstract():
       var = AbstractVariable(full_name, wp.shape, dtype, wp.trainable)
     else:
@@ -401,6 +446,36 @@ class BaseLayer(tf.Module):
     self._variables_by_name[name] = var
     setattr(self, f'_var_{name}', var)
     return var
+
+  def _CreateStacked(self, full_name: str, wp: Params, dtype: tf.DType,
+                     stacking: _Stacking) -> Any:
+    """A StackedVariable: iteration t initialized as if it were its own layer."""
+    p = self._params
+    pieces, start = [], 0
+    for i, size in enumerate(stacking.piece_sizes):
+      piece_name = (full_name if len(stacking.piece_sizes) == 1 else
+                    f'{full_name}/piece_{i}')
+      shape = [size] + list(wp.shape)
+      if _IsAbstract():
+        pieces.append(AbstractVariable(piece_name, shape, dtype,
+                                       wp.trainable))
+      else:
+        init = wp.init or p.params_init
+        scope = (stacking.piece_scopes[i]() if stacking.piece_scopes else
+                 contextlib.nullcontext())
+        with tf.init_scope(), scope:
+          value = tf.stack([
+              _InitialValue(init, wp.shape, dtype, tf.constant(
+                  [p.random_seed, StableSeed(full_name, t)], tf.int64))
+              for t in range(start, start + size)])
+          pieces.append(tf.Variable(
+              value, name=piece_name.replace('/', '.'),
+              trainable=wp.trainable,
+              aggregation=(tf.VariableAggregation.NONE if wp.trainable else
+                           tf.VariableAggregation.ONLY_FIRST_REPLICA)))
+      start += size
+    return stacked_variable.StackedVariable(full_name.replace('/', '.'),
+                                            pieces)
 
   def _CheckNewName(self, name: str) -> None:
     if name in self._variables_by_name or name in self._children_by_name:
@@ -460,15 +535,19 @@ class BaseLayer(tf.Module):
     """A stateless-RNG seed for this layer at the context's step and micro-batch.
 
     Equal in a cell's forward pass and its recomputation (same context), and
-    different across steps, micro-batches and layers.
+    different across steps, micro-batches, layers and Repeat iterations.
     """
     ctx = CurrentContext()
     seed = tf.constant(
         [self._params.random_seed, StableSeed(self._path, salt)], tf.int64)
     seed = tf.random.experimental.stateless_fold_in(
         seed, tf.cast(ctx.step, tf.int64))
-    return tf.random.experimental.stateless_fold_in(
+    seed = tf.random.experimental.stateless_fold_in(
         seed, tf.cast(ctx.micro_batch, tf.int64))
+    for iteration in ctx.repeat_iterations:
+      seed = tf.random.experimental.stateless_fold_in(
+          seed, tf.cast(iteration, tf.int64))
+    return seed
 
   def RecordStats(self, stats: NestedMap) -> None:
     """Hands training statistics to the context's collector, or applies them."""
@@ -516,6 +595,15 @@ class BaseLayer(tf.Module):
       layer = p.Instantiate()
     return sum(
         v.shape.num_elements() for v in layer.vars.Flatten() if v.trainable)
+
+  @classmethod
+  def NumUnits(cls, p: Params) -> int:
+    """Units a pipeline may cut this layer into (between them); 1: never cut.
+
+    A Repeat has one per iteration; partition.py balances units.
+    """
+    del p
+    return 1
 
   @classmethod
   def FPropMeta(cls, p: Params, *input_shapes: Any) -> NestedMap:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import difflib
 import types
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import stacked_variable
 
 
 class Optimizer(tf.Module):
@@ -47,32 +48,48 @@ class Optimizer(tf.Module):
         by name (what makes them checkpoint by name), so each needs its own.
     """
     for var in variables:
-      owner = self._names.owners.setdefault(_Key(var), var.ref())
-      if owner != var.ref():
+      stacked = _StackedOwner(var)
+      identity = var.ref() if stacked is None else id(stacked)
+      owner = self._names.owners.setdefault(_Key(var), identity)
+      if owner != identity:
         raise ValueError(
             f'{type(self).__name__}: two different variables are named '
             f'{_Key(var)!r}; the optimizer keys its slots by variable name. '
             'Give every variable a unique name (layer variables have their '
             'layer path).')
       for slot, table in self.slots.items():
-        if _Key(var) not in table:
-          with tf.init_scope(), tf.device(var.device):
-            table[_Key(var)] = tf.Variable(
-                tf.zeros(var.shape, var.dtype), trainable=False,
-                name=f'{_Key(var)}/{slot}')
+        if _Key(var) in table:
+          continue
+        if stacked is None:
+          table[_Key(var)] = _ZerosLike(var, f'{_Key(var)}/{slot}')
+        else:
+          # A piece of a Repeat's stacked weight: the slot is stacked and cut
+          # alike (each piece beside its weight), and checkpoints as one.
+          table[_Key(var)] = stacked.Map(
+              lambda piece, i, slot=slot: _ZerosLike(
+                  piece, f"{piece.name.split(':')[0]}/{slot}"),
+              f'{_Key(var)}/{slot}')
 
   def Slot(self, var: tf.Variable, slot: str) -> tf.Variable:
     try:
-      return self.slots[slot][_Key(var)]
+      entry = self.slots[slot][_Key(var)]
     except KeyError:
       raise ValueError(f'{type(self).__name__}: no {slot!r} slot for '
                        f'{var.name}; call Build(variables) before Apply.'
                        ) from None
+    if isinstance(entry, stacked_variable.StackedVariable):
+      return entry.pieces[var.stacked_owner[1]]
+    return entry
 
   def SlotVariables(self) -> list[tf.Variable]:
     """Every slot variable, in a fixed order (slot name, then variable name)."""
-    return [table[name] for slot, table in sorted(self.slots.items())
-            for name in sorted(table)]
+    out = []
+    for _, table in sorted(self.slots.items()):
+      for name in sorted(table):
+        entry = table[name]
+        out.extend(entry.pieces if isinstance(
+            entry, stacked_variable.StackedVariable) else [entry])
+    return out
 
   def Apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable],
             learning_rate: tf.Tensor) -> tf.Operation:
@@ -165,5 +182,22 @@ def Create(train_params: hyperparams.Params) -> Optimizer:
 
 
 def _Key(var: tf.Variable) -> str:
-  # Layer variables have unique path names ('network.pipeline.layers_0.w').
+  """Layer variables have unique path names ('network.pipeline.layers_0.w').
+
+  A piece of a stacked variable is keyed by the whole (its slots are stacked).
+  """
+  stacked = _StackedOwner(var)
+  if stacked is not None:
+    return stacked.name
   return var.name.split(':')[0]
+
+
+def _StackedOwner(var: tf.Variable) -> Optional[stacked_variable.StackedVariable]:
+  owner = getattr(var, 'stacked_owner', None)
+  return None if owner is None else owner[0]
+
+
+def _ZerosLike(var: tf.Variable, name: str) -> tf.Variable:
+  with tf.init_scope(), tf.device(var.device):
+    return tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False,
+                       name=name)

@@ -5,11 +5,17 @@ len(costs) whose most expensive cell costs the least possible (the optimal
 bottleneck of a contiguous K-way split, found by bisection to within
 `rel_tol`). The slowest (or largest) cell sets the pipeline's pace and memory,
 so that is the quantity worth minimizing.
+
+What is cut is a sequence of units: a layer is one unit, except a layer
+that declares `NumUnits(p) > 1` (a Repeat: its iterations), which may be cut
+between any two of its units and costs 1/NumUnits of its cost per unit. So
+a Repeat of 1663 Transformer blocks spreads over 128 cells like 1663 listed
+blocks would. `CellSegments` says which (layer, units) each cell holds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from lingvo_gpipe.core import base_layer
 
@@ -101,6 +107,56 @@ def CellSlices(sizes: Sequence[int]) -> list[slice]:
     out.append(slice(start, start + s))
     start += s
   return out
+
+
+def NumUnits(layer_params: Sequence[base_layer.Params]) -> list[int]:
+  """Units of each layer: its NumUnits(p) (a Repeat's iterations), else 1."""
+  return [int(p.cls.NumUnits(p)) for p in layer_params]
+
+
+def UnitCosts(layer_costs: Sequence[float],
+              units: Sequence[int]) -> list[float]:
+  """Per-unit costs: layer j's cost split evenly over its units[j] units."""
+  return [float(c) / u for c, u in zip(layer_costs, units) for _ in range(u)]
+
+
+class Segment(NamedTuple):
+  """Units [start, stop) of layer `layer`, held by one cell."""
+  layer: int
+  start: int
+  stop: int
+
+
+def CellSegments(sizes: Sequence[int],
+                 units: Sequence[int]) -> list[list[Segment]]:
+  """Per cell, the runs of units it holds: cell k gets sizes[k] units in order.
+
+  Args:
+    sizes: units per cell (from Balance over UnitCosts), summing to
+      sum(units).
+    units: units per layer (NumUnits).
+  """
+  owner = [(j, t) for j, u in enumerate(units) for t in range(u)]
+  cells = []
+  for cell in CellSlices(sizes):
+    segments: list[Segment] = []
+    for j, t in owner[cell]:
+      if segments and segments[-1].layer == j:
+        segments[-1] = segments[-1]._replace(stop=t + 1)
+      else:
+        segments.append(Segment(j, t, t + 1))
+    cells.append(segments)
+  return cells
+
+
+def PieceSizes(segments: Sequence[Sequence[Segment]],
+               num_layers: int) -> list[list[int]]:
+  """Per layer, the sizes of the pieces the cells cut it into, in order."""
+  pieces: list[list[int]] = [[] for _ in range(num_layers)]
+  for cell in segments:
+    for seg in cell:
+      pieces[seg.layer].append(seg.stop - seg.start)
+  return pieces
 
 
 def CellCosts(costs: Sequence[float], sizes: Sequence[int]) -> list[float]:

@@ -31,6 +31,7 @@ from lingvo_gpipe.core.gpipe import recompute
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 from lingvo_gpipe.core.layers import combinators
+from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.nested_map import NestedMap
 
 PLACEMENT_BACKENDS = ('devices', 'tpu')
@@ -127,15 +128,7 @@ class PipeliningLayer(base_layer.BaseLayer):
         with self.placement.CellScope(k):
           cells.append(self.CreateChild(f'cell_{k}', cp))
     else:
-      # Each layer on its cell's device, but named by its place in `layers`:
-      # the path seeds its weights and dropout and names its variables and
-      # checkpoint keys, which must not change with the cut.
-      cell_of = [k for k, size in enumerate(self.balance) for _ in range(size)]
-      layers = self.CreateChildren(
-          'layers', p.layers,
-          child_scope=lambda j: self.placement.CellScope(cell_of[j]))
-      cells = [Cell(f'cell_{k}', layers[cell])
-               for k, cell in enumerate(partition.CellSlices(self.balance))]
+      cells = self._BuildLayersAndCells()
     # Untracked: a checkpoint reaches the layers (or cell_tpl's cells) through
     # their own names; a second path through `cells` could give them
     # cut-dependent keys.
@@ -144,6 +137,45 @@ class PipeliningLayer(base_layer.BaseLayer):
     logging.info('%s', report_lib.FormatTable(self.Report()))
 
   # --- construction ------------------------------------------------------------
+
+  def _BuildLayersAndCells(self) -> list[Cell]:
+    """Builds `layers` on their cells' devices; returns the cells that chain them.
+
+    Each layer is named by its place in `layers`: the path seeds its weights
+    and dropout and names its variables and checkpoint keys, which must not
+    change with the cut. A layer the cut splits (a Repeat cut between
+    iterations) is built once, with piece i's weights on the device of the
+    i-th cell that holds it; that cell runs `layer.Piece(i)`.
+    """
+    p = self.params
+    self.segments = partition.CellSegments(self.balance,
+                                           partition.NumUnits(p.layers))
+    pieces = partition.PieceSizes(self.segments, len(p.layers))
+    cells_of = [[k for k, cell in enumerate(self.segments)
+                 for seg in cell if seg.layer == j]
+                for j in range(len(p.layers))]
+    layer_params = []
+    for j, lp in enumerate(p.layers):
+      if len(pieces[j]) > 1:
+        lp = lp.Copy().Set(piece_sizes=pieces[j])
+      layer_params.append(lp)
+
+    def LayerScope(j: int) -> contextlib.ExitStack:
+      stack = contextlib.ExitStack()
+      stack.enter_context(self.placement.CellScope(cells_of[j][0]))
+      if len(pieces[j]) > 1:
+        stack.enter_context(repeat.PieceScopes(
+            [lambda k=k: self.placement.CellScope(k) for k in cells_of[j]]))
+      return stack
+
+    layers = self.CreateChildren('layers', layer_params, child_scope=LayerScope)
+    self._members = [
+        [(seg.layer, cells_of[seg.layer].index(k)
+          if len(pieces[seg.layer]) > 1 else None) for seg in cell]
+        for k, cell in enumerate(self.segments)]
+    return [Cell(f'cell_{k}', [layers[j] if i is None else layers[j].Piece(i)
+                               for j, i in members])
+            for k, members in enumerate(self._members)]
 
   def _CheckParams(self) -> None:
     p = self.params
@@ -173,18 +205,23 @@ class PipeliningLayer(base_layer.BaseLayer):
 
   @classmethod
   def CellBalance(cls, p) -> list[int]:
-    """Layers per cell: from cell_tpl, balance, or the partition method."""
+    """Layers per cell: from cell_tpl, balance, or the partition method.
+
+    A Repeat counts as its iterations (partition.py's units), so a cell may
+    hold part of one.
+    """
     if p.cell_tpl is not None:
       return [1] * len(p.cell_tpl)
+    units = partition.NumUnits(p.layers)
     if p.balance is not None:
       if len(p.balance) != p.num_partitions and p.num_partitions != 1:
         raise ValueError(f'balance={p.balance} has {len(p.balance)} cells but '
                          f'num_partitions={p.num_partitions}.')
-      return partition.ValidateBalance(p.balance, len(p.layers))
-    if p.num_partitions > len(p.layers):
+      return partition.ValidateBalance(p.balance, sum(units))
+    if p.num_partitions > sum(units):
       raise ValueError(f'num_partitions={p.num_partitions} exceeds the '
-                       f'{len(p.layers)} layers; each cell needs a layer.')
-    costs = cls.LayerCosts(p)
+                       f'{sum(units)} layers; each cell needs a layer.')
+    costs = partition.UnitCosts(cls.LayerCosts(p), units)
     return partition.Balance(costs, p.num_partitions)
 
   @classmethod
@@ -207,9 +244,18 @@ class PipeliningLayer(base_layer.BaseLayer):
     if p.cell_tpl is not None:
       return list(p.cell_tpl)
     balance = balance or cls.CellBalance(p)
-    return [combinators.Sequential.Params().Set(name=f'cell_{k}',
-                                                sub=list(p.layers[cell]))
-            for k, cell in enumerate(partition.CellSlices(balance))]
+    segments = partition.CellSegments(balance, partition.NumUnits(p.layers))
+    return [combinators.Sequential.Params().Set(
+        name=f'cell_{k}', sub=[cls._SegmentParams(p, seg) for seg in cell])
+            for k, cell in enumerate(segments)]
+
+  @classmethod
+  def _SegmentParams(cls, p, seg: partition.Segment):
+    """Params of the part of layer seg.layer a cell holds (all, or a piece)."""
+    lp = p.layers[seg.layer]
+    if seg.stop - seg.start == lp.cls.NumUnits(lp):
+      return lp
+    return lp.cls.PieceParams(lp, seg.start, seg.stop)
 
   def _MakePlacement(self, num_cells: int) -> placement_lib.Placement:
     p = self.params
@@ -238,8 +284,10 @@ class PipeliningLayer(base_layer.BaseLayer):
     """Cell k's theta (what `cells[k].FProp` takes) from this layer's theta."""
     if self.params.cell_tpl is not None:
       return theta[f'cell_{k}']
-    return NestedMap(
-        sub=list(theta.layers[partition.CellSlices(self.balance)[k]]))
+    return NestedMap(sub=[
+        theta.layers[j] if i is None else
+        self.layers[j].PieceTheta(theta.layers[j], i)
+        for j, i in self._members[k]])
 
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     p = self.params
@@ -304,12 +352,15 @@ class PipeliningLayer(base_layer.BaseLayer):
     balance = balance or cls.CellBalance(p)
     devices = p.devices or []
     cells = []
-    for k, (cp, layers) in enumerate(zip(cls._CellParamsOf(p, balance),
-                                         partition.CellSlices(balance))):
-      names = ([l.name for l in p.layers[layers]]
-               if p.layers is not None else [cp.name])
-      info = NestedMap(cell=k, first_layer=layers.start,
-                       num_layers=layers.stop - layers.start,
+    segments = (None if p.layers is None else partition.CellSegments(
+        balance, partition.NumUnits(p.layers)))
+    for k, cp in enumerate(cls._CellParamsOf(p, balance)):
+      if segments is None:
+        names, first, count = [cp.name], k, 1
+      else:
+        names = [cls._SegmentName(p, seg) for seg in segments[k]]
+        first, count = segments[k][0].layer, balance[k]
+      info = NestedMap(cell=k, first_layer=first, num_layers=count,
                        layer_names=names, num_params=cp.cls.NumParams(cp),
                        device=devices[k % len(devices)] if devices else None,
                        flops=None, peak_bytes=None)
@@ -325,6 +376,13 @@ class PipeliningLayer(base_layer.BaseLayer):
         bubble_fraction=None if m is None else pipeline.MakeSchedule(
             k, m, p.input_grads_first).TheoreticalBubble(),
         process_peak_bytes=None, cells=cells)
+
+  @classmethod
+  def _SegmentName(cls, p, seg: partition.Segment) -> str:
+    lp = p.layers[seg.layer]
+    if seg.stop - seg.start == lp.cls.NumUnits(lp):
+      return lp.name
+    return f'{lp.name}[{seg.start}:{seg.stop}]'
 
   def Report(self) -> NestedMap:
     """StaticReport plus each cell's device and the memory figures.

@@ -3,8 +3,9 @@
 Invariant: a combinator's FProp and its FPropMeta compose the sub-layers the
 same way, so its output shapes and FLOPs are those of the sub-layers composed
 by hand; its NumParams is the sum of the sub-layers' NumParams, computed from
-Params alone (so a Repeat of 1663 Transformer layers is sized without building
-1663 layers).
+Params alone (so a Sequential of 1663 Transformer layers is sized without
+building 1663 layers). Repeat, N identical layers with stacked weights, has
+its own module (repeat.py).
 
 Passing values between layers: a layer's output that is a tuple is splatted
 into the next layer's inputs; anything else (a tensor, a NestedMap) is passed
@@ -57,8 +58,8 @@ def _ChainMeta(owner: str, params_list: Sequence[base_layer.Params],
                input_shapes: tuple) -> NestedMap:
   """Metas of layers applied in turn, each to the previous one's outputs.
 
-  Runs of identical Params on unchanged shapes (a Repeat, or a Sequential of
-  equal layers) are priced once and multiplied.
+  Runs of identical Params on unchanged shapes (a Sequential of equal
+  layers) are priced once and multiplied.
   """
   shapes = tuple(input_shapes)
   flops = 0
@@ -119,45 +120,6 @@ class Sequential(base_layer.BaseLayer):
   def FPropMeta(cls, p, *input_shapes):
     _CheckSubList(p)
     return _ChainMeta(f'Sequential {p.name!r}', list(p.sub), input_shapes)
-
-
-class Repeat(base_layer.BaseLayer):
-  """`num` layers built from the same Params (each with its own variables),
-  applied in turn like a Sequential."""
-
-  @classmethod
-  def Params(cls):
-    p = super().Params()
-    p.Define('sub', None, 'Params of the layer to repeat.')
-    p.Define('num', 1, 'How many times; at least 1.')
-    return p
-
-  @classmethod
-  def _Check(cls, p) -> None:
-    if p.sub is None:
-      raise ValueError(f'Repeat {p.name!r}: sub is None; set it to the '
-                       'Params of the layer to repeat.')
-    if not isinstance(p.num, int) or p.num < 1:
-      raise ValueError(f'Repeat {p.name!r}: num is {p.num!r}; it must be an '
-                       'int >= 1.')
-
-  def __init__(self, params):
-    super().__init__(params)
-    self._Check(self.params)
-    self.CreateChildren('body', [self.params.sub] * self.params.num)
-
-  def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
-    return ChainFProp(self.body, theta.body, inputs)
-
-  @classmethod
-  def NumParams(cls, p) -> int:
-    cls._Check(p)
-    return p.num * p.sub.cls.NumParams(p.sub)
-
-  @classmethod
-  def FPropMeta(cls, p, *input_shapes):
-    cls._Check(p)
-    return _ChainMeta(f'Repeat {p.name!r}', [p.sub] * p.num, input_shapes)
 
 
 class Residual(base_layer.BaseLayer):

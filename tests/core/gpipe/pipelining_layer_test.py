@@ -21,6 +21,7 @@ from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import dropout
 from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.layers import pooling
+from lingvo_gpipe.core.layers import repeat
 
 PipeliningLayer = pipelining_layer.PipeliningLayer
 
@@ -357,3 +358,84 @@ def test_the_layer_runs_the_schedule_it_reports():
   assert (sched.num_cells, sched.num_micro_batches) == (2, 3)
   assert {t.kind for t in sched.CellOrder(1)} == {'F', 'Bx', 'Bw'}
   assert pipe.Report().bubble_fraction == sched.TheoreticalBubble()
+
+
+# --- a Repeat cut between iterations -------------------------------------------
+
+
+def _RepeatStack():
+  block = dense.Dense.Params().Set(input_dim=6, output_dim=6, activation='tanh')
+  return [block.Copy().Set(name='first'),
+          repeat.Repeat.Params().Set(name='blocks', sub=block, num=5),
+          block.Copy().Set(name='last')]
+
+
+def _RepeatPipeline(k, m, executor):
+  return PipeliningLayer.Params().Set(
+      name='pipe', layers=_RepeatStack(), num_partitions=k,
+      num_micro_batches=m, executor=executor,
+      devices=[f'/device:CPU:{i}' for i in range(k)]).Instantiate()
+
+
+def _LogicalGrads(pipe, grads):
+  """Gradients by logical weight: a cut Repeat's pieces joined."""
+  out, i = [], 0
+  for layer_vars in pipe.vars.layers:
+    if 'body' in layer_vars:
+      pieces = [list(piece.Flatten()) for piece in layer_vars.body]
+      n = len(pieces[0])
+      chunk = grads[i:i + n * len(pieces)]
+      out += [np.concatenate([chunk[p * n + w] for p in range(len(pieces))])
+              for w in range(n)]
+      i += n * len(pieces)
+    else:
+      n = len(layer_vars.Flatten())
+      out += [g.numpy() for g in grads[i:i + n]]
+      i += n
+  return out
+
+
+@pytest.mark.parametrize('executor', ['unrolled', 'loop'])
+def test_a_repeat_cut_across_cells_equals_it_whole(executor):
+  cut = _RepeatPipeline(3, 3, executor)
+  whole = _RepeatPipeline(1, 1, 'unrolled')
+  # 7 units of equal cost (first, 5 iterations, last) in 3 cells: the
+  # Repeat is cut, and each piece's weights live on its cell's device.
+  assert sum(cut.balance) == 7 and len(cut.balance) == 3
+  blocks = cut.layers[1]
+  assert len(blocks.piece_sizes) >= 2
+  cells_with_blocks = [k for k, cell in enumerate(cut.segments)
+                       if any(s.layer == 1 for s in cell)]
+  for i, k in enumerate(cells_with_blocks):
+    for v in blocks.vars.body[i].Flatten():
+      assert v.device.endswith(f'CPU:{k}'), (i, k, v.device)
+  names = [n for c in cut.Report().cells for n in c.layer_names]
+  assert names[0] == 'first' and names[-1] == 'last'
+  assert any(n.startswith('blocks[0:') for n in names)
+  x = tf.random.stateless_normal([7, 6], [1, 2])
+  grads = {}
+  for name, pipe in (('cut', cut), ('whole', whole)):
+    # Variables in the order of pipe.vars (layers, then pieces).
+    variables = pipe.vars.Flatten()
+    with base_layer.Context(training=True, step=3):
+      with tf.GradientTape() as tape:
+        y = pipe.FProp(pipe.theta, x)
+        loss = tf.reduce_sum(y * y)
+    grads[name] = (loss.numpy(), _LogicalGrads(
+        pipe, tape.gradient(loss, variables)))
+  np.testing.assert_allclose(grads['cut'][0], grads['whole'][0], rtol=1e-5)
+  for a, b in zip(grads['cut'][1], grads['whole'][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_restores_across_a_repeat_cut(tmp_path):
+  whole = _RepeatPipeline(1, 1, 'unrolled')
+  for v in whole.trainable_variables:
+    v.assign(tf.random.stateless_normal(v.shape, [7, len(v.name)]))
+  path = tf.train.Checkpoint(model=whole).save(str(tmp_path / 'ckpt'))
+  cut = _RepeatPipeline(4, 2, 'unrolled')
+  assert len(cut.layers[1].piece_sizes) >= 2
+  tf.train.Checkpoint(model=cut).restore(path).assert_consumed()
+  np.testing.assert_array_equal(
+      whole.layers[1].vars.body[0].w.numpy(),
+      np.concatenate([p.w.numpy() for p in cut.layers[1].vars.body]))

@@ -1,4 +1,4 @@
-"""Tests of Sequential, Repeat, Residual and Parallel: each equals its sub-layers
+"""Tests of Sequential, Residual and Parallel: each equals its sub-layers
 composed by hand, and its estimates equal those of the layers it builds."""
 
 
@@ -123,59 +123,6 @@ def test_sequential_errors():
   with pytest.raises(ValueError, match='sub_1: input last dim is 8, but '
                      'input_dim is 6'):
     p.Instantiate().FPropDefaultTheta(_X([2, 4]))
-
-
-# --- Repeat ------------------------------------------------------------------
-
-
-def test_repeat_equals_chain_and_builds_distinct_layers():
-  p = combinators.Repeat.Params().Set(sub=_Dense(4, 4, 'tanh'), num=3)
-  x = _X([2, 4])
-  layer, y = test_utils.CheckLayer(p, x)
-  assert len(layer.body) == 3
-  assert not np.allclose(layer.body[0].vars.w.numpy(),
-                         layer.body[1].vars.w.numpy())
-  h = x
-  for body in layer.body:
-    h = body.FPropDefaultTheta(h)
-  _Close(y, h)
-  assert combinators.Repeat.NumParams(p) == test_utils.CountTrainable(layer)
-  assert combinators.Repeat.NumParams(p) == 3 * (4 * 4 + 4)
-  assert (combinators.Repeat.FPropMeta(p, [2, 4]).flops ==
-          3 * dense.Dense.FPropMeta(_Dense(4, 4, 'tanh'), [2, 4]).flops)
-
-
-def _TransformerLayer(d=8, heads=2, d_ff=16):
-  attend = combinators.Residual.Params().Set(
-      pre_norm=normalization.LayerNorm.Params().Set(dim=d),
-      sub=attention.MultiHeadAttention.Params().Set(
-          input_dim=d, num_heads=heads, causal=True),
-      dropout=dropout.Dropout.Params().Set(keep_prob=0.9))
-  ffn = combinators.Residual.Params().Set(
-      pre_norm=normalization.LayerNorm.Params().Set(dim=d),
-      sub=dense.FeedForward.Params().Set(input_dim=d, hidden_dim=d_ff),
-      dropout=dropout.Dropout.Params().Set(keep_prob=0.9))
-  return combinators.Sequential.Params().Set(sub=[attend, ffn])
-
-
-def test_repeat_of_transformer_layers_sized_without_building():
-  layer_p = _TransformerLayer()
-  one = test_utils.CountTrainable(layer_p.Instantiate())
-  p = combinators.Repeat.Params().Set(sub=layer_p, num=2)
-  test_utils.CheckLayer(p, _X([2, 3, 8]), training=True)
-  big = p.Copy().Set(num=1663)
-  assert combinators.Repeat.NumParams(big) == 1663 * one
-  meta = combinators.Repeat.FPropMeta(big, [2, 3, 8])
-  assert meta.flops == 1663 * combinators.Sequential.FPropMeta(
-      layer_p, [2, 3, 8]).flops
-
-
-def test_repeat_errors():
-  with pytest.raises(ValueError, match="Repeat 'repeat': num is 0; it must be "
-                     'an int >= 1'):
-    combinators.Repeat.Params().Set(sub=_Dense(2, 2), num=0).Instantiate()
-  with pytest.raises(ValueError, match='sub is None'):
-    combinators.Repeat.NumParams(combinators.Repeat.Params())
 
 
 # --- Residual ----------------------------------------------------------------

@@ -16,6 +16,7 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
+from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -303,7 +304,7 @@ def test_gpipe_table_1_transformer_l_parameter_counts():
     p = combinators.Sequential.Params().Set(name='lm', sub=[
         transformer.TransformerEmbedding.Params().Set(vocab_size=32000,
                                                       model_dim=2048),
-        combinators.Repeat.Params().Set(sub=block, num=num_layers),
+        repeat.Repeat.Params().Set(sub=block, num=num_layers),
         transformer.TransformerSoftmax.Params().Set(model_dim=2048,
                                                     vocab_size=32000)])
     ours = combinators.Sequential.NumParams(p)
