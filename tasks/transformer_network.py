@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core.gpipe import pipelined_network
+from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.layers import transformer
 
 
@@ -24,6 +25,11 @@ class TransformerNetwork(pipelined_network.PipelinedNetwork):
     p.Define('num_layers', 6, 'TransformerLayers (per stack).')
     p.Define('dropout', 0.0, 'Drop probability of embeddings, residual '
              'branches, attention probabilities and feed-forward activations.')
+    p.Define('stack_layers', True, 'True: each stack of num_layers identical '
+             'blocks is one Repeat layer (one weight of shape [num_layers, '
+             '...] per block weight, one block in the graph, cut between '
+             'blocks by the pipeline as K needs). False: the blocks listed '
+             'one by one, as checkpoints written before Repeat name them.')
     return p
 
   @classmethod
@@ -36,6 +42,16 @@ class TransformerNetwork(pipelined_network.PipelinedNetwork):
       raise ValueError(f'{p.name}: num_layers must be >= 1, got '
                        f'{p.num_layers}.')
     return 1.0 - p.dropout
+
+  @classmethod
+  def Stack(cls, p, name: str, causal: bool,
+            cross_attention: bool) -> list[base_layer.Params]:
+    """num_layers blocks: one Repeat `name` (stack_layers), or `name_i` each."""
+    block = cls.Block(p, name, causal, cross_attention)
+    if p.stack_layers:
+      return [repeat.Repeat.Params().Set(name=name, sub=block,
+                                         num=p.num_layers)]
+    return [block.Copy().Set(name=f'{name}_{i}') for i in range(p.num_layers)]
 
   @classmethod
   def Block(cls, p, name: str, causal: bool,

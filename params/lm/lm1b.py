@@ -3,6 +3,12 @@
 d_model 2048, d_ff 8192, 32 heads, 32k vocabulary, untied; set the depth
 with task.network.num_layers (Table 1: 3, 13, 103, 415, 1663 layers). The
 paper's Pipeline-8 runs used 8 partitions and 32 micro-batches.
+
+The 13 (or L) blocks are one Repeat layer (tasks/lm/model.py): its weights
+are stacked: variables `lm1b.network.pipeline.layers_1.body.*` of shape
+[L, ...] (checkpoint keys `.../pipeline/layers/1/body/...`) rather than one
+`layers_<1+i>` per block, and the softmax is `layers_2`. Checkpoints written before Repeat restore with
+`--params_override='task.network.stack_layers=False'`.
 """
 
 from lingvo_gpipe import model_params

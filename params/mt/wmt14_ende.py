@@ -4,6 +4,12 @@ The GPipe paper's Transformer experiments pipelined Transformer-big sized
 layers (d_model 1024, d_ff 4096 or 8192, 16 heads); here 6+6 layers over 4
 partitions with 8 micro-batches (our choice where the paper is silent) and
 a 32k subword vocabulary built from the training data.
+
+Encoder and decoder blocks are each one Repeat layer (tasks/mt/model.py):
+stacked variables `wmt14_ende.network.pipeline.layers_1.body.*` (encoder) and
+`layers_3.body.*` (decoder) of shape [num_layers, ...] (checkpoint keys
+`.../pipeline/layers/1/body/...`) instead of one `layers_<j>` per block. Checkpoints written before Repeat restore with
+`--params_override='task.network.stack_layers=False'`.
 """
 
 from lingvo_gpipe import model_params

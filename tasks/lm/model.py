@@ -12,6 +12,13 @@ batch's labels. `TransformerLParams` is GPipe's Transformer-L (Huang et al.
 2019, Table 1): d_model 2048, d_ff 8192, 32 heads, a 32k vocabulary, untied
 embedding and softmax; L = 3, 13, 103, 415, 1663 give 282.2M ... 83.9B
 parameters, which NumParams reports from Params alone in well under a second.
+
+The L blocks are one Repeat (stack_layers=True, the default): the graph holds
+one block whatever L, and the pipeline cuts the Repeat between blocks, so
+L=1663 on K=128 cells builds like L=13. Checkpoint variables: block weights are
+stacked, `<task>.network.pipeline.layers_1.body.*` of shape [L, ...] (the
+softmax is layers_2), instead of one `layers_<1+i>.*` per block; a
+checkpoint written before Repeat restores with `stack_layers=False`.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from tasks import transformer_network
 class TransformerLm(transformer_network.TransformerNetwork):
   """A pre-LN decoder-only Transformer LM, pipelined.
 
-  Its layers: TransformerEmbedding, num_layers causal TransformerLayers,
-  TransformerSoftmax; NestedMap(ids, paddings) in, (logits, paddings) out.
+  Its layers: TransformerEmbedding, num_layers causal TransformerLayers (one
+  Repeat unless stack_layers=False), TransformerSoftmax; NestedMap(ids,
+  paddings) in, (logits, paddings) out.
   """
 
   @classmethod
@@ -43,11 +51,10 @@ class TransformerLm(transformer_network.TransformerNetwork):
   @classmethod
   def Layers(cls, p) -> list:
     keep = cls.KeepProb(p)
-    block = cls.Block(p, 'layer', causal=True, cross_attention=False)
     return ([transformer.TransformerEmbedding.Params().Set(
         name='emb', vocab_size=p.vocab_size, model_dim=p.model_dim,
         keep_prob=keep)] +
-            [block.Copy().Set(name=f'layer_{i}') for i in range(p.num_layers)] +
+            cls.Stack(p, 'layer', causal=True, cross_attention=False) +
             [transformer.TransformerSoftmax.Params().Set(
                 name='softmax', model_dim=p.model_dim,
                 vocab_size=p.vocab_size)])
@@ -59,6 +66,7 @@ def TransformerLmParams(vocab_size: int,
                         hidden_dim: int,
                         num_layers: int,
                         dropout: float = 0.0,
+                        stack_layers: bool = True,
                         num_partitions: int = 1,
                         num_micro_batches: int = 1,
                         name: str = 'lm',
@@ -68,7 +76,7 @@ def TransformerLmParams(vocab_size: int,
   p = TransformerLm.Params().Set(
       name=name, vocab_size=vocab_size, model_dim=model_dim,
       num_heads=num_heads, hidden_dim=hidden_dim, num_layers=num_layers,
-      dropout=dropout)
+      dropout=dropout, stack_layers=stack_layers)
   p.pipeline.Set(num_partitions=num_partitions,
                  num_micro_batches=num_micro_batches, **pipeline_params)
   return p

@@ -3,12 +3,17 @@
 The network is a PipeliningLayer over the flat list
 
     [TransformerEmbedding 'src_emb',
-     TransformerLayer 'enc_i' × num_layers,
+     Repeat 'enc' of num_layers TransformerLayers,
      EncoderToDecoder 'enc_dec',
-     TransformerLayer 'dec_i' (causal, cross-attention) × num_layers,
+     Repeat 'dec' of num_layers TransformerLayers (causal, cross-attention),
      TransformerSoftmax 'softmax']
 
-so GPipe may cut it anywhere, encoder and decoder alike. Invariant: one
+so GPipe may cut it anywhere, encoder and decoder alike (a Repeat between
+its blocks). Each Repeat holds its blocks' weights stacked: variables
+`<task>.network.pipeline.layers_1.body.*` (encoder) and
+`layers_3.body.*` (decoder) of shape [num_layers, ...], instead of one
+`layers_<j>` per block; `stack_layers=False` lists the blocks one by one
+('enc_i', 'dec_i') and reads checkpoints written before Repeat. Invariant: one
 NestedMap flows through every layer, each replacing only what it computes and
 passing every other key through, so the target side rides along with each
 micro-batch through the encoder's cells and the encoder output rides along
@@ -16,11 +21,11 @@ through the decoder's:
 
     src_emb   NestedMap(ids, paddings, tgt=NestedMap(ids, paddings))
               -> (vec, paddings, tgt)                        [ids consumed]
-    enc_i     (vec, paddings, tgt) -> same keys, new vec
+    enc       (vec, paddings, tgt) -> same keys, new vec (each block)
     enc_dec   -> (vec, paddings, aux_vec, aux_paddings)       [tgt consumed:
               aux_vec = LayerNorm(encoder vec), aux_paddings = source paddings,
               vec = target embedding of tgt.ids, paddings = tgt.paddings]
-    dec_i     -> same keys, new vec
+    dec       -> same keys, new vec (each block)
     softmax   -> (logits, paddings, aux_vec, aux_paddings)   [vec consumed]
 
 The loss is computed by MtTask from the merged logits against tgt.labels.
@@ -150,13 +155,11 @@ class Transformer(transformer_network.TransformerNetwork):
     return ([transformer.TransformerEmbedding.Params().Set(
         name='src_emb', vocab_size=p.src_vocab_size, model_dim=p.model_dim,
         keep_prob=keep)] +
-            [cls.Block(p, f'enc_{i}', causal=False, cross_attention=False)
-             for i in range(p.num_layers)] +
+            cls.Stack(p, 'enc', causal=False, cross_attention=False) +
             [EncoderToDecoder.Params().Set(
                 name='enc_dec', model_dim=p.model_dim,
                 tgt_vocab_size=p.tgt_vocab_size, keep_prob=keep)] +
-            [cls.Block(p, f'dec_{i}', causal=True, cross_attention=True)
-             for i in range(p.num_layers)] +
+            cls.Stack(p, 'dec', causal=True, cross_attention=True) +
             [transformer.TransformerSoftmax.Params().Set(
                 name='softmax', model_dim=p.model_dim,
                 vocab_size=p.tgt_vocab_size)])
@@ -169,6 +172,7 @@ def TransformerParams(src_vocab_size: int,
                       hidden_dim: int = 2048,
                       num_layers: int = 6,
                       dropout: float = 0.1,
+                      stack_layers: bool = True,
                       num_partitions: int = 1,
                       num_micro_batches: int = 1,
                       name: str = 'transformer',
@@ -178,7 +182,7 @@ def TransformerParams(src_vocab_size: int,
   p = Transformer.Params().Set(
       name=name, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
       model_dim=model_dim, num_heads=num_heads, hidden_dim=hidden_dim,
-      num_layers=num_layers, dropout=dropout)
+      num_layers=num_layers, dropout=dropout, stack_layers=stack_layers)
   p.pipeline.Set(num_partitions=num_partitions,
                  num_micro_batches=num_micro_batches, **pipeline_params)
   return p

@@ -51,7 +51,7 @@ def _Batch(seed=1):
 
 
 def test_keys_flow_through_the_flat_layer_list():
-  task = _Task()
+  task = _Task(_Network(dropout=0.0, stack_layers=False))
   layers = model.SequentialLayers(task.network, task.theta.network)
   assert [l.name for l in task.network.pipeline.params.layers] == [
       'src_emb', 'enc_0', 'enc_1', 'enc_dec', 'dec_0', 'dec_1', 'softmax']
@@ -72,6 +72,40 @@ def test_keys_flow_through_the_flat_layer_list():
   assert x.logits.shape == [B, T, TGT_VOCAB]
   np.testing.assert_array_equal(x.paddings, batch.tgt.paddings)
   np.testing.assert_array_equal(x.aux_paddings, batch.src.paddings)
+
+
+def test_stacked_blocks_compute_what_listed_blocks_do():
+  listed = _Task(_Network(dropout=0.0, stack_layers=False))
+  stacked = _Task()  # stack_layers=True, the default
+  assert [l.name for l in stacked.network.pipeline.params.layers] == [
+      'src_emb', 'enc', 'enc_dec', 'dec', 'softmax']
+  layers = model.SequentialLayers(stacked.network, stacked.theta.network)
+  assert [type(l).__name__ for l, _ in layers] == [
+      'TransformerEmbedding', 'Repeat', 'EncoderToDecoder', 'Repeat',
+      'TransformerSoftmax']
+  # Give the listed blocks the stacked blocks' weights (iteration i of each
+  # stacked weight is block i's): the two networks then agree.
+  listed_layers = listed.network.pipeline.layers
+  for j, layer in enumerate(stacked.network.pipeline.layers):
+    if type(layer).__name__ != 'Repeat':
+      for a, b in zip(listed_layers[{0: 0, 2: 3, 4: 6}[j]].trainable_variables,
+                      layer.trainable_variables):
+        a.assign(b)
+      continue
+    first = 1 if j == 1 else 4
+    stacked_vars = layer.vars.body[0]
+    for i in range(layer.params.num):
+      block = listed_layers[first + i]
+      for a, b in zip(block.vars.Flatten(), stacked_vars.Flatten()):
+        a.assign(b[i])
+  x = model.NetworkInputs(_Batch())
+  out = [x, x]
+  for k, task in enumerate((listed, stacked)):
+    for layer, theta in model.SequentialLayers(task.network,
+                                               task.theta.network):
+      out[k] = layer.FProp(theta, out[k])
+  np.testing.assert_allclose(out[0].logits, out[1].logits, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_encoder_to_decoder_layer():
