@@ -15,7 +15,9 @@ spare slot M holding a one-example batch, which bubble clocks read and
 write, so they cost almost nothing and, their output gradient being zero,
 add nothing to the sums (computing on a real micro-batch and masking its
 gradient, or branching with `tf.cond`, were measured slower; an empty batch
-breaks layers that reshape, such as AmoebaNet's). Each TensorArray lives on
+breaks layers that reshape, such as AmoebaNet's; with jit_compile, XLA
+compiles each cell for that one row too, which lengthens the first step,
+bench/results/jit_compile.md). Each TensorArray lives on
 the device of the cell that reads it, and the cell before writes into it
 there: written on the writer's device, the whole array crossed devices at
 every write, which made a first loop prototype run at half the unrolled

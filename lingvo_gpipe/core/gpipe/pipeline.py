@@ -63,7 +63,8 @@ def RunPipeline(cells: Sequence[Any],
                 input_grads_first: bool = False,
                 schedule: Optional[schedule_lib.Schedule] = None,
                 executor: str = 'unrolled',
-                clocks_per_iteration: int = 1) -> Any:
+                clocks_per_iteration: int = 1,
+                jit_compile: bool = False) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
@@ -83,6 +84,9 @@ def RunPipeline(cells: Sequence[Any],
     executor: how the schedule is lowered, one of EXECUTORS.
     clocks_per_iteration: with executor 'loop', clocks run per loop
       iteration (loop_executor.py).
+    jit_compile: XLA compiles each cell's forward and backward, run on the
+      cell's device (recompute.py); not with TPU placement or schedules
+      that split the backward (input_grads_first).
 
   Returns:
     The last cell's outputs for the whole batch (micro-batches merged).
@@ -98,10 +102,12 @@ def RunPipeline(cells: Sequence[Any],
     raise ValueError(f'Schedule {schedule.name} has '
                      f'{schedule.num_micro_batches} micro-batches; the batch '
                      f'is cut into {len(sizes)}.')
+  CheckJitCompile(jit_compile, schedule, placement)
   thetas = [tf.nest.map_structure(tf.convert_to_tensor, t) for t in thetas]
   collector = base_layer.StatsCollector()
   forward_context = base_layer.CurrentContext()
-  runners = [recompute_lib.CellRunner(cell, theta, forward_context, collector)
+  runners = [recompute_lib.CellRunner(cell, theta, forward_context, collector,
+                                      jit_compile=jit_compile)
              for cell, theta in zip(cells, thetas)]
   if executor == 'loop':
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
@@ -146,6 +152,28 @@ def RunPipeline(cells: Sequence[Any],
   else:
     collector.ApplyAll()
   return tf.nest.pack_sequence_as(output_structure[0], list(flat_out))
+
+
+def CheckJitCompile(jit_compile: bool, schedule: schedule_lib.Schedule,
+                     placement: placement_lib.Placement) -> None:
+  """Refuses, by name, what XLA-compiled cells cannot run."""
+  if not isinstance(jit_compile, bool):
+    raise ValueError(f'jit_compile must be True or False, got {jit_compile!r}.')
+  if not jit_compile:
+    return
+  if isinstance(placement, placement_lib.TpuPlacement):
+    raise ValueError(
+        "jit_compile=True compiles cells for TensorFlow devices; with "
+        "placement_backend='tpu' XLA already compiles the whole step: use "
+        "jit_compile=False there (jit_compile=True needs placement_backend="
+        "'devices').")
+  if any(t.kind == schedule_lib.INPUT_GRAD for c in range(schedule.num_cells)
+         for t in schedule.CellOrder(c)):
+    raise ValueError(
+        f'jit_compile=True runs a cell\'s backward as one XLA computation, '
+        'which cannot hand out the input gradient before the weight '
+        f'gradients as schedule {schedule.name} asks (input_grads_first): '
+        'use input_grads_first=False with jit_compile=True.')
 
 
 class _Unrolled:

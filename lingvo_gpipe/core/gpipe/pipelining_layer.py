@@ -105,6 +105,11 @@ class PipeliningLayer(base_layer.BaseLayer):
              'loop iteration; more cuts the per-iteration cost that '
              'dominates small cells and grows the graph as many times '
              '(bench/results/executor_step_d64.md).')
+    p.Define('jit_compile', False, "XLA compiles each cell's forward and "
+             'backward (recomputation and gradients), each run on its '
+             "cell's device; both executors, every recompute mode; not with "
+             "input_grads_first or placement_backend='tpu' "
+             '(bench/results/jit_compile.md).')
     p.Define('placement_backend', 'devices', "'devices' (local or remote "
              "TensorFlow device names) or 'tpu' (logical cores of the current "
              'TPUStrategy; build the layer under strategy.scope()).')
@@ -121,6 +126,11 @@ class PipeliningLayer(base_layer.BaseLayer):
     # Partition once: the time and memory methods profile every layer.
     self.balance = self.CellBalance(p)
     self.placement = self._MakePlacement(len(self.balance))
+    # Refused here, at construction, rather than at the first FProp.
+    pipeline.CheckJitCompile(
+        p.jit_compile,
+        pipeline.MakeSchedule(len(self.balance), 1, p.input_grads_first),
+        self.placement)
     if p.cell_tpl is not None:
       # The user cut the model: its cells are its layers.
       cells = []
@@ -300,7 +310,8 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 recompute=p.recompute, batch_dim=p.batch_dim,
                                 schedule=self.Schedule(len(sizes)),
                                 executor=p.executor,
-                                clocks_per_iteration=p.clocks_per_iteration)
+                                clocks_per_iteration=p.clocks_per_iteration,
+                                jit_compile=p.jit_compile)
 
   def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:
     """The order in which each cell runs its tasks for M micro-batches.

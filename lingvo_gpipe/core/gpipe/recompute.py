@@ -11,11 +11,24 @@ TensorFlow's own `tf.recompute_grad` does not serve a pipeline: under one
 tape around all micro-batches it keeps every micro-batch's partial weight
 gradients alive at once (TensorFlow adds them with one AddN), so the
 pipeline takes each micro-batch's gradients itself (accumulate.py).
+
+With `jit_compile`, XLA compiles a cell's forward and, when it recomputes,
+its backward (the recomputation and the gradients, one computation) as two
+`tf.function(jit_compile=True)`s per cell, traced once per micro-batch shape
+(not once per micro-batch: the index is a tensor argument) and called where
+the executor places the cell, so each runs on its cell's device. A kept
+forward (recompute 'never', 'except_last') is differentiated by TensorFlow's
+gradient of the compiled call, which XLA compiles too. Statistics the cell
+records come out of the compiled forward as outputs and are recorded by the
+caller. Dropout still repeats under recomputation (both passes draw XLA's
+bits), but XLA turns random bits into floats differently from TensorFlow's
+kernels, so its masks are not those of the uncompiled cell.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
@@ -48,12 +61,32 @@ def _Watched(tape: tf.GradientTape, theta: NestedMap, x: Any) -> None:
               if accumulate.IsDifferentiable(t)])
 
 
+def _Compiled(fn: Callable[..., Any], name: str) -> Any:
+  """`fn` as a tf.function XLA must compile, named `name` (XLA's errors say it)."""
+  def Traced(*args):
+    return fn(*args)
+  Traced.__name__ = re.sub(r'\W', '_', name)
+  return tf.function(Traced, jit_compile=True, autograph=False)
+
+
+def _CellName(cell: Any) -> str:
+  """A layer's path, a pipeline Cell's name ('cell_0'), else its class."""
+  return (getattr(cell, 'path', None) or getattr(cell, 'name', None) or
+          type(cell).__name__)
+
+
+def _Index(micro_batch: Any) -> tf.Tensor:
+  """The micro-batch index as an int64 tensor: one trace serves every index."""
+  return tf.cast(micro_batch, tf.int64)
+
+
 class CellRunner:
   """Runs one cell's forward and backward passes, one micro-batch at a time."""
 
   def __init__(self, cell: Any, theta: NestedMap,
                forward_context: base_layer.ExecutionContext,
-               collector: base_layer.StatsCollector):
+               collector: base_layer.StatsCollector,
+               jit_compile: bool = False):
     self.cell = cell
     self.theta = theta
     self.num_theta = len(tf.nest.flatten(theta))
@@ -61,15 +94,49 @@ class CellRunner:
     # wherever the caller takes the gradient, e.g. outside its Context.
     self._context = forward_context
     self._collector = collector
+    self.jit_compile = jit_compile
+    # The layers whose statistics the compiled forward returns, in order.
+    self._stats_layers: Optional[list[Any]] = None
+    if jit_compile:
+      name = _CellName(cell)
+      self.compiled_forward = _Compiled(self._CompiledForward,
+                                        f'{name}_xla_forward')
+      self.compiled_backward = _Compiled(self._CompiledBackward,
+                                         f'{name}_xla_backward')
 
-  def _FProp(self, micro_batch: Any, x: Any, record: bool,
+  def _FProp(self, theta: NestedMap, micro_batch: Any, x: Any, record: bool,
              collector: Optional[base_layer.StatsCollector] = None) -> Any:
     stats = (collector or self._collector) if record else (
         base_layer.StatsCollector())
     with base_layer.Context(training=self._context.training,
                             step=self._context.step, micro_batch=micro_batch,
                             stats_collector=stats):
-      return self.cell.FProp(self.theta, x)
+      return self.cell.FProp(theta, x)
+
+  def _CompiledForward(self, theta: NestedMap, micro_batch: tf.Tensor,
+                       x: Any) -> tuple[Any, list]:
+    """(outputs, the statistics recorded): the body XLA compiles."""
+    scratch = base_layer.StatsCollector()
+    y = self._FProp(theta, micro_batch, x, record=True, collector=scratch)
+    layers = [layer for layer, _ in scratch.records]
+    if self._stats_layers is not None and [id(l) for l in layers] != [
+        id(l) for l in self._stats_layers]:
+      raise ValueError(f'{_CellName(self.cell)}: with '
+                       'jit_compile=True a cell must record the same '
+                       'statistics for every micro-batch shape.')
+    self._stats_layers = layers
+    return y, [stats for _, stats in scratch.records]
+
+  def _RunForward(self, micro_batch: Any, x: Any,
+                  collector: Optional[base_layer.StatsCollector]) -> Any:
+    """The cell's outputs; its statistics go to `collector` or the pipeline's."""
+    if not self.jit_compile:
+      return self._FProp(self.theta, micro_batch, x, record=True,
+                         collector=collector)
+    y, stats = self.compiled_forward(self.theta, _Index(micro_batch), x)
+    for layer, record in zip(self._stats_layers, stats):
+      (collector or self._collector).Add(layer, record)
+    return y
 
   def Forward(self, micro_batch: Any, x: Any, keep: bool,
               collector: Optional[base_layer.StatsCollector] = None
@@ -80,12 +147,11 @@ class CellRunner:
     pipeline's.
     """
     if not keep:
-      return self._FProp(micro_batch, x, record=True,
-                         collector=collector), None
+      return self._RunForward(micro_batch, x, collector), None
     tape = tf.GradientTape(persistent=False, watch_accessed_variables=False)
     with tape:
       _Watched(tape, self.theta, x)
-      y = self._FProp(micro_batch, x, record=True)
+      y = self._RunForward(micro_batch, x, None)
     return y, tape
 
   def Specs(self, x_spec: Any) -> tuple[Any, list[tuple[Any, Any]]]:
@@ -100,7 +166,7 @@ class CellRunner:
     scratch = base_layer.StatsCollector()
 
     def Trace(x):
-      outputs = self._FProp(tf.constant(0), x, record=True,
+      outputs = self._FProp(self.theta, tf.constant(0), x, record=True,
                             collector=scratch)
       return outputs, [stats for _, stats in scratch.records]
 
@@ -109,6 +175,31 @@ class CellRunner:
         lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
     return outputs, [(layer, spec) for (layer, _), spec in
                      zip(scratch.records, stats)]
+
+  def _Gradients(self, tape: tf.GradientTape, theta: NestedMap, x: Any,
+                 y: Any, dy: Any) -> list:
+    """Flat gradients of theta then x, from the outputs' gradients `dy`."""
+    pairs = [(a, b) for a, b in zip(tf.nest.flatten(y), tf.nest.flatten(dy))
+             if accumulate.IsDifferentiable(a)]
+    return tape.gradient(
+        [a for a, _ in pairs], tf.nest.flatten((theta, x)),
+        output_gradients=[b for _, b in pairs],
+        unconnected_gradients=tf.UnconnectedGradients.NONE)
+
+  def _Recomputed(self, theta: NestedMap, micro_batch: Any, x: Any
+                  ) -> tuple[tf.GradientTape, Any]:
+    """(a tape of the forward recomputed in the forward's mode, its outputs)."""
+    tape = tf.GradientTape(watch_accessed_variables=False)
+    with tape:
+      _Watched(tape, theta, x)
+      y = self._FProp(theta, micro_batch, x, record=False)
+    return tape, y
+
+  def _CompiledBackward(self, theta: NestedMap, micro_batch: tf.Tensor,
+                        x: Any, dy: Any) -> list:
+    """The recomputation and the gradients: the body XLA compiles."""
+    tape, y = self._Recomputed(theta, micro_batch, x)
+    return self._Gradients(tape, theta, x, y, dy)
 
   def Backward(self, micro_batch: Any, x: Any, dy: Any,
                kept: Optional[tuple[tf.GradientTape, Any]],
@@ -123,20 +214,19 @@ class CellRunner:
       input_grad_first: make the weight-gradient ops wait for x's gradient
         (grad_order), so the previous cell gets it sooner.
     """
-    if kept is not None:
-      tape, y = kept
+    if self.jit_compile and input_grad_first:
+      raise ValueError('jit_compile=True runs a cell\'s backward as one XLA '
+                       'computation, which cannot hand out the input '
+                       'gradient before the weight gradients; use '
+                       'input_grads_first=False with it.')
+    created = []
+    if kept is None and self.jit_compile:
+      grads = self.compiled_backward(self.theta, _Index(micro_batch), x, dy)
     else:
-      tape = tf.GradientTape(watch_accessed_variables=False)
-      with tape:
-        _Watched(tape, self.theta, x)
-        y = self._FProp(micro_batch, x, record=False)
-    pairs = [(a, b) for a, b in zip(tf.nest.flatten(y), tf.nest.flatten(dy))
-             if accumulate.IsDifferentiable(a)]
-    with grad_order.Capture(input_grad_first) as created:
-      grads = tape.gradient(
-          [a for a, _ in pairs], tf.nest.flatten((self.theta, x)),
-          output_gradients=[b for _, b in pairs],
-          unconnected_gradients=tf.UnconnectedGradients.NONE)
-    g_x = tf.nest.pack_sequence_as(x, grads[self.num_theta:])
+      tape, y = kept if kept is not None else self._Recomputed(
+          self.theta, micro_batch, x)
+      with grad_order.Capture(input_grad_first) as created:
+        grads = self._Gradients(tape, self.theta, x, y, dy)
+    g_x = tf.nest.pack_sequence_as(x, list(grads[self.num_theta:]))
     grad_order.RunAfter(created, g_x)  # nothing if not captured
-    return grads[:self.num_theta], g_x
+    return list(grads[:self.num_theta]), g_x
