@@ -8,7 +8,8 @@ a 32k subword vocabulary built from the training data.
 Encoder and decoder blocks are each one Repeat layer (tasks/mt/model.py):
 stacked variables `wmt14_ende.network.pipeline.layers_1.body.*` (encoder) and
 `layers_3.body.*` (decoder) of shape [num_layers, ...] (checkpoint keys
-`.../pipeline/layers/1/body/...`) instead of one `layers_<j>` per block. Checkpoints written before Repeat restore with
+`.../pipeline/layers/1/body/...`) instead of one `layers_<j>` per block.
+Checkpoints written before Repeat restore with
 `--params_override='task.network.stack_layers=False'`.
 """
 
@@ -31,6 +32,7 @@ class TransformerGPipe(model_params.ModelParams):
     network = model.TransformerParams(
         _VOCAB, _VOCAB, model_dim=1024, num_heads=16, hidden_dim=4096,
         num_layers=6, dropout=0.1, num_partitions=4, num_micro_batches=8,
+        stack_layers=True,
         input_shapes=[model.NetworkInputShapes(_BATCH, _MAX_LEN, _MAX_LEN)])
     return model.MtTask.Params().Set(name='wmt14_ende', network=network,
                                      label_smoothing=0.1, max_decode_len=128)

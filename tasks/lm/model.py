@@ -13,12 +13,12 @@ batch's labels. `TransformerLParams` is GPipe's Transformer-L (Huang et al.
 embedding and softmax; L = 3, 13, 103, 415, 1663 give 282.2M ... 83.9B
 parameters, which NumParams reports from Params alone in well under a second.
 
-The L blocks are one Repeat (stack_layers=True, the default): the graph holds
-one block whatever L, and the pipeline cuts the Repeat between blocks, so
-L=1663 on K=128 cells builds like L=13. Checkpoint variables: block weights are
+With stack_layers=True (TransformerLParams' default) the L blocks are one
+Repeat: the graph holds one block whatever L, and the pipeline cuts the
+Repeat between blocks. Checkpoint variables: block weights are
 stacked, `<task>.network.pipeline.layers_1.body.*` of shape [L, ...] (the
-softmax is layers_2), instead of one `layers_<1+i>.*` per block; a
-checkpoint written before Repeat restores with `stack_layers=False`.
+softmax is layers_2), instead of one `layers_<1+i>.*` per block (what
+stack_layers=False gives, and what checkpoints written before Repeat hold).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class TransformerLm(transformer_network.TransformerNetwork):
   """A pre-LN decoder-only Transformer LM, pipelined.
 
   Its layers: TransformerEmbedding, num_layers causal TransformerLayers (one
-  Repeat unless stack_layers=False), TransformerSoftmax; NestedMap(ids,
-  paddings) in, (logits, paddings) out.
+  Repeat if stack_layers), TransformerSoftmax; NestedMap(ids, paddings) in,
+  (logits, paddings) out.
   """
 
   @classmethod
@@ -66,7 +66,7 @@ def TransformerLmParams(vocab_size: int,
                         hidden_dim: int,
                         num_layers: int,
                         dropout: float = 0.0,
-                        stack_layers: bool = True,
+                        stack_layers: bool = False,
                         num_partitions: int = 1,
                         num_micro_batches: int = 1,
                         name: str = 'lm',
@@ -85,12 +85,13 @@ def TransformerLmParams(vocab_size: int,
 def TransformerLParams(num_layers: int, **kwargs: Any) -> base_layer.Params:
   """GPipe Table 1's Transformer-L with `num_layers` layers.
 
-  d_model 2048, d_ff 8192, 32 heads, vocabulary 32000; any argument of
+  d_model 2048, d_ff 8192, 32 heads, vocabulary 32000, the blocks stacked in
+  one Repeat (its depth goes to 1663 blocks); any argument of
   TransformerLmParams (dropout, num_partitions, num_micro_batches, devices,
   ...) may be given or overridden in kwargs.
   """
   table_1 = dict(vocab_size=32000, model_dim=2048, num_heads=32,
-                 hidden_dim=8192, name='transformer_l')
+                 hidden_dim=8192, name='transformer_l', stack_layers=True)
   table_1.update(kwargs)
   return TransformerLmParams(num_layers=num_layers, **table_1)
 

@@ -3,17 +3,17 @@
 The network is a PipeliningLayer over the flat list
 
     [TransformerEmbedding 'src_emb',
-     Repeat 'enc' of num_layers TransformerLayers,
+     TransformerLayer 'enc_i' × num_layers,
      EncoderToDecoder 'enc_dec',
-     Repeat 'dec' of num_layers TransformerLayers (causal, cross-attention),
+     TransformerLayer 'dec_i' (causal, cross-attention) × num_layers,
      TransformerSoftmax 'softmax']
 
-so GPipe may cut it anywhere, encoder and decoder alike (a Repeat between
-its blocks). Each Repeat holds its blocks' weights stacked: variables
-`<task>.network.pipeline.layers_1.body.*` (encoder) and
+so GPipe may cut it anywhere, encoder and decoder alike. With
+stack_layers=True each stack of blocks is one Repeat ('enc', 'dec'; the
+pipeline cuts a Repeat between blocks) holding its blocks' weights stacked:
+variables `<task>.network.pipeline.layers_1.body.*` (encoder) and
 `layers_3.body.*` (decoder) of shape [num_layers, ...], instead of one
-`layers_<j>` per block; `stack_layers=False` lists the blocks one by one
-('enc_i', 'dec_i') and reads checkpoints written before Repeat. Invariant: one
+`layers_<j>` per block. Invariant: one
 NestedMap flows through every layer, each replacing only what it computes and
 passing every other key through, so the target side rides along with each
 micro-batch through the encoder's cells and the encoder output rides along
@@ -21,11 +21,11 @@ through the decoder's:
 
     src_emb   NestedMap(ids, paddings, tgt=NestedMap(ids, paddings))
               -> (vec, paddings, tgt)                        [ids consumed]
-    enc       (vec, paddings, tgt) -> same keys, new vec (each block)
+    enc_i     (vec, paddings, tgt) -> same keys, new vec
     enc_dec   -> (vec, paddings, aux_vec, aux_paddings)       [tgt consumed:
               aux_vec = LayerNorm(encoder vec), aux_paddings = source paddings,
               vec = target embedding of tgt.ids, paddings = tgt.paddings]
-    dec       -> same keys, new vec (each block)
+    dec_i     -> same keys, new vec
     softmax   -> (logits, paddings, aux_vec, aux_paddings)   [vec consumed]
 
 The loss is computed by MtTask from the merged logits against tgt.labels.
@@ -172,7 +172,7 @@ def TransformerParams(src_vocab_size: int,
                       hidden_dim: int = 2048,
                       num_layers: int = 6,
                       dropout: float = 0.1,
-                      stack_layers: bool = True,
+                      stack_layers: bool = False,
                       num_partitions: int = 1,
                       num_micro_batches: int = 1,
                       name: str = 'transformer',

@@ -75,8 +75,8 @@ def test_keys_flow_through_the_flat_layer_list():
 
 
 def test_stacked_blocks_compute_what_listed_blocks_do():
-  listed = _Task(_Network(dropout=0.0, stack_layers=False))
-  stacked = _Task()  # stack_layers=True, the default
+  listed = _Task()  # stack_layers=False, the default
+  stacked = _Task(_Network(dropout=0.0, stack_layers=True))
   assert [l.name for l in stacked.network.pipeline.params.layers] == [
       'src_emb', 'enc', 'enc_dec', 'dec', 'softmax']
   layers = model.SequentialLayers(stacked.network, stacked.theta.network)
