@@ -47,15 +47,19 @@ def BuildPipeline(layers: list, num_partitions: int, num_micro_batches: int,
   return p.Instantiate()
 
 
-def TrainStep(model, plain: bool) -> Callable[[tf.Tensor], tf.Tensor]:
+def TrainStep(model, plain: bool,
+              loss_fn: Optional[Callable] = None
+              ) -> Callable[[tf.Tensor], tf.Tensor]:
   """A traced training step of `model`; returns (loss, sum of all gradients).
 
   Args:
     model: a PipeliningLayer.
     plain: run its cells in sequence under the caller's tape instead of
       through the pipeline.
+    loss_fn: the scalar loss of the model's output; default mean(y²).
   """
   variables = model.trainable_variables
+  loss_fn = loss_fn or (lambda y: tf.reduce_mean(y * y))
 
   @tf.function
   def Step(x):
@@ -67,7 +71,7 @@ def TrainStep(model, plain: bool) -> Callable[[tf.Tensor], tf.Tensor]:
             y = cell.FProp(model.CellTheta(model.theta, k), y)
         else:
           y = model.FPropDefaultTheta(x)
-        loss = tf.reduce_mean(y * y)
+        loss = loss_fn(y)
       grads = tape.gradient(loss, variables)
     # One scalar that depends on every gradient, so none is pruned.
     return loss, tf.add_n([tf.reduce_sum(g) for g in grads])

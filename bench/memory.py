@@ -73,9 +73,13 @@ _NUM_WORKERS = flags.DEFINE_list(
     'num_workers', [], "Table 1's Pipeline-K columns instead of the one-device "
     'table: for each K listed (e.g. 1,2,4), GPipe with its K cells on K '
     'worker processes, each capped at the cap.')
+_EXECUTOR = flags.DEFINE_enum(
+    'executor', 'unrolled', ['unrolled', 'loop'], "PipeliningLayer's executor "
+    '(step_memory --executor) for the GPipe probes; loop writes '
+    'memory_loop.md (memory_amoebanet_loop.md) instead of memory.md.')
 _WRITE = flags.DEFINE_bool('write_results', False,
                            'Write bench/results/memory.md (with --num_workers, '
-                           'its Pipeline-K section).')
+                           'its Pipeline-K section; see --executor).')
 
 _PIPELINE_K_HEADING = '## Pipeline-K: K worker processes, each capped'
 _PIPELINE_K_NOTES = (
@@ -158,6 +162,20 @@ def _RunClient(cmd: list[str], env: dict, workers: Sequence[subprocess.Popen]
             stopped)
 
 
+def _ProbeEnv() -> dict:
+  """The environment of a probe's processes, before its cap.
+
+  oneDNN stays off unless the caller's environment turns it on: under a cap
+  its kernels can abort on a failed allocation (a failed check) instead of
+  raising ResourceExhaustedError.
+  """
+  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
+             TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=common.REPO)
+  env.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  env.pop('TF_CPU_BFC_MEM_LIMIT_IN_MB', None)
+  return env
+
+
 def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
            num_workers: int = 0) -> _Outcome:
   """One step in fresh processes: its JSON result, or why it did not fit.
@@ -168,9 +186,7 @@ def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
   a worker counts as not fitting (out of memory under a cap sometimes
   ends in a segmentation fault rather than ResourceExhaustedError); the workers are stopped whatever happens.
   """
-  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
-             TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=common.REPO)
-  env.pop('TF_CPU_BFC_MEM_LIMIT_IN_MB', None)
+  env = _ProbeEnv()
   if cap_mb and not num_workers:
     env['TF_CPU_BFC_MEM_LIMIT_IN_MB'] = str(cap_mb)
   hosts, workers = [], []
@@ -263,7 +279,8 @@ def _Calibrate() -> int:
 
 
 def _GPipeFlags(m: str) -> list[str]:
-  return [f'--num_micro_batches={m}', '--recompute=always']
+  return [f'--num_micro_batches={m}', '--recompute=always',
+          f'--executor={_EXECUTOR.value}']
 
 
 def _Unit() -> tuple[str, int]:
@@ -286,12 +303,26 @@ def _Config(cap: int) -> dict:
   config['cap_mb'] = cap if _CAP_MB.value else (
       f'{cap} (calibrated: 5% above the smallest cap, to 4 MB, that fitted '
       f'the plain model at size {_CALIBRATION_SIZE.value} once)')
+  config['executor'] = (f'{_EXECUTOR.value} (PipeliningLayer executor of the '
+                        'GPipe probes; the plain probes use none)')
+  config['oneDNN'] = ('TF_ENABLE_ONEDNN_OPTS='
+                      f'{_ProbeEnv().get("TF_ENABLE_ONEDNN_OPTS")} in every '
+                      'probe (a failed allocation under a cap can crash a '
+                      'oneDNN kernel instead of raising)')
   return config
 
 
 def _ResultsPath() -> str:
-  name = 'memory.md' if _MODEL.value == 'transformer' else 'memory_amoebanet.md'
-  return os.path.join(common.RESULTS_DIR, name)
+  name = 'memory' if _MODEL.value == 'transformer' else 'memory_amoebanet'
+  if _EXECUTOR.value != 'unrolled':
+    name += f'_{_EXECUTOR.value}'
+  return os.path.join(common.RESULTS_DIR, name + '.md')
+
+
+def _ExecutorFlag() -> str:
+  """The --executor flag for a results file's command line ('' by default)."""
+  return ('' if _EXECUTOR.value == 'unrolled' else
+          f' --executor={_EXECUTOR.value}')
 
 
 def _SplitPipelineK(path: str) -> tuple[str, str]:
@@ -336,10 +367,9 @@ def OneDevice(cap: int, facts: dict) -> None:
     path = _ResultsPath()
     _, pipeline_k = _SplitPipelineK(path)  # another run's: keep it
     common.WriteResults(
-        os.path.basename(path), title, 'python -m bench.memory '
-        '--write_results' + ('' if _MODEL.value == 'transformer' else
-                             ' --model=amoebanet'), facts, _Config(cap),
-        table + '\n\n' + paper)
+        os.path.basename(path), f'{title}, executor {_EXECUTOR.value}',
+        'python -m bench.memory ' + ' '.join(sys.argv[1:]), facts,
+        _Config(cap), table + '\n\n' + paper)
     if pipeline_k:
       with open(path, 'a') as f:
         f.write('\n' + pipeline_k)
@@ -354,6 +384,7 @@ def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
              f' --num_workers={workers} --num_micro_batches='
              f'{",".join(_MICRO_BATCHES.value)}' +
              (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
+             _ExecutorFlag() +
              ' --write_results')
   config = _Config(cap)
   config.update({
@@ -364,9 +395,8 @@ def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
                   'default)',
       'workers': 'lingvo_gpipe.tools.worker via cluster.StartLocalWorkers, '
                  'fresh for every probe, not pinned (all share the cores); '
-                 'under a cap worker.py sets TF_ENABLE_ONEDNN_OPTS=0 (the '
-                 'one-device table does not), though Einsum still runs '
-                 "oneDNN's kernel",
+                 'under a cap worker.py sets TF_ENABLE_ONEDNN_OPTS=0, though '
+                 "Einsum still runs oneDNN's kernel",
       'client': 'lingvo_gpipe.tools.step_memory --worker_hosts: creates the '
                 'input batch, traces the step, runs the first backward ops '
                 "(the loss's gradient with respect to the last cell's output, "
@@ -379,7 +409,8 @@ def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
     # common.WriteResults formats a whole file; one level down it is a
     # section (an absolute file name puts it outside bench/results).
     section = common.WriteResults(
-        os.path.join(tmp, 'section.md'), _PIPELINE_K_HEADING[3:], command,
+        os.path.join(tmp, 'section.md'),
+        f'{_PIPELINE_K_HEADING[3:]}, executor {_EXECUTOR.value}', command,
         facts, config, body)
     with open(section) as f:
       section = ''.join('#' + line if line.startswith('#') else line

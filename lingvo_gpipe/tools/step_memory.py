@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
 
 os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -39,9 +38,8 @@ from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import recompute
-from lingvo_gpipe.core.layers import dense
-from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
+from lingvo_gpipe.tools import stacks
 from tasks.image import amoebanet
 
 _STACK = flags.DEFINE_enum(
@@ -86,31 +84,17 @@ _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
 
 
 
-def _DenseStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
-  layers = [dense.Dense.Params().Set(name=f'fc{i}', input_dim=_DIM.value,
-                                     output_dim=_DIM.value)
-            for i in range(_NUM_LAYERS.value)]
-  x = tf.random.stateless_normal([_BATCH.value, _DIM.value], [0, 1])
-  return layers, x, lambda y: tf.reduce_mean(y * y)
+def _DenseStack() -> stacks.Stack:
+  return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
 
 
-def _TransformerStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
-  d, vocab = _DIM.value, _VOCAB.value
-  layers = [transformer.TransformerEmbedding.Params().Set(
-      name='emb', vocab_size=vocab, model_dim=d)]
-  layers += [transformer.TransformerLayer.Params().Set(
-      name=f'layer{i}', model_dim=d, num_heads=_NUM_HEADS.value,
-      hidden_dim=4 * d, causal=True) for i in range(_NUM_LAYERS.value)]
-  layers.append(transformer.TransformerSoftmax.Params().Set(
-      name='softmax', model_dim=d, vocab_size=vocab))
-  shape = [_BATCH.value, _SEQ_LEN.value]
-  ids = tf.random.stateless_uniform(shape, [0, 2], maxval=vocab, dtype=tf.int32)
-  inputs = NestedMap(ids=ids, labels=tf.roll(ids, -1, axis=1),
-                     paddings=tf.zeros(shape))
-  return layers, inputs, lambda out: transformer.XentLoss(out).avg_xent
+def _TransformerStack() -> stacks.Stack:
+  return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value,
+                                 _SEQ_LEN.value, _NUM_HEADS.value,
+                                 _VOCAB.value)
 
 
-def _AmoebaNetStack() -> tuple[list, Any, Callable[[Any], tf.Tensor]]:
+def _AmoebaNetStack() -> stacks.Stack:
   p = amoebanet.AmoebaNet.Params().Set(
       num_cells=_NUM_LAYERS.value, num_filters=_DIM.value, genotype='D',
       num_classes=10, image_size=_IMAGE_SIZE.value, stem_type='basic')

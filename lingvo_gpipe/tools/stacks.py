@@ -1,0 +1,58 @@
+"""The layer stacks the measuring tools train: layers' Params, an input batch, a loss.
+
+`lingvo_gpipe.tools.step_memory` (one step's peak memory) and
+`bench/graph_build.py` (trace and step time) build their stacks here, so both
+measure the same models. Each builder returns (layers, inputs, loss_fn):
+the Params of the layers in order, for PipeliningLayer's `layers`; a batch of
+random inputs; and the scalar loss of the last layer's output.
+"""
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import transformer
+from lingvo_gpipe.core.nested_map import NestedMap
+
+Stack = tuple[list, Any, Callable[[Any], tf.Tensor]]
+
+
+def DenseStack(num_layers: int, dim: int, batch: int) -> Stack:
+  """`num_layers` Dense(dim→dim, relu) on random vectors; loss mean(y²)."""
+  layers = [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim,
+                                     output_dim=dim)
+            for i in range(num_layers)]
+  x = tf.random.stateless_normal([batch, dim], [0, 1])
+  return layers, x, lambda y: tf.reduce_mean(y * y)
+
+
+def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
+                     num_heads: int, vocab_size: int) -> Stack:
+  """A Transformer-L shaped language model on random token ids.
+
+  An embedding, `num_layers` causal Transformer blocks of width `dim`
+  (d_ff = 4 dim) and an untied softmax over `vocab_size`; the labels are
+  the ids shifted by one, the loss their average cross-entropy.
+
+  Args:
+    num_layers: Transformer blocks.
+    dim: d_model.
+    batch: sequences.
+    seq_len: tokens per sequence.
+    num_heads: attention heads.
+    vocab_size: vocabulary of the embedding and the softmax.
+  """
+  layers = [transformer.TransformerEmbedding.Params().Set(
+      name='emb', vocab_size=vocab_size, model_dim=dim)]
+  layers += [transformer.TransformerLayer.Params().Set(
+      name=f'layer{i}', model_dim=dim, num_heads=num_heads,
+      hidden_dim=4 * dim, causal=True) for i in range(num_layers)]
+  layers.append(transformer.TransformerSoftmax.Params().Set(
+      name='softmax', model_dim=dim, vocab_size=vocab_size))
+  shape = [batch, seq_len]
+  ids = tf.random.stateless_uniform(shape, [0, 2], maxval=vocab_size,
+                                    dtype=tf.int32)
+  inputs = NestedMap(ids=ids, labels=tf.roll(ids, -1, axis=1),
+                     paddings=tf.zeros(shape))
+  return layers, inputs, lambda out: transformer.XentLoss(out).avg_xent
