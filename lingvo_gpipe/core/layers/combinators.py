@@ -166,7 +166,7 @@ class Residual(base_layer.BaseLayer):
     y = self.sub.FProp(theta.sub, x, *extra_inputs)
     if p.dropout is not None:
       y = self.dropout.FProp(theta.dropout, y)
-    _CheckSameStructure(self.path, inputs, y)
+    CheckSameStructure(self.path, inputs, y)
     return tf.nest.map_structure(tf.add, inputs, y)
 
   @classmethod
@@ -193,25 +193,34 @@ class Residual(base_layer.BaseLayer):
       meta = _SubMeta(owner, 'dropout', p.dropout, shape)
       flops += meta.flops
       shape = _FromArgs(meta.out_shapes)
-    _CheckSameStructure(owner, input_shape, shape)
+    CheckSameStructure(owner, input_shape, shape)
     flops += sum(s.num_elements() for s in tf.nest.flatten(input_shape))
     return base_layer.Meta(flops, input_shape)
 
 
-def _CheckSameStructure(where: str, inputs: Any, outputs: Any) -> None:
-  """Residual's add needs the branch output shaped like its input."""
+def CheckSameStructure(where: str, inputs: Any, outputs: Any,
+                       what: str = 'the residual branch',
+                       why: str = 'to be added') -> None:
+  """Raises unless `outputs` has the structure, shapes and dtypes of `inputs`.
+
+  Residual adds its branch output to its input; Repeat carries its body's
+  output into the next iteration. Leaves are tensors, specs or shapes.
+  """
   try:
     tf.nest.assert_same_structure(inputs, outputs)
   except (ValueError, TypeError) as e:
-    raise ValueError(f'{where}: the residual branch returned a different '
-                     f'structure than its input: {e}') from None
+    raise ValueError(f'{where}: {what} returned a different structure than '
+                     f'its input: {e}') from None
   for a, b in zip(tf.nest.flatten(inputs), tf.nest.flatten(outputs)):
     sa = tf.TensorShape(getattr(a, 'shape', a))
     sb = tf.TensorShape(getattr(b, 'shape', b))
     if not sa.is_compatible_with(sb):
-      raise ValueError(f'{where}: the residual branch output has shape {sb}, '
-                       f'but its input has shape {sa}; they must match to be '
-                       'added.')
+      raise ValueError(f'{where}: {what} output has shape {sb}, but its input '
+                       f'has shape {sa}; they must match {why}.')
+    da, db = getattr(a, 'dtype', None), getattr(b, 'dtype', None)
+    if da is not None and db is not None and da != db:
+      raise ValueError(f'{where}: {what} output has dtype {db.name}, but its '
+                       f'input has {da.name}; they must match {why}.')
 
 
 class Parallel(base_layer.BaseLayer):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 
 
@@ -124,7 +125,8 @@ class Repeat(base_layer.BaseLayer):
             f'{probe.records[0][0].path}), which cannot leave the Repeat '
             'loop. Use LayerNorm, or list the layers unrolled instead of in '
             'a Repeat.')
-      _CheckSameStructure(self.path, carry, out)
+      combinators.CheckSameStructure(self.path, carry, out, 'its body',
+                                     '(a loop carries it)')
       return out
 
     theta_tensors = [tf.convert_to_tensor(v) for v in flat_theta]
@@ -151,12 +153,15 @@ class Repeat(base_layer.BaseLayer):
   def FPropMeta(cls, p, *input_shapes):
     _Check(p)
     meta = p.sub.cls.FPropMeta(p.sub, *input_shapes)
-    if (len(input_shapes) != 1 or
-        not _SameShapes(tuple(meta.out_shapes), tuple(input_shapes))):
+    if len(input_shapes) != 1 or len(meta.out_shapes) != 1:
       raise ValueError(
-          f'Repeat {p.name!r}: its body must map one input to an output of '
-          f'the same shapes (a loop carries it); {p.sub.cls.__name__} maps '
-          f'{input_shapes} to {tuple(meta.out_shapes)}.')
+          f'Repeat {p.name!r}: its body must map one input to one output (a '
+          f'loop carries it); {p.sub.cls.__name__} maps {len(input_shapes)} '
+          f'to {len(meta.out_shapes)}.')
+    combinators.CheckSameStructure(
+        f'Repeat {p.name!r}', base_layer.ToShape(input_shapes[0]),
+        base_layer.ToShape(meta.out_shapes[0]), 'its body',
+        '(a loop carries it)')
     return base_layer.Meta(p.num * meta.flops, *meta.out_shapes)
 
 
@@ -209,26 +214,3 @@ class PieceScopes:
 
 def _PieceScopes() -> Optional[Sequence[Callable[[], Any]]]:
   return getattr(_local, 'scopes', None)
-
-
-def _SameShapes(a: tuple, b: tuple) -> bool:
-  a, b = base_layer.ToShape(a), base_layer.ToShape(b)
-  try:
-    tf.nest.assert_same_structure(a, b)
-  except (TypeError, ValueError):
-    return False
-  return all(x.as_list() == y.as_list() if x.rank is not None else True
-             for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)))
-
-
-def _CheckSameStructure(path: str, inputs: Any, outputs: Any) -> None:
-  try:
-    tf.nest.assert_same_structure(inputs, outputs)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{path}: the body must return what it takes (a loop '
-                     f'carries it); it changed the structure: {e}') from e
-  for x, y in zip(tf.nest.flatten(inputs), tf.nest.flatten(outputs)):
-    if not x.shape.is_compatible_with(y.shape) or x.dtype != y.dtype:
-      raise ValueError(f'{path}: the body must return what it takes (a loop '
-                       f'carries it); it maps {x.dtype.name}{x.shape} to '
-                       f'{y.dtype.name}{y.shape}.')

@@ -187,11 +187,12 @@ def test_repeat_errors():
                      'positive ints summing to num=3'):
     repeat.Repeat.Params().Set(sub=_Dense(2, 2), num=3,
                                piece_sizes=[1, 1]).Instantiate()
-  with pytest.raises(ValueError, match='must map one input to an output of '
-                     'the same shapes'):
+  with pytest.raises(ValueError, match=r"Repeat 'repeat': its body output has "
+                     r'shape \(2, 3\), but its input has shape \(2, 4\); they '
+                     r'must match \(a loop carries it\)'):
     repeat.Repeat.FPropMeta(
         repeat.Repeat.Params().Set(sub=_Dense(4, 3), num=2), [2, 4])
-  with pytest.raises(ValueError, match='the body must return what it takes'):
+  with pytest.raises(ValueError, match='its body output has shape'):
     repeat.Repeat.Params().Set(sub=_Dense(4, 3), num=2).Instantiate()(
         _X([2, 4]))
   with pytest.raises(ValueError, match='A Repeat inside a Repeat'):
