@@ -70,6 +70,9 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 8, 'transformer: tokens per '
                                 'sequence.')
 _NUM_HEADS = flags.DEFINE_integer('num_heads', 4, 'transformer: heads.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 2048, 'transformer: vocabulary.')
+_STACK_LAYERS = flags.DEFINE_bool('stack_layers', False, 'transformer: the '
+                                  'blocks as one Repeat layer (stacked '
+                                  'weights) instead of listed.')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(recompute.RECOMPUTE_MODES),
                                'Re-materialization mode.')
@@ -102,14 +105,15 @@ _POINT = flags.DEFINE_integer('point', None, 'Internal: measure one point in '
 
 # Flags a point's process inherits from the driver.
 _SHARED_FLAGS = (_STACK, _NUM_PARTITIONS, _NUM_LAYERS, _DIM, _BATCH, _SEQ_LEN,
-                 _NUM_HEADS, _VOCAB, _RECOMPUTE, _STEADY_STEPS)
+                 _NUM_HEADS, _VOCAB, _STACK_LAYERS, _RECOMPUTE, _STEADY_STEPS)
 
 
 def _Stack() -> stacks.Stack:
   if _STACK.value == 'transformer':
     return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value,
                                    _BATCH.value, _SEQ_LEN.value,
-                                   _NUM_HEADS.value, _VOCAB.value)
+                                   _NUM_HEADS.value, _VOCAB.value,
+                                   stacked=_STACK_LAYERS.value)
   return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
 
 
@@ -273,7 +277,9 @@ def _Model() -> str:
             f'causal blocks of d_model {d}, d_ff {4 * d}, {_NUM_HEADS.value} '
             f'heads, untied softmax over {_VOCAB.value} ids; batch '
             f'{_BATCH.value} sequences of {_SEQ_LEN.value} tokens, fp32; '
-            f'{_NUM_LAYERS.value + 2} layers for the partitioner')
+            + ('the blocks stacked in one Repeat; ' if _STACK_LAYERS.value
+               else '') +
+            f'{_NUM_LAYERS.value + 2} layers (units) for the partitioner')
   return (f'{_NUM_LAYERS.value} × Dense({_DIM.value}→{_DIM.value}, relu), '
           f'batch {_BATCH.value}, fp32')
 

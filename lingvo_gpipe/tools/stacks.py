@@ -12,6 +12,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -28,7 +29,8 @@ def DenseStack(num_layers: int, dim: int, batch: int) -> Stack:
 
 
 def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
-                     num_heads: int, vocab_size: int) -> Stack:
+                     num_heads: int, vocab_size: int,
+                     stacked: bool = False) -> Stack:
   """A Transformer-L shaped language model on random token ids.
 
   An embedding, `num_layers` causal Transformer blocks of width `dim`
@@ -42,12 +44,18 @@ def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
     seq_len: tokens per sequence.
     num_heads: attention heads.
     vocab_size: vocabulary of the embedding and the softmax.
+    stacked: the blocks as one Repeat layer (stacked weights, one block in
+      the graph) instead of listed one by one.
   """
   layers = [transformer.TransformerEmbedding.Params().Set(
       name='emb', vocab_size=vocab_size, model_dim=dim)]
-  layers += [transformer.TransformerLayer.Params().Set(
-      name=f'layer{i}', model_dim=dim, num_heads=num_heads,
-      hidden_dim=4 * dim, causal=True) for i in range(num_layers)]
+  block = transformer.TransformerLayer.Params().Set(
+      model_dim=dim, num_heads=num_heads, hidden_dim=4 * dim, causal=True)
+  if stacked:
+    layers.append(repeat.Repeat.Params().Set(name='layers', sub=block,
+                                             num=num_layers))
+  else:
+    layers += [block.Copy().Set(name=f'layer{i}') for i in range(num_layers)]
   layers.append(transformer.TransformerSoftmax.Params().Set(
       name='softmax', model_dim=dim, vocab_size=vocab_size))
   shape = [batch, seq_len]

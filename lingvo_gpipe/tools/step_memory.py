@@ -57,6 +57,9 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'transformer: tokens per '
                                 'sequence.')
 _NUM_HEADS = flags.DEFINE_integer('num_heads', 4, 'transformer: heads.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 2048, 'transformer: vocabulary.')
+_STACK_LAYERS = flags.DEFINE_bool('stack_layers', False, 'transformer: the '
+                                  'blocks as one Repeat layer (stacked '
+                                  'weights) instead of listed.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'amoebanet: image side '
                                    '(the small-image stem).')
 _PLAIN = flags.DEFINE_bool('plain', False, 'Run the layers in sequence under '
@@ -91,7 +94,7 @@ def _DenseStack() -> stacks.Stack:
 def _TransformerStack() -> stacks.Stack:
   return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value,
                                  _SEQ_LEN.value, _NUM_HEADS.value,
-                                 _VOCAB.value)
+                                 _VOCAB.value, stacked=_STACK_LAYERS.value)
 
 
 def _AmoebaNetStack() -> stacks.Stack:

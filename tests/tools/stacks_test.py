@@ -31,6 +31,18 @@ def test_transformer_stack_is_embedding_blocks_softmax_on_shifted_ids():
                              rtol=1e-5)
 
 
+def test_stacked_transformer_stack_is_one_repeat_of_the_blocks():
+  layers, inputs, loss_fn = stacks.TransformerStack(
+      num_layers=3, dim=8, batch=4, seq_len=3, num_heads=2, vocab_size=16,
+      stacked=True)
+  assert [l.name for l in layers] == ['emb', 'layers', 'softmax']
+  assert layers[1].num == 3 and layers[1].sub.causal
+  loss = _Loss(layers, inputs, loss_fn, 1)
+  assert 1.0 < loss < 6.0
+  np.testing.assert_allclose(_Loss(layers, inputs, loss_fn, 2), loss,
+                             rtol=1e-5)
+
+
 def test_dense_stack():
   layers, x, loss_fn = stacks.DenseStack(num_layers=3, dim=5, batch=7)
   assert [l.name for l in layers] == ['fc0', 'fc1', 'fc2']
