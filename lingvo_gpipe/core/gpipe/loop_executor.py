@@ -30,6 +30,34 @@ over 4 devices has a fixed cost that dominates tiny cells (16 × Dense(64),
 K=4, M=64: the step 1.9× the unrolled one at 1 clock an iteration, 1.4× at
 4), at the price of a graph that many times the cells (build 1.7 s → 3.5 s).
 
+Both loops run with `parallel_iterations=1`: one clock at a time, as
+fill-drain has it. With TensorFlow's default of 10, clocks could run ahead
+of each other wherever nothing chains them (at K=1 every forward clock only
+reads the input's array, and each backward clock is gated on the running
+sums only for its recomputation), so up to 10 micro-batches' tensors were
+alive at once. In one process it did not show (the peak was the same with
+1 or 10), but with the cells on TensorFlow worker processes each capped at
+351 MB (bench/memory.py, Transformer d_model 256, batch 32, seq 128, vocab
+2048, M=8), the loop executor fitted 3 layers at K=1 (the unrolled one 20)
+and ran out of memory, or crashed with signal 11, at 4 to 8 layers from one
+probe to the next; with one clock at a time it fits 16 at K=1 and 33 at
+K=2, where it fitted 3 and 8 (the unrolled one 20 and 40;
+bench/results/memory_loop.md). Measured on one uncapped worker at 8 layers
+(its allocator's peak, read inside the worker process): 470 MiB in one run
+and 211 MiB in others at 10 (it depends on how the threads are scheduled),
+214 at 1; the unrolled executor 173. The 35 MiB still above the unrolled
+one are in each backward clock (a micro-batch's recomputation and
+gradients swing the worker's memory by about 100 MiB, against 65-70 in the
+unrolled executor's backward), not found yet. `_Split` splits the batch
+itself into its array and then writes the spare slot, which copies it once
+where concatenating the zero row first copied it twice (the backward's
+output gradient, [33, 128, 2048] floats, is where the capped worker first
+ran out of memory). Speed was not re-measured with bench/executor_step.py
+(the ratios above are from parallel_iterations=10); single steps were
+about as fast: 16 × Dense(64), K=4, M=64 on one CPU 0.085 s → 0.082 s, the
+Transformer at 6 layers on two capped workers 3.6 s → 3.8 s (one step each,
+load 4), its workers' RSS growth 368 and 523 MB → 158 and 240 MB.
+
 Statistics layers record (BatchNorm's moments) are loop variables too,
 merged a micro-batch at a time (BaseLayer.MergeStats) and recorded once.
 
@@ -127,13 +155,20 @@ class LoopExecutor:
     return arrays
 
   def _Split(self, k: int, value: Any) -> list[tf.TensorArray]:
-    """`value`'s micro-batches in arrays on cell k's device; slot M one zero row."""
+    """`value`'s micro-batches in arrays on cell k's device; slot M one zero row.
+
+    The array is split from `value` itself and grown by the spare slot: one
+    copy of `value` (the split's), where concatenating the zero row first
+    made two (the backward's output gradient, [33, 128, 2048] floats in
+    bench/memory.py's Transformer, ran out of memory there on a capped
+    worker).
+    """
     with self._placement.CellScope(k):
-      return [tf.TensorArray(leaf.dtype, size=self._m + 1, infer_shape=False,
-                             clear_after_read=False,
+      return [tf.TensorArray(leaf.dtype, size=self._m, dynamic_size=True,
+                             infer_shape=False, clear_after_read=False,
                              element_shape=_Spec(leaf).shape).split(
-                                 tf.concat([leaf, tf.zeros_like(leaf[:1])], 0),
-                                 self._sizes + [1])
+                                 leaf, self._sizes).write(
+                                     self._m, tf.zeros_like(leaf[:1]))
               for leaf in tf.nest.flatten(value)]
 
   def _Written(self, k: int, arrays: Sequence[tf.TensorArray],
@@ -192,7 +227,8 @@ class LoopExecutor:
 
     _, arrays, outputs, merged = tf.while_loop(
         lambda t, *_: t < self._clocks, Body,
-        (tf.constant(0), arrays, outputs, merged))
+        (tf.constant(0), arrays, outputs, merged),
+        parallel_iterations=1)
     for cell_records, cell_merged in zip(recorded, merged):
       for (layer, _), stats in zip(cell_records, cell_merged):
         self._collector.Add(layer, stats)
@@ -291,7 +327,8 @@ class LoopExecutor:
 
     _, _, input_grads, sums = tf.while_loop(
         lambda s, *_: s < self._clocks, Body,
-        (tf.constant(0), grads_in, input_grads, sums))
+        (tf.constant(0), grads_in, input_grads, sums),
+        parallel_iterations=1)
     sums = [[None if none else g for g, none in zip(cell_sums, no_grad)]
             for cell_sums, no_grad in zip(sums, self._no_grad)]
     merged = tf.nest.flatten(self._Merge(0, input_grads, self._in_specs[0]))

@@ -206,3 +206,36 @@ def test_what_it_cannot_run_yet_is_refused_by_name(kwargs, layers, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     with base_layer.Context(training=True):
       pipe.FPropDefaultTheta(tf.ones([4, 4]))
+
+
+def test_clocks_run_one_at_a_time_and_the_output_gradient_is_not_copied_twice():
+  # On a capped TensorFlow worker the default parallel_iterations=10 let
+  # clocks run ahead, and concatenating the spare row before splitting copied
+  # the output gradient twice: bench/memory.py's Transformer fitted 3 layers
+  # where it fits 16 now (loop_executor's docstring). Memory on a worker is
+  # not measurable from here, so this checks the graph.
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=[dense.Dense.Params().Set(
+          name=f'fc{i}', input_dim=8, output_dim=8) for i in range(2)],
+      num_partitions=2, num_micro_batches=4, devices=_DEVICES,
+      executor='loop').Instantiate()
+  x = tf.ones([12, 8])
+
+  @tf.function
+  def Step():
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
+    return tape.gradient(loss, list(pipe.trainable_variables) + [x])
+
+  graph = Step.get_concrete_function().graph
+  loops = [op for op in graph.get_operations()
+           if op.type in ('While', 'StatelessWhile')]
+  assert len(loops) == 2  # the forward's and the backward's
+  assert [op.get_attr('parallel_iterations') for op in loops] == [1, 1]
+  # The arrays are split from x and from its output gradient themselves,
+  # not from a copy with the spare row concatenated.
+  splits = [op for op in graph.get_operations() if op.type == 'TensorListSplit']
+  assert len(splits) == 2
+  assert not any(op.inputs[0].op.type == 'ConcatV2' for op in splits), [
+      op.inputs[0].op.type for op in splits]
