@@ -256,6 +256,28 @@ def _IsAbstract() -> bool:
   return getattr(_local, 'abstract', False)
 
 
+def _InitSeed(p: Params, *path: Any) -> tf.Tensor:
+  """The init seed of the variable at `path` (and iteration, if stacked)."""
+  return tf.constant([p.random_seed, StableSeed(*path)], tf.int64)
+
+
+def _NewVariable(full_name: str, shape: Sequence[int], dtype: tf.DType,
+                 trainable: bool, initial_value: Callable[[], tf.Tensor]
+                 ) -> Any:
+  """A tf.Variable named by its path, or an AbstractVariable when sizing."""
+  if _IsAbstract():
+    return AbstractVariable(full_name, shape, dtype, trainable)
+  with tf.init_scope():
+    # Under a strategy that mirrors variables (TPUStrategy), a state update
+    # such as a moving average is assigned in every replica with the same
+    # value; only the first replica's assignment need apply.
+    return tf.Variable(
+        initial_value(), name=full_name.replace('/', '.'),
+        trainable=trainable,
+        aggregation=(tf.VariableAggregation.NONE if trainable else
+                     tf.VariableAggregation.ONLY_FIRST_REPLICA))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Stacking:
   piece_sizes: tuple[int, ...]
@@ -420,59 +442,38 @@ class BaseLayer(tf.Module):
     wp = weight_params
     dtype = wp.dtype or p.dtype
     full_name = f'{self._path}/{name}'
+    init = wp.init or p.params_init
     stacking = getattr(_local, 'stacking', None)
-    if stacking is not None:
-      var = self._CreateStacked(full_name, wp, dtype, stacking)
-      self._variables_by_name[name] = var
-      setattr(self, f'_var_{name}', var)  # the checkpoint's one key
+    if stacking is None:
+      var = _NewVariable(full_name, wp.shape, dtype, wp.trainable,
+                         lambda: _InitialValue(init, wp.shape, dtype,
+                                               _InitSeed(p, full_name)))
+    else:
+      var = self._CreateStacked(full_name, wp, init, dtype, stacking)
       # tf.Module finds the pieces here (untracked: they save through var).
       setattr(self, f'_pieces_{name}', self._no_dependency(list(var.pieces)))
-      return var
-    if _IsAbstract():
-      var = AbstractVariable(full_name, wp.shape, dtype, wp.trainable)
-    else:
-      init = wp.init or p.params_init
-      seed = tf.constant([p.random_seed, StableSeed(full_name)], tf.int64)
-      with tf.init_scope():
-        # Under a strategy that mirrors variables (TPUStrategy), a state
-        # update such as a moving average is assigned in every replica with
-        # the same value; only the first replica's assignment need apply.
-        var = tf.Variable(
-            _InitialValue(init, wp.shape, dtype, seed),
-            name=full_name.replace('/', '.'),
-            trainable=wp.trainable,
-            aggregation=(tf.VariableAggregation.NONE if wp.trainable else
-                         tf.VariableAggregation.ONLY_FIRST_REPLICA))
     self._variables_by_name[name] = var
-    setattr(self, f'_var_{name}', var)
+    setattr(self, f'_var_{name}', var)  # the checkpoint's key
     return var
 
-  def _CreateStacked(self, full_name: str, wp: Params, dtype: tf.DType,
-                     stacking: _Stacking) -> Any:
+  def _CreateStacked(self, full_name: str, wp: Params, init: Params,
+                     dtype: tf.DType, stacking: _Stacking) -> Any:
     """A StackedVariable: iteration t initialized as if it were its own layer."""
     p = self._params
     pieces, start = [], 0
     for i, size in enumerate(stacking.piece_sizes):
       piece_name = (full_name if len(stacking.piece_sizes) == 1 else
                     f'{full_name}/piece_{i}')
-      shape = [size] + list(wp.shape)
-      if _IsAbstract():
-        pieces.append(AbstractVariable(piece_name, shape, dtype,
-                                       wp.trainable))
-      else:
-        init = wp.init or p.params_init
-        scope = (stacking.piece_scopes[i]() if stacking.piece_scopes else
-                 contextlib.nullcontext())
-        with tf.init_scope(), scope:
-          value = tf.stack([
-              _InitialValue(init, wp.shape, dtype, tf.constant(
-                  [p.random_seed, StableSeed(full_name, t)], tf.int64))
-              for t in range(start, start + size)])
-          pieces.append(tf.Variable(
-              value, name=piece_name.replace('/', '.'),
-              trainable=wp.trainable,
-              aggregation=(tf.VariableAggregation.NONE if wp.trainable else
-                           tf.VariableAggregation.ONLY_FIRST_REPLICA)))
+      iterations = range(start, start + size)
+      scope = (stacking.piece_scopes[i]() if stacking.piece_scopes else
+               contextlib.nullcontext())
+      with scope:
+        pieces.append(_NewVariable(
+            piece_name, [size] + list(wp.shape), dtype, wp.trainable,
+            lambda iterations=iterations: tf.stack([
+                _InitialValue(init, wp.shape, dtype,
+                              _InitSeed(p, full_name, t))
+                for t in iterations])))
       start += size
     return stacked_variable.StackedVariable(full_name.replace('/', '.'),
                                             pieces)

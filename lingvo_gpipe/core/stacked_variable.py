@@ -27,7 +27,7 @@ class StackedVariable(trackable.Trackable):
   Attributes:
     name: the logical variable's name (without a piece suffix).
     pieces: the piece variables, in iteration order.
-    starts: the first iteration of each piece.
+    sizes: the iterations each piece holds.
   """
 
   def __init__(self, name: str, pieces: Sequence[Any]):
@@ -35,9 +35,7 @@ class StackedVariable(trackable.Trackable):
       raise ValueError(f'{name}: a stacked variable needs at least one piece.')
     self.name = name
     self.pieces = list(pieces)
-    sizes = [int(p.shape[0]) for p in self.pieces]
-    self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    self.sizes = sizes
+    self.sizes = [int(p.shape[0]) for p in self.pieces]
     for i, piece in enumerate(self.pieces):
       if isinstance(piece, tf.Variable):
         # Lets the optimizer find the logical weight a piece belongs to.
@@ -48,14 +46,6 @@ class StackedVariable(trackable.Trackable):
     """The logical shape, [N] + the per-iteration shape."""
     return tf.TensorShape([sum(self.sizes)]).concatenate(
         self.pieces[0].shape[1:])
-
-  @property
-  def dtype(self) -> tf.DType:
-    return self.pieces[0].dtype
-
-  @property
-  def trainable(self) -> bool:
-    return self.pieces[0].trainable
 
   def Map(self, fn: Callable[[Any, int], Any], name: str) -> 'StackedVariable':
     """A stacked variable of the same cut whose piece i is fn(piece i, i)."""
@@ -73,7 +63,7 @@ class StackedVariable(trackable.Trackable):
     if value.shape.rank is not None and value.shape[0] != sum(self.sizes):
       raise ValueError(
           f'{self.name}: the checkpoint holds {value.shape[0]} iterations of '
-          f'this weight, the model has {sum(self.sizes)} (Repeat.repeat '
+          f'this weight, the model has {sum(self.sizes)} (Repeat.num '
           'differs).')
     parts = tf.split(value, self.sizes, axis=0)
     return tf.group([p.assign(v) for p, v in zip(self.pieces, parts)])

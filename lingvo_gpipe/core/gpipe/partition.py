@@ -121,10 +121,11 @@ def UnitCosts(layer_costs: Sequence[float],
 
 
 class Segment(NamedTuple):
-  """Units [start, stop) of layer `layer`, held by one cell."""
+  """Units [start, stop) of layer `layer`, held by one cell; whole: all of them."""
   layer: int
   start: int
   stop: int
+  whole: bool
 
 
 def CellSegments(sizes: Sequence[int],
@@ -144,8 +145,9 @@ def CellSegments(sizes: Sequence[int],
       if segments and segments[-1].layer == j:
         segments[-1] = segments[-1]._replace(stop=t + 1)
       else:
-        segments.append(Segment(j, t, t + 1))
-    cells.append(segments)
+        segments.append(Segment(j, t, t + 1, False))
+    cells.append([seg._replace(whole=seg.stop - seg.start == units[seg.layer])
+                  for seg in segments])
   return cells
 
 

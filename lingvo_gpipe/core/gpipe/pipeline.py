@@ -155,7 +155,7 @@ def RunPipeline(cells: Sequence[Any],
 
 
 def CheckJitCompile(jit_compile: bool, schedule: schedule_lib.Schedule,
-                     placement: placement_lib.Placement) -> None:
+                    placement: placement_lib.Placement) -> None:
   """Refuses, by name, what XLA-compiled cells cannot run."""
   if not isinstance(jit_compile, bool):
     raise ValueError(f'jit_compile must be True or False, got {jit_compile!r}.')

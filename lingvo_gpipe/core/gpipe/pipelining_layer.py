@@ -180,8 +180,8 @@ class PipeliningLayer(base_layer.BaseLayer):
 
     layers = self.CreateChildren('layers', layer_params, child_scope=LayerScope)
     self._members = [
-        [(seg.layer, cells_of[seg.layer].index(k)
-          if len(pieces[seg.layer]) > 1 else None) for seg in cell]
+        [(seg.layer, None if seg.whole else cells_of[seg.layer].index(k))
+         for seg in cell]
         for k, cell in enumerate(self.segments)]
     return [Cell(f'cell_{k}', [layers[j] if i is None else layers[j].Piece(i)
                                for j, i in members])
@@ -263,9 +263,7 @@ class PipeliningLayer(base_layer.BaseLayer):
   def _SegmentParams(cls, p, seg: partition.Segment):
     """Params of the part of layer seg.layer a cell holds (all, or a piece)."""
     lp = p.layers[seg.layer]
-    if seg.stop - seg.start == lp.cls.NumUnits(lp):
-      return lp
-    return lp.cls.PieceParams(lp, seg.start, seg.stop)
+    return lp if seg.whole else lp.cls.PieceParams(lp, seg.start, seg.stop)
 
   def _MakePlacement(self, num_cells: int) -> placement_lib.Placement:
     p = self.params
@@ -390,10 +388,8 @@ class PipeliningLayer(base_layer.BaseLayer):
 
   @classmethod
   def _SegmentName(cls, p, seg: partition.Segment) -> str:
-    lp = p.layers[seg.layer]
-    if seg.stop - seg.start == lp.cls.NumUnits(lp):
-      return lp.name
-    return f'{lp.name}[{seg.start}:{seg.stop}]'
+    name = p.layers[seg.layer].name
+    return name if seg.whole else f'{name}[{seg.start}:{seg.stop}]'
 
   def Report(self) -> NestedMap:
     """StaticReport plus each cell's device and the memory figures.

@@ -212,13 +212,9 @@ class CellRunner:
       dy: the gradient of the loss with respect to the cell's outputs.
       kept: (tape, outputs) the forward kept, or None to recompute.
       input_grad_first: make the weight-gradient ops wait for x's gradient
-        (grad_order), so the previous cell gets it sooner.
+        (grad_order), so the previous cell gets it sooner (not with
+        jit_compile, whose backward is one XLA op; RunPipeline refuses it).
     """
-    if self.jit_compile and input_grad_first:
-      raise ValueError('jit_compile=True runs a cell\'s backward as one XLA '
-                       'computation, which cannot hand out the input '
-                       'gradient before the weight gradients; use '
-                       'input_grads_first=False with it.')
     created = []
     if kept is None and self.jit_compile:
       grads = self.compiled_backward(self.theta, _Index(micro_batch), x, dy)

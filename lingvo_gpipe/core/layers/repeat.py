@@ -23,8 +23,9 @@ inside a Repeat.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tensorflow as tf
 
@@ -72,11 +73,8 @@ class Repeat(base_layer.BaseLayer):
     self.piece_sizes = PieceSizes(p)
     self.piece_starts = [sum(self.piece_sizes[:i])
                          for i in range(len(self.piece_sizes))]
-    scopes = _PieceScopes()
-    if scopes is not None and len(scopes) != len(self.piece_sizes):
-      raise ValueError(f'{self.path}: {len(scopes)} piece scopes for '
-                       f'piece_sizes={self.piece_sizes}.')
-    with base_layer.StackedBuild(self.piece_sizes, scopes):
+    with base_layer.StackedBuild(self.piece_sizes,
+                                 getattr(_local, 'scopes', None)):
       self.CreateChild('body', p.sub)
 
   @property
@@ -194,23 +192,17 @@ class RepeatPiece(tf.Module):
 _local = threading.local()
 
 
-class PieceScopes:
-  """`with PieceScopes(scopes):` a Repeat built inside puts piece i under scopes[i]().
+@contextlib.contextmanager
+def PieceScopes(scopes: Optional[Sequence[Callable[[], Any]]]
+                ) -> Iterator[None]:
+  """A Repeat built inside puts piece i's weights under scopes[i]().
 
   The PipeliningLayer uses it to create each piece's weights on its cell's
   device while the Repeat itself is built as one layer.
   """
-
-  def __init__(self, scopes: Optional[Sequence[Callable[[], Any]]]):
-    self._scopes = scopes
-
-  def __enter__(self):
-    self._previous = getattr(_local, 'scopes', None)
-    _local.scopes = self._scopes
-
-  def __exit__(self, *unused):
-    _local.scopes = self._previous
-
-
-def _PieceScopes() -> Optional[Sequence[Callable[[], Any]]]:
-  return getattr(_local, 'scopes', None)
+  previous = getattr(_local, 'scopes', None)
+  _local.scopes = scopes
+  try:
+    yield
+  finally:
+    _local.scopes = previous

@@ -61,3 +61,17 @@ def test_validate_balance():
     partition.ValidateBalance([3, 0], 3)
   with pytest.raises(ValueError, match='empty'):
     partition.ValidateBalance([], 3)
+
+
+def test_units_cut_a_repeat_between_its_iterations():
+  # Layers: one unit, a Repeat of 5 units, one unit; 3 cells of 2, 3, 2 units.
+  units = [1, 5, 1]
+  assert partition.UnitCosts([4.0, 10.0, 4.0], units) == [4.0] + [2.0] * 5 + [4.0]
+  segments = partition.CellSegments([2, 3, 2], units)
+  assert segments == [
+      [partition.Segment(0, 0, 1, True), partition.Segment(1, 0, 1, False)],
+      [partition.Segment(1, 1, 4, False)],
+      [partition.Segment(1, 4, 5, False), partition.Segment(2, 0, 1, True)]]
+  assert partition.PieceSizes(segments, 3) == [[1], [1, 3, 1], [1]]
+  whole = partition.CellSegments([1, 6], units)
+  assert whole[1][0] == partition.Segment(1, 0, 5, True)
