@@ -21,17 +21,10 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core.gpipe import pipelining_layer
-from lingvo_gpipe.core.layers import dense
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, 'bench', 'results')
 PROC_STAT = '/proc/stat'
-
-
-def DenseStack(num_layers: int, dim: int) -> list:
-  """Params of `num_layers` Dense(dim→dim, relu) layers."""
-  return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim, output_dim=dim)
-          for i in range(num_layers)]
 
 
 def BuildPipeline(layers: list, num_partitions: int, num_micro_batches: int,

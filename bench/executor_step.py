@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from bench import common
 from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.tools import stacks
 
 _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 4, 'K cells.')
 _MICRO_BATCHES = flags.DEFINE_list('micro_batches', '16,64', 'Values of M.')
@@ -47,7 +48,7 @@ def Measure(m: int, devices: list[str]) -> dict:
   steps = {}
   for executor in _EXECUTORS:
     model = common.BuildPipeline(
-        common.DenseStack(_NUM_LAYERS.value, _DIM.value),
+        stacks.DenseLayers(_NUM_LAYERS.value, _DIM.value),
         _NUM_PARTITIONS.value, m, 'always', devices, executor=executor,
         clocks_per_iteration=_CLOCKS.value)
     steps[executor] = common.TrainStep(model, plain=False)

@@ -31,6 +31,7 @@ from absl import flags
 import tensorflow as tf
 
 from bench import common
+from lingvo_gpipe.tools import stacks
 
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', 24, 'Dense layers in the stack.')
 _DIM = flags.DEFINE_integer('dim', 512, 'Width of every layer.')
@@ -61,7 +62,7 @@ def _Cell(values: list[float], scale: float = 1e3, fmt: str = '.0f') -> str:
 
 def Run() -> tuple[list[list], dict]:
   """Measures every configuration; returns table rows and the config."""
-  layers = common.DenseStack(_NUM_LAYERS.value, _DIM.value)
+  layers = stacks.DenseLayers(_NUM_LAYERS.value, _DIM.value)
   x = tf.random.stateless_normal([_BATCH.value, _DIM.value], [0, 1])
   configs = []
   for label, plain, m, recompute, goal in _CONFIGS:

@@ -39,6 +39,7 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipeline
+from lingvo_gpipe.tools import stacks
 
 _ROLE = flags.DEFINE_enum('role', 'driver', ['driver', 'baseline', 'pipeline'],
                           'What this process does (children are started by '
@@ -62,7 +63,7 @@ _LEARNING_RATE = 1e-4
 
 def _Model(devices):
   """The Dense stack as a 2-cell PipeliningLayer on `devices`, built here."""
-  return common.BuildPipeline(common.DenseStack(_NUM_LAYERS.value, _DIM.value),
+  return common.BuildPipeline(stacks.DenseLayers(_NUM_LAYERS.value, _DIM.value),
                               2, 1, 'always', devices)
 
 

@@ -19,13 +19,16 @@ from lingvo_gpipe.core.nested_map import NestedMap
 Stack = tuple[list, Any, Callable[[Any], tf.Tensor]]
 
 
+def DenseLayers(num_layers: int, dim: int) -> list:
+  """Params of `num_layers` Dense(dim→dim, relu) layers."""
+  return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim, output_dim=dim)
+          for i in range(num_layers)]
+
+
 def DenseStack(num_layers: int, dim: int, batch: int) -> Stack:
-  """`num_layers` Dense(dim→dim, relu) on random vectors; loss mean(y²)."""
-  layers = [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim,
-                                     output_dim=dim)
-            for i in range(num_layers)]
+  """DenseLayers on random vectors; loss mean(y²)."""
   x = tf.random.stateless_normal([batch, dim], [0, 1])
-  return layers, x, lambda y: tf.reduce_mean(y * y)
+  return DenseLayers(num_layers, dim), x, lambda y: tf.reduce_mean(y * y)
 
 
 def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
