@@ -1,13 +1,18 @@
-r"""Steady step time of the loop executor against the unrolled one, alternating in one process.
+r"""Steady step time of two ways to run one pipeline, alternating in one process.
 
-Both pipelines (the same Dense stack, the same K cells on K logical CPU
-devices, the same M) are built in one process and their traced training
-steps run in alternating rounds, so a machine whose speed drifts slows both
-alike; the ratio loop / unrolled of each round's medians is what to quote.
+Both pipelines (the same stack, the same K cells on K logical CPU devices,
+the same M) are built in one process and their traced training steps run in
+alternating rounds, so a machine whose speed drifts slows both alike; the
+ratio second / first of each round's medians is what to quote. The ways
+(`--variants`): the unrolled executor, the loop executor skipping its bubble
+clocks (`loop`, the default), and the loop executor computing them on a
+spare row (`loop_spare_row`, skip_bubbles=False).
 
   python -m bench.executor_step --micro_batches=8,64 --write_results
   python -m bench.executor_step --micro_batches=32 --dim=512 --batch=1024 \\
       --rounds=4 --steps=4 --write_results
+  python -m bench.executor_step --variants=loop_spare_row,loop \\
+      --stack=transformer --dim=32 --micro_batches=8 --write_results
 """
 
 from __future__ import annotations
@@ -21,83 +26,129 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-import tensorflow as tf
 
 from bench import common
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.tools import stacks
 
+# Each way to run the pipeline: its PipeliningLayer settings.
+VARIANTS = {
+    'unrolled': dict(executor='unrolled'),
+    'loop': dict(executor='loop', skip_bubbles=True),
+    'loop_spare_row': dict(executor='loop', skip_bubbles=False),
+}
+
+_VARIANTS = flags.DEFINE_list('variants', 'unrolled,loop', 'Two of '
+                              f'{", ".join(VARIANTS)}; the ratio is the '
+                              'second over the first.')
+_STACK = flags.DEFINE_enum('stack', 'dense', ['dense', 'transformer'],
+                           'dense: Dense layers on vectors; transformer: the '
+                           'narrow Transformer LM, its blocks one Repeat.')
 _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 4, 'K cells.')
 _MICRO_BATCHES = flags.DEFINE_list('micro_batches', '16,64', 'Values of M.')
-_NUM_LAYERS = flags.DEFINE_integer('num_layers', 16, 'Dense layers.')
-_DIM = flags.DEFINE_integer('dim', 64, 'Width of every layer.')
-_BATCH = flags.DEFINE_integer('batch', 64, 'Mini-batch size.')
+_NUM_LAYERS = flags.DEFINE_integer('num_layers', 16, 'Dense layers or '
+                                   'Transformer blocks.')
+_DIM = flags.DEFINE_integer('dim', 64, 'Width of every layer (d_model).')
+_BATCH = flags.DEFINE_integer('batch', 64, 'Mini-batch size (sequences).')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 8, 'transformer: tokens a sequence.')
+_VOCAB = flags.DEFINE_integer('vocab_size', 256, 'transformer: vocabulary.')
 _CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
                                "executor's clocks per loop iteration.")
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per executor per round.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per variant per round.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
-                                   'to bench/results/executor_step_d<dim>.md.')
+                                   'to bench/results/ (executor_step_d<dim>'
+                                   '.md for unrolled,loop on Dense; else a '
+                                   'name saying the variants and stack).')
 
-_EXECUTORS = ('unrolled', 'loop')
+
+def _Stack() -> stacks.Stack:
+  if _STACK.value == 'transformer':
+    return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value,
+                                   _BATCH.value, _SEQ_LEN.value, 4,
+                                   _VOCAB.value, stacked=True)
+  return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
 
 
-def Measure(m: int, devices: list[str]) -> dict:
-  """Per executor, each round's median step (s); and the per-round ratios."""
-  x = tf.random.stateless_normal([_BATCH.value, _DIM.value], [0, 1])
+def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
+  """Per variant, each round's median step (s); and the per-round ratios."""
   steps = {}
-  for executor in _EXECUTORS:
+  for name in variants:
+    layers, x, loss_fn = _Stack()
     model = common.BuildPipeline(
-        stacks.DenseLayers(_NUM_LAYERS.value, _DIM.value),
-        _NUM_PARTITIONS.value, m, 'always', devices, executor=executor,
-        clocks_per_iteration=_CLOCKS.value)
-    steps[executor] = common.TrainStep(model, plain=False)
+        layers, _NUM_PARTITIONS.value, m, 'always', devices,
+        clocks_per_iteration=_CLOCKS.value, **VARIANTS[name])
+    steps[name] = (common.TrainStep(model, plain=False, loss_fn=loss_fn), x)
     for _ in range(3):  # trace, first step, warm-up
-      common.RunOnce(steps[executor], x)
-  medians = {e: [] for e in _EXECUTORS}
+      common.RunOnce(*steps[name])
+  medians = {name: [] for name in variants}
   for _ in range(_ROUNDS.value):
-    for executor in _EXECUTORS:
+    for name in variants:
       times = []
       for _ in range(_STEPS.value):
         start = time.perf_counter()
-        common.RunOnce(steps[executor], x)
+        common.RunOnce(*steps[name])
         times.append(time.perf_counter() - start)
-      medians[executor].append(statistics.median(times))
-  ratios = [l / u for l, u in zip(medians['loop'], medians['unrolled'])]
+      medians[name].append(statistics.median(times))
+  first, second = variants
+  ratios = [b / a for a, b in zip(medians[first], medians[second])]
   return dict(medians=medians, ratios=ratios)
+
+
+def _ResultsFile(variants: list[str]) -> str:
+  clocks = f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else ''
+  if variants == ['unrolled', 'loop'] and _STACK.value == 'dense':
+    return f'executor_step_d{_DIM.value}{clocks}.md'
+  return (f'executor_step_{"_vs_".join(variants)}_{_STACK.value}_d'
+          f'{_DIM.value}_k{_NUM_PARTITIONS.value}{clocks}.md')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  variants = list(_VARIANTS.value)
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or len(variants) != 2 or variants[0] == variants[1]:
+    raise app.UsageError(f'--variants={",".join(variants)}: name two '
+                         f'different ones of {", ".join(VARIANTS)}.')
   facts = common.MachineFacts()
   devices = placement.SplitCpu(_NUM_PARTITIONS.value)
+  first, second = variants
   rows = []
   for m in (int(v) for v in _MICRO_BATCHES.value):
-    r = Measure(m, devices)
+    r = Measure(m, devices, variants)
     med = {e: statistics.median(v) * 1e3 for e, v in r['medians'].items()}
-    rows.append([m, f'{med["unrolled"]:.1f}', f'{med["loop"]:.1f}',
+    k = _NUM_PARTITIONS.value
+    rows.append([m, f'{(k - 1) / (m + k - 1):.0%}', f'{med[first]:.1f}',
+                 f'{med[second]:.1f}',
                  f'{statistics.median(r["ratios"]):.2f} '
                  f'({min(r["ratios"]):.2f}–{max(r["ratios"]):.2f})'])
     print(rows[-1], flush=True)
   body = common.MarkdownTable(
-      ('M', 'unrolled ms', 'loop ms', 'loop / unrolled, median (range)'), rows)
+      ('M', 'bubble (K-1)/(M+K-1)', f'{first} ms', f'{second} ms',
+       f'{second} / {first}, median (range)'), rows)
   print(body)
   if _WRITE_RESULTS.value:
+    if _STACK.value == 'transformer':
+      model = (f'Transformer LM: embedding, {_NUM_LAYERS.value} causal '
+               f'blocks (d_model {_DIM.value}, one Repeat), softmax over '
+               f'{_VOCAB.value}; batch {_BATCH.value} × {_SEQ_LEN.value} '
+               'tokens, recompute always')
+    else:
+      model = (f'{_NUM_LAYERS.value} × Dense({_DIM.value}), batch '
+               f'{_BATCH.value}, recompute always')
     config = {
-        'model': f'{_NUM_LAYERS.value} × Dense({_DIM.value}), batch '
-                 f'{_BATCH.value}, recompute always',
+        'model': model,
         'pipeline': f'K={_NUM_PARTITIONS.value} cells on as many logical '
                     'CPU devices, one process; loop executor with '
                     f'{_CLOCKS.value} clock(s) per iteration',
+        'variants': '; '.join(f'{v}: {VARIANTS[v]}' for v in variants),
         'timing': f'{_ROUNDS.value} alternating rounds of {_STEPS.value} '
-                  'steps per executor; a round\'s median per executor',
+                  'steps per variant; a round\'s median per variant',
         'load average at end (1, 5, 15 min)': common.LoadAverage(),
     }
     path = common.WriteResults(
-        f'executor_step_d{_DIM.value}' +
-        (f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else '') + '.md',
-        'Steady step: loop executor against unrolled',
+        _ResultsFile(variants), f'Steady step: {second} against {first}',
         'python -m bench.executor_step ' + ' '.join(sys.argv[1:]), facts,
         config, body)
     print(f'wrote {path}')

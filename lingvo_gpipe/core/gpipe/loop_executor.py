@@ -10,20 +10,30 @@ How: the forward is a `tf.while_loop` over the M+K-1 clocks of fill-drain;
 at clock t every cell k runs micro-batch t-k, reading its input from a
 TensorArray and writing its output into the next cell's. The backward is a
 second loop over the clocks in reverse, with the running sums as loop
-variables. At a bubble clock a cell runs on one row: every array has a
-spare slot M holding a one-example batch, which bubble clocks read and
-write, so they cost almost nothing and, their output gradient being zero,
-add nothing to the sums (computing on a real micro-batch and masking its
-gradient, or branching with `tf.cond`, were measured slower; an empty batch
-breaks layers that reshape, such as AmoebaNet's; with jit_compile, XLA
-compiles each cell for that one row too, which lengthens the first step,
-bench/results/jit_compile.md). Each TensorArray lives on
-the device of the cell that reads it, and the cell before writes into it
-there: written on the writer's device, the whole array crossed devices at
-every write, which made a first loop prototype run at half the unrolled
-executor's speed
-(bench/results/executor_step_d64.md and executor_step_d512.md give
-today's ratios).
+variables. At a bubble clock (cell k with no micro-batch t-k) the cell does
+nothing: its work sits in a `tf.cond` on the clock, whose other branch
+passes the running sums through and yields a one-row batch of zeros. Every
+array has a spare slot M for what bubble clocks read and write, so one
+clock's graph serves every clock. Skipping matters wherever a bubble costs
+what a micro-batch does: with Transformer blocks on 2-example micro-batches
+(K=8) the step took 0.69x the time at M=8 and 0.88x at M=32
+(bench/results/executor_step_loop_spare_row_vs_loop_transformer_d32_k8.md),
+and at K=128, M=32, where 80% of the clocks are bubbles, 60 s against 369 s
+(bench/results/transformer_l_1663.md). On cells of a few Dense(64) the
+branch costs more than it saves (1.09x at M=8, 1.15x at M=64,
+executor_step_loop_spare_row_vs_loop_dense_d64_k4.md),
+so `skip_bubbles=False` keeps the older way: the cell computes on the spare
+row, whose output gradient is zero, so it adds nothing to the sums
+(computing on a real micro-batch and masking its gradient was measured
+slower; an empty batch breaks layers that reshape, such as AmoebaNet's;
+with jit_compile XLA compiles each cell for that one row too, which
+lengthens the first step, bench/results/jit_compile.md).
+
+Each TensorArray lives on the device of the cell that reads it, and the
+cell before writes into it there: written on the writer's device, the whole
+array crossed devices at every write, which made a first loop prototype run
+at half the unrolled executor's speed (bench/results/executor_step_d64.md
+and executor_step_d512.md give today's ratios).
 
 `clocks_per_iteration` clocks run in one iteration: each loop iteration
 over 4 devices has a fixed cost that dominates tiny cells (16 × Dense(64),
@@ -71,7 +81,7 @@ schedules other than fill-drain.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -87,6 +97,12 @@ def _Spec(t: tf.Tensor) -> tf.TensorSpec:
   return tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
 
 
+def _SpareRow(spec: Any) -> Any:
+  """A one-row batch of zeros like `spec`: what a skipped bubble clock yields."""
+  return tf.nest.map_structure(
+      lambda s: tf.zeros([1] + s.shape[1:].as_list(), s.dtype), spec)
+
+
 class LoopExecutor:
   """Runs `runners` (one per cell) over micro-batches of `sizes` in two loops."""
 
@@ -95,7 +111,8 @@ class LoopExecutor:
                placement: placement_lib.Placement, recompute: str,
                sizes: Sequence[int], batch_dim: int,
                collector: base_layer.StatsCollector,
-               clocks_per_iteration: int = 1):
+               clocks_per_iteration: int = 1,
+               skip_bubbles: bool = True):
     expected = schedule_lib.FillDrain(
         schedule.num_cells, schedule.num_micro_batches,
         split_backward=getattr(schedule, 'split_backward', False))
@@ -112,7 +129,12 @@ class LoopExecutor:
     if clocks_per_iteration < 1:
       raise ValueError('clocks_per_iteration must be >= 1, got '
                        f'{clocks_per_iteration}.')
+    if not isinstance(skip_bubbles, bool):
+      raise ValueError(f'skip_bubbles must be True or False, got '
+                       f'{skip_bubbles!r}.')
     self._unroll = clocks_per_iteration
+    self._skip_bubbles = skip_bubbles
+    self._out_spec = None
     self._collector = collector
     self._runners = list(runners)
     self._placement = placement
@@ -195,7 +217,7 @@ class LoopExecutor:
       spec, stats = runner.Specs(spec)
       self._in_specs.append(spec)
       recorded.append(stats)
-    out_spec = self._in_specs.pop()
+    out_spec = self._out_spec = self._in_specs.pop()
     arrays = [self._Split(0, inputs)] + [
         self._Arrays(k, self._in_specs[k]) for k in range(1, self._k)]
     outputs = self._Arrays(self._k - 1, out_spec)
@@ -214,12 +236,8 @@ class LoopExecutor:
           x = tf.nest.pack_sequence_as(
               self._in_specs[k], [a.read(slot) for a in arrays[k]])
           x = self._placement.Annotate(k, x)
-          probe = base_layer.StatsCollector()
-          y, _ = self._runners[k].Forward(micro_batch, x, keep=False,
-                                          collector=probe)
-          # A bubble's statistics (of its spare row) are left out.
-          merged[k] = self._MergeStatistics(merged[k], probe, slot < self._m,
-                                            recorded[k])
+          y, merged[k] = self._CellForward(k, micro_batch, slot, x,
+                                           merged[k], recorded[k])
         if k + 1 < self._k:
           arrays[k + 1] = self._Written(k + 1, arrays[k + 1], slot, y)
         else:
@@ -274,6 +292,63 @@ class LoopExecutor:
           lambda b, s: tf.where(valid, b, s), both, so_far))
     return result
 
+  def _Bubble(self, valid: tf.Tensor, work: Callable[[], Any],
+              bubble: Callable[[], Any]) -> Any:
+    """`work()`; at a bubble clock (not `valid`) `bubble()` if skipping them."""
+    if not self._skip_bubbles:
+      return work()
+    return tf.cond(valid, work, bubble)
+
+  def _CellForward(self, k: int, micro_batch: tf.Tensor, slot: tf.Tensor,
+                   x: Any, merged: list, recorded: list) -> tuple[Any, list]:
+    """(cell k's outputs at this clock, its statistics merged so far)."""
+    valid = slot < self._m
+    out_spec = self._in_specs[k + 1] if k + 1 < self._k else self._out_spec
+
+    def Work():
+      probe = base_layer.StatsCollector()
+      y, _ = self._runners[k].Forward(micro_batch, x, keep=False,
+                                      collector=probe)
+      # A bubble's statistics (of its spare row) are left out.
+      return y, self._MergeStatistics(merged, probe, valid, recorded)
+
+    def Bubble():
+      return _SpareRow(out_spec), merged
+
+    return self._Bubble(valid, Work, Bubble)
+
+  def _CellBackward(self, k: int, micro_batch: tf.Tensor, slot: tf.Tensor,
+                    x: Any, dy: Any, sums: list) -> tuple[list, Any]:
+    """(cell k's running sums with this clock's gradients added, x's gradient)."""
+    runner = self._runners[k]
+    valid = slot < self._m
+
+    def Work():
+      # One micro-batch's partial gradients at a time (accumulate.py).
+      gated_x, gated_dy = accumulate.Gated([sums], (x, dy))
+      g_theta, g_x = runner.Backward(
+          micro_batch, gated_x, gated_dy, None,
+          input_grad_first=self._split and k > 0)
+      new_sums = list(sums)
+      for i, g in enumerate(g_theta):
+        if g is None:
+          self._no_grad[k][i] = True
+        elif self._reduces_batch[k]:
+          # A layer that reduces over the batch (BatchNorm) could make a
+          # bubble's gradient 0 · inf; keep the bubble out of the sum.
+          new_sums[i] = tf.where(valid, sums[i] + tf.convert_to_tensor(g),
+                                 sums[i])
+        else:
+          new_sums[i] = sums[i] + tf.convert_to_tensor(g)
+      g_x = tf.nest.map_structure(
+          lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
+      return new_sums, g_x
+
+    def Bubble():
+      return list(sums), tf.nest.map_structure(tf.zeros_like, x)
+
+    return self._Bubble(valid, Work, Bubble)
+
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
     grads_in = [self._Arrays(k, self._in_specs[k + 1])
@@ -292,7 +367,6 @@ class LoopExecutor:
       for t, k in ((self._clocks - 1 - done - u, k)
                    for u in range(self._unroll) for k in range(self._k)):
         slot, micro_batch = self._Clock(t, k)
-        runner = self._runners[k]
         with self._placement.CellScope(k):
           # At a bubble clock both are the spare row, the output gradient
           # zero (or a bubble's zero input gradient): nothing is added.
@@ -302,24 +376,8 @@ class LoopExecutor:
                       tf.nest.map_structure(_Spec, dy))
           dy_k = tf.nest.pack_sequence_as(out_spec, [
               a.read(slot) for a in grads_in[k]])
-          # One micro-batch's partial gradients at a time (accumulate.py).
-          x, dy_k = accumulate.Gated([sums[k]], (x, dy_k))
-          g_theta, g_x = runner.Backward(
-              micro_batch, x, dy_k, None,
-              input_grad_first=self._split and k > 0)
-          for i, g in enumerate(g_theta):
-            if g is None:
-              self._no_grad[k][i] = True
-            elif self._reduces_batch[k]:
-              # A layer that reduces over the batch (BatchNorm) could make a
-              # bubble's gradient 0 · inf; keep the bubble out of the sum.
-              sums[k][i] = tf.where(slot < self._m,
-                                    sums[k][i] + tf.convert_to_tensor(g),
-                                    sums[k][i])
-            else:
-              sums[k][i] = sums[k][i] + tf.convert_to_tensor(g)
-        g_x = tf.nest.map_structure(
-            lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
+          sums[k], g_x = self._CellBackward(k, micro_batch, slot, x, dy_k,
+                                            sums[k])
         if k > 0:
           grads_in[k - 1] = self._Written(k - 1, grads_in[k - 1], slot, g_x)
         else:

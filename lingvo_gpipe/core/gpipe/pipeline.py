@@ -64,6 +64,7 @@ def RunPipeline(cells: Sequence[Any],
                 schedule: Optional[schedule_lib.Schedule] = None,
                 executor: str = 'unrolled',
                 clocks_per_iteration: int = 1,
+                skip_bubbles: bool = True,
                 jit_compile: bool = False) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
@@ -84,6 +85,8 @@ def RunPipeline(cells: Sequence[Any],
     executor: how the schedule is lowered, one of EXECUTORS.
     clocks_per_iteration: with executor 'loop', clocks run per loop
       iteration (loop_executor.py).
+    skip_bubbles: with executor 'loop', a cell skips its bubble clocks
+      (`tf.cond`) instead of computing on a one-row spare batch there.
     jit_compile: XLA compiles each cell's forward and backward, run on the
       cell's device (recompute.py); not with TPU placement or schedules
       that split the backward (input_grads_first).
@@ -112,7 +115,8 @@ def RunPipeline(cells: Sequence[Any],
   if executor == 'loop':
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
                                          recompute, sizes, batch_dim,
-                                         collector, clocks_per_iteration)
+                                         collector, clocks_per_iteration,
+                                         skip_bubbles)
   else:
     lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
                                               recompute), sizes, batch_dim,

@@ -105,6 +105,12 @@ class PipeliningLayer(base_layer.BaseLayer):
              'loop iteration; more cuts the per-iteration cost that '
              'dominates small cells and grows the graph as many times '
              '(bench/results/executor_step_d64.md).')
+    p.Define('skip_bubbles', True, "executor='loop': at a bubble clock a "
+             'cell does nothing (a tf.cond) instead of computing on a '
+             'one-row spare batch; faster wherever a cell does real work '
+             '(Transformer blocks, K=8: 0.69x the step at M=8; K=128, M=32: '
+             '0.16x), 9-15% slower on cells of a few Dense(64) '
+             '(bench/results/executor_step_loop_spare_row_vs_loop_*.md).')
     p.Define('jit_compile', False, "XLA compiles each cell's forward and "
              'backward (recomputation and gradients), each run on its '
              "cell's device; both executors, every recompute mode; not with "
@@ -309,6 +315,7 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 schedule=self.Schedule(len(sizes)),
                                 executor=p.executor,
                                 clocks_per_iteration=p.clocks_per_iteration,
+                                skip_bubbles=p.skip_bubbles,
                                 jit_compile=p.jit_compile)
 
   def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:

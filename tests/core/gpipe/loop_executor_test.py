@@ -83,9 +83,12 @@ def _LossAndGrads(pipe, inputs, reference=False):
 @pytest.mark.parametrize('k,m,batch', [(1, 1, 4), (2, 3, 7), (4, 5, 13),
                                        (4, 2, 6)])
 @pytest.mark.parametrize('input_grads_first', [False, True])
+@pytest.mark.parametrize('skip_bubbles', [True, False])
 def test_loss_and_gradients_equal_the_sequential_model(k, m, batch,
-                                                       input_grads_first):
-  pipe = _Pipeline(_Layers(), k, m, input_grads_first=input_grads_first)
+                                                       input_grads_first,
+                                                       skip_bubbles):
+  pipe = _Pipeline(_Layers(), k, m, input_grads_first=input_grads_first,
+                   skip_bubbles=skip_bubbles)
   inputs = _Inputs(batch)  # ragged micro-batches, an int leaf, dropout
   loss, grads, lengths = _LossAndGrads(pipe, inputs)()
   ref_loss, ref_grads, _ = _LossAndGrads(pipe, inputs, reference=True)()
@@ -130,7 +133,9 @@ class _Counting(base_layer.BaseLayer):
     del stats_list
 
 
-def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does():
+@pytest.mark.parametrize('skip_bubbles', [True, False])
+def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does(
+    skip_bubbles):
   layers = []
   for i in range(3):
     layers += [dense.Dense.Params().Set(name=f'fc{i}', input_dim=4,
@@ -142,7 +147,8 @@ def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does():
   for executor in ('unrolled', 'loop'):
     pipe = PipeliningLayer.Params().Set(
         name='pipe', layers=layers, num_partitions=3, num_micro_batches=4,
-        devices=_DEVICES, executor=executor).Instantiate()
+        devices=_DEVICES, executor=executor,
+        skip_bubbles=skip_bubbles).Instantiate()
 
     @tf.function
     def Step():
@@ -163,6 +169,51 @@ def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does():
   for a, b in zip(moving, ref_moving):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert not np.allclose(moving[0], 0.0)  # the averages did move
+
+
+class _RowCounter(base_layer.BaseLayer):
+  """Identity that adds the rows it computes on to a counter variable."""
+
+  def __init__(self, params):
+    super().__init__(params)
+    self.rows = tf.Variable(0, trainable=False)
+
+  def FProp(self, theta, x):
+    with tf.control_dependencies([self.rows.assign_add(tf.shape(x)[0])]):
+      return tf.identity(x)
+
+
+@pytest.mark.parametrize('skip_bubbles', [True, False])
+def test_bubble_clocks_are_skipped(skip_bubbles):
+  # K=3, M=4: 6 clocks, so each cell has 2 bubble clocks in each loop.
+  layers = []
+  for i in range(3):
+    layers += [dense.Dense.Params().Set(name=f'fc{i}', input_dim=4,
+                                        output_dim=4),
+               _RowCounter.Params().Set(name=f'count{i}')]
+  pipe = _Pipeline(layers, 3, 4, skip_bubbles=skip_bubbles)
+  x = tf.ones([10, 4])
+
+  @tf.function
+  def Step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
+    return tape.gradient(loss, pipe.trainable_variables)
+
+  Step()
+  rows = [pipe.layers[2 * i + 1].rows.numpy() for i in range(3)]
+  # The forward and the recomputation each see the 10 rows once; a cell
+  # that computes its bubbles adds one spare row per bubble clock and loop.
+  assert rows == ([20] * 3 if skip_bubbles else [24] * 3), rows
+
+
+def test_skip_bubbles_must_be_a_bool():
+  pipe = _Pipeline([dense.Dense.Params().Set(name='fc', input_dim=4,
+                                             output_dim=4)], 1, 2,
+                   skip_bubbles='yes')
+  with pytest.raises(ValueError, match="skip_bubbles must be True or False, "
+                     "got 'yes'"):
+    pipe.FPropDefaultTheta(tf.ones([4, 4]))
 
 
 def _NumOps(executor, m):
