@@ -44,6 +44,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+import tensorflow as tf
 
 from bench import common
 from lingvo_gpipe.core.gpipe import pipeline
@@ -88,7 +89,12 @@ _ROUNDS = flags.DEFINE_integer('rounds', 1, 'Sweeps over the pipelined '
                                'every point and round; the table gives '
                                'medians over rounds.')
 _STEADY_STEPS = flags.DEFINE_integer('steady_steps', 10, 'Measured steps after '
-                                     'two warm-up steps.')
+                                     'the warm-up steps.')
+_WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 2, 'Steps after the '
+                                     'first and before the measured ones.')
+_GRAPH_OPTIMIZATION = flags.DEFINE_bool(
+    'graph_optimization', True, "TensorFlow's graph optimizer (Grappler) on "
+    'the traced step, as the trainer\'s train.graph_optimization.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 300, 'Seconds allowed per point; '
                                 'a point that takes longer is recorded as '
                                 'not finished.')
@@ -104,7 +110,8 @@ _POINT = flags.DEFINE_integer('point', None, 'Internal: measure one point in '
 
 # Flags a point's process inherits from the driver.
 _SHARED_FLAGS = (_STACK, _NUM_PARTITIONS, _NUM_LAYERS, _DIM, _BATCH, _SEQ_LEN,
-                 _NUM_HEADS, _VOCAB, _STACK_LAYERS, _RECOMPUTE, _STEADY_STEPS)
+                 _NUM_HEADS, _VOCAB, _STACK_LAYERS, _RECOMPUTE, _STEADY_STEPS,
+                 _WARMUP_STEPS, _GRAPH_OPTIMIZATION)
 
 
 def _Stack() -> stacks.Stack:
@@ -120,21 +127,26 @@ def MeasurePoint(m: int, executor: str) -> dict:
   """One point in this process; m=0 runs the plain stack."""
   k = _NUM_PARTITIONS.value
   devices = placement.SplitCpu(k)  # before any op runs
+  tf.config.optimizer.set_experimental_options(
+      {'disable_meta_optimizer': not _GRAPH_OPTIMIZATION.value})
+  start = time.perf_counter()
   layers, x, loss_fn = _Stack()
   model = common.BuildPipeline(layers, k, max(m, 1), _RECOMPUTE.value, devices,
                                executor=executor)
+  build = time.perf_counter() - start
   step = common.TrainStep(model, plain=(m == 0), loss_fn=loss_fn)
 
   wall, cpu = time.perf_counter(), time.process_time()
   graph = step.get_concrete_function(x).graph
   trace = (time.perf_counter() - wall, time.process_time() - cpu)
   first = common.RunOnce(step, x)
-  for _ in range(2):
+  for _ in range(_WARMUP_STEPS.value):
     common.RunOnce(step, x)
   steady = [common.RunOnce(step, x) for _ in range(_STEADY_STEPS.value)]
   rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
   return dict(micro_batches=m, executor=executor if m else 'plain',
               ops=len(graph.get_operations()), peak_rss_mb=rss_kb / 1024,
+              build_seconds=build,
               trace_seconds=trace[0], trace_cpu_seconds=trace[1],
               first_step_seconds=first[0], first_step_cpu_seconds=first[1],
               steady_wall_seconds=statistics.median(w for w, _ in steady),
@@ -309,6 +321,13 @@ def Run() -> tuple[str, dict]:
   notes = [_GrowthNote(e, [merged[(m, e)] for m in micro_batches], k)
            for e in executors]
   body += ''.join(f'\n\n{n}' for n in notes if n)
+  builds = [(f'M={m} {e}', merged[(m, e)].get('build_seconds'))
+            for m in micro_batches for e in executors]
+  body += ('\n\nBefore the trace, building the layers (creating and '
+           'initializing the variables on their devices) took: ' + ', '.join(
+               f'{name} {b:.1f} s' for name, b in
+               [('plain', plain.get('build_seconds'))] + builds
+               if b is not None) + '.')
   body += ('\n\nCells show wall / CPU time (CPU: all threads of the point\'s '
            'process; tracing is single-threaded Python, so its CPU time stays '
            'near its unloaded wall time when other processes compete for the '
@@ -328,13 +347,16 @@ def Run() -> tuple[str, dict]:
       'pipeline': f'K={k} cells on {k} logical CPU devices '
                   f'(placement.SplitCpu), recompute={_RECOMPUTE.value}, '
                   f'executor={", ".join(executors)}',
+      'graph optimization (Grappler)': 'on' if _GRAPH_OPTIMIZATION.value
+                                       else 'off',
       'step': 'tf.function: plain GradientTape around the model, loss = '
               + ('average cross-entropy (transformer.XentLoss)'
                  if _STACK.value == 'transformer' else 'mean(y²)') +
               ', gradients of all variables',
       'per point': 'its own process; trace = get_concrete_function; first '
                    'step = first call; steady = median of '
-                   f'{_STEADY_STEPS.value} steps after 2 warm-up steps; '
+                   f'{_STEADY_STEPS.value} steps after '
+                   f'{_WARMUP_STEPS.value} warm-up steps; '
                    f'timeout {_TIMEOUT.value} s',
       'load average at end (1, 5, 15 min)': common.LoadAverage(),
   }

@@ -39,23 +39,29 @@ def _CheckpointSteps(logdir):
   return [checkpoint_lib.StepOf(p) for p in state.all_model_checkpoint_paths]
 
 
+# Without Grappler, which no other test of the binary turns off; the run
+# that resumes from its checkpoints has it on.
+_FIXTURE_OVERRIDES = _FAST + '; train.graph_optimization=false'
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A finished 6-step train_and_eval run of the toy model."""
   logdir = tmp_path_factory.mktemp('run')
   result = _Train(logdir, '--mode=train_and_eval', '--max_steps=6',
-                  f'--params_override={_FAST}')
+                  f'--params_override={_FIXTURE_OVERRIDES}')
   return logdir, result
 
 
 def test_train_writes_params_checkpoints_and_summaries(trained):
   logdir, result = trained
   printed = _Run(f'--model={_TOY}', '--max_steps=6',
-                 f'--params_override={_FAST}', '--print_params')
+                 f'--params_override={_FIXTURE_OVERRIDES}', '--print_params')
   assert printed.returncode == 0
   assert (logdir / 'params.txt').read_text() == printed.stdout
   assert _CheckpointSteps(logdir) == [3, 6]
   assert 'step 6/6  loss' in result.stderr and 'ETA' in result.stderr
+  assert 'Graph optimization (Grappler) is off' in result.stderr
   train = summary.ReadEvents(logdir / 'train')
   for tag in ('loss', 'learning_rate', 'grad_norm', 'examples_per_sec',
               'step_time', 'metrics/mse', 'memory/process_peak_bytes'):

@@ -6,6 +6,7 @@ importable (PYTHONPATH), TensorFlow's C++ logs quiet, from the repository root.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 TRAINER = 'lingvo_gpipe.trainer'
 LOCAL_CLUSTER = 'lingvo_gpipe.tools.local_cluster'
+STEP_MEMORY = 'lingvo_gpipe.tools.step_memory'
 
 
 def Env(**extra: str) -> dict[str, str]:
@@ -41,3 +43,16 @@ def Run(module: str, *flags: str, timeout: Optional[float] = 300,
   return subprocess.run(Command(module, *flags), cwd=REPO_ROOT, env=Env(**env),
                         capture_output=True, text=True, timeout=timeout,
                         check=False)
+
+
+def StepMemory(*flags: str, timeout: Optional[float] = 300) -> dict:
+  """step_memory's measurement (peak_bytes, ...) of one step, in a process of its own.
+
+  Raises:
+    RuntimeError: the tool failed; its stderr's end says why.
+  """
+  result = Run(STEP_MEMORY, *flags, timeout=timeout)
+  if result.returncode:
+    raise RuntimeError(f'{STEP_MEMORY} {" ".join(flags)} exited with '
+                       f'{result.returncode}:\n{result.stderr[-3000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])

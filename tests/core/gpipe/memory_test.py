@@ -17,26 +17,14 @@ What the design predicts at K=1, M=8:
   about plain again, so never/always >= 3 as well.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
+from lingvo_gpipe.core import binaries
 
 
 def _PeakMiB(*flags):
-  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
-             TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=REPO)
-  out = subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.tools.step_memory',
-       '--num_layers=24', '--dim=512', '--batch=4096', *flags],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-      check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])['peak_bytes'] / 2**20
+  return binaries.StepMemory('--num_layers=24', '--dim=512', '--batch=4096',
+                             *flags)['peak_bytes'] / 2**20
 
 
 @pytest.mark.heavy

@@ -1,15 +1,11 @@
 """Tests of Repeat: N layers with stacked weights, one body in the graph, run by a loop."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import optimizer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import stacked_variable
@@ -212,17 +208,10 @@ def test_repeat_errors():
 
 def _StepPeakMiB(*flags):
   """One training step's peak memory (BFC allocator) in a process of its own."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))))
-  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
-             TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=repo)
-  out = subprocess.run(
-      [sys.executable, '-m', 'lingvo_gpipe.tools.step_memory',
-       '--stack=transformer', '--plain', '--num_layers=8', '--dim=128',
-       '--batch=16', '--seq_len=64', '--vocab_size=512', *flags],
-      env=env, cwd=repo, capture_output=True, text=True, timeout=300,
-      check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])['peak_bytes'] / 2**20
+  return binaries.StepMemory(
+      '--stack=transformer', '--plain', '--num_layers=8', '--dim=128',
+      '--batch=16', '--seq_len=64', '--vocab_size=512',
+      *flags)['peak_bytes'] / 2**20
 
 
 @pytest.mark.heavy
