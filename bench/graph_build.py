@@ -92,6 +92,8 @@ _STEADY_STEPS = flags.DEFINE_integer('steady_steps', 10, 'Measured steps after '
                                      'the warm-up steps.')
 _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 2, 'Steps after the '
                                      'first and before the measured ones.')
+_INLINE_BODY = flags.DEFINE_bool('inline_body', True, 'transformer, '
+                                  "--stack_layers: the Repeat's inline_body.")
 _GRAPH_OPTIMIZATION = flags.DEFINE_bool(
     'graph_optimization', True, "TensorFlow's graph optimizer (Grappler) on "
     'the traced step, as the trainer\'s train.graph_optimization.')
@@ -111,7 +113,7 @@ _POINT = flags.DEFINE_integer('point', None, 'Internal: measure one point in '
 # Flags a point's process inherits from the driver.
 _SHARED_FLAGS = (_STACK, _NUM_PARTITIONS, _NUM_LAYERS, _DIM, _BATCH, _SEQ_LEN,
                  _NUM_HEADS, _VOCAB, _STACK_LAYERS, _RECOMPUTE, _STEADY_STEPS,
-                 _WARMUP_STEPS, _GRAPH_OPTIMIZATION)
+                 _WARMUP_STEPS, _GRAPH_OPTIMIZATION, _INLINE_BODY)
 
 
 def _Stack() -> stacks.Stack:
@@ -119,7 +121,8 @@ def _Stack() -> stacks.Stack:
     return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value,
                                    _BATCH.value, _SEQ_LEN.value,
                                    _NUM_HEADS.value, _VOCAB.value,
-                                   stacked=_STACK_LAYERS.value)
+                                   stacked=_STACK_LAYERS.value,
+                                   inline_body=_INLINE_BODY.value)
   return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
 
 
@@ -288,8 +291,8 @@ def _Model() -> str:
             f'causal blocks of d_model {d}, d_ff {4 * d}, {_NUM_HEADS.value} '
             f'heads, untied softmax over {_VOCAB.value} ids; batch '
             f'{_BATCH.value} sequences of {_SEQ_LEN.value} tokens, fp32; '
-            + ('the blocks stacked in one Repeat; ' if _STACK_LAYERS.value
-               else '') +
+            + ((f'the blocks stacked in one Repeat (inline_body='
+                f'{_INLINE_BODY.value}); ') if _STACK_LAYERS.value else '') +
             f'{_NUM_LAYERS.value + 2} layers (units) for the partitioner')
   return (f'{_NUM_LAYERS.value} × Dense({_DIM.value}→{_DIM.value}, relu), '
           f'batch {_BATCH.value}, fp32')

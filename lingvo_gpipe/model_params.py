@@ -77,7 +77,7 @@ class ModelParams:
              "TensorFlow's graph optimizer (Grappler) rewrites each traced "
              'step before its first run. False skips it for the whole run: '
              "a giant pipeline's first step starts minutes sooner (1663 "
-             'Transformer blocks on K=128: 159 s against 286 s) for a slower '
+             'Transformer blocks on K=128: 156 s against 261 s) for a slower '
              'step (bench/results/transformer_l_1663.md).')
     p.Define('eval_max_batches', 0,
              'Batches of the eval split per evaluation; 0: the whole split.')

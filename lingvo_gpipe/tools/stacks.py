@@ -33,7 +33,8 @@ def DenseStack(num_layers: int, dim: int, batch: int) -> Stack:
 
 def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
                      num_heads: int, vocab_size: int,
-                     stacked: bool = False) -> Stack:
+                     stacked: bool = False,
+                     inline_body: bool = True) -> Stack:
   """A Transformer-L shaped language model on random token ids.
 
   An embedding, `num_layers` causal Transformer blocks of width `dim`
@@ -49,6 +50,7 @@ def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
     vocab_size: vocabulary of the embedding and the softmax.
     stacked: the blocks as one Repeat layer (stacked weights, one block in
       the graph) instead of listed one by one.
+    inline_body: stacked: the Repeat's inline_body.
   """
   layers = [transformer.TransformerEmbedding.Params().Set(
       name='emb', vocab_size=vocab_size, model_dim=dim)]
@@ -56,7 +58,8 @@ def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
       model_dim=dim, num_heads=num_heads, hidden_dim=4 * dim, causal=True)
   if stacked:
     layers.append(repeat.Repeat.Params().Set(name='layers', sub=block,
-                                             num=num_layers))
+                                             num=num_layers,
+                                             inline_body=inline_body))
   else:
     layers += [block.Copy().Set(name=f'layer{i}') for i in range(num_layers)]
   layers.append(transformer.TransformerSoftmax.Params().Set(

@@ -93,6 +93,33 @@ def test_the_graph_holds_the_body_once_whatever_num():
   assert Ops(2) == Ops(50)
 
 
+def test_a_body_not_inlined_computes_the_same_as_one_inlined():
+  x = _X([2, 3, 8])
+  results = {}
+  for inline in (True, False):
+    layer = repeat.Repeat.Params().Set(
+        name='rep', sub=_TransformerLayer(), num=3,
+        inline_body=inline).Instantiate()
+
+    @tf.function
+    def Step():
+      with base_layer.Context(training=True, step=2):  # dropout on
+        with tf.GradientTape() as tape:
+          loss = tf.reduce_sum(layer.FPropDefaultTheta(x) ** 2)  # pylint: disable=cell-var-from-loop
+      return loss, tape.gradient(loss, layer.trainable_variables)  # pylint: disable=cell-var-from-loop
+
+    noinline = [f.definition.attr['_noinline'].b for f in
+                Step.get_concrete_function().graph._functions.values()]  # pylint: disable=protected-access
+    # The body and its gradient, and only they, are kept out of line.
+    assert noinline.count(True) == (0 if inline else 2), noinline
+    results[inline] = Step()
+  (loss, grads), (ref_loss, ref_grads) = results[False], results[True]
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    # Inlined ops are optimized (fused) differently: float rounding only.
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_draws_per_iteration_and_repeats_under_recompute():
   body = dropout.Dropout.Params().Set(keep_prob=0.5)
   layer = repeat.Repeat.Params().Set(name='rep', sub=body,
