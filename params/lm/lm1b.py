@@ -9,6 +9,11 @@ are stacked: variables `lm1b.network.pipeline.layers_1.body.*` of shape
 [L, ...] (checkpoint keys `.../pipeline/layers/1/body/...`) rather than one
 `layers_<1+i>` per block, and the softmax is `layers_2`. Checkpoints written before Repeat restore with
 `--params_override='task.network.stack_layers=False'`.
+
+At the depths of Pipeline-128 (1663 blocks), `--params_override=
+'task.network.inline_stacked_body=false; train.graph_optimization=false'`
+gets to the first step in a fraction of the time and memory, for slower
+steps (bench/results/transformer_l_1663.md).
 """
 
 from lingvo_gpipe import model_params

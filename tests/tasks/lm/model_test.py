@@ -33,6 +33,10 @@ def test_transformer_l_matches_gpipe_table_1():
     assert len(listed.layers) == num_layers + 2
     assert model.TransformerLm.NumParams(
         p.Copy().Set(stack_layers=False)) == ours
+  assert pipe.layers[1].inline_body  # the default: the fastest steps
+  out_of_line = model.TransformerLm.PipelineParams(
+      p.Copy().Set(inline_stacked_body=False))
+  assert not out_of_line.layers[1].inline_body
   block = pipe.layers[1].sub
   assert (block.model_dim, block.hidden_dim, block.num_heads,
           block.causal) == (2048, 8192, 32, True)
