@@ -174,8 +174,7 @@ class LoopExecutor:
         arrays.append(tf.TensorArray(
             s.dtype, size=self._m + 1, infer_shape=False,
             clear_after_read=False,
-            element_shape=s.shape).write(
-                self._m, tf.zeros([1] + s.shape[1:].as_list(), s.dtype)))
+            element_shape=s.shape).write(self._m, _SpareRow(s)))
     return arrays
 
   def _Split(self, k: int, value: Any) -> list[tf.TensorArray]:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -60,8 +61,7 @@ def _Check(p) -> None:
                      f'be positive ints summing to num={p.num}.')
 
 
-def _IsFloat(t: Any) -> bool:
-  return t.dtype.is_floating or t.dtype.is_complex
+_IsDifferentiable = accumulate.IsDifferentiable
 
 
 def PieceSizes(p) -> list[int]:
@@ -136,9 +136,6 @@ class Repeat(base_layer.BaseLayer):
     """
     start, size = self.piece_starts[i], self.piece_sizes[i]
     outer = base_layer.CurrentContext()
-    if outer.repeat_iterations:
-      raise ValueError(f'{self.path}: a Repeat inside a Repeat is not '
-                       'supported; repeat the outer body instead.')
     forward, backward = self._Iterations(outer.training, piece_theta)
     step = tf.cast(outer.step, tf.int64)
     micro_batch = tf.cast(outer.micro_batch, tf.int64)
@@ -189,7 +186,7 @@ class Repeat(base_layer.BaseLayer):
             lambda done, *_: done < size, Backward,
             (tf.constant(0), dy, grads), parallel_iterations=1)
         return [a.stack() for a in grads] + [
-            g if _IsFloat(x) else None
+            g if _IsDifferentiable(x) else None
             for g, x in zip(tf.nest.flatten(dx), flat_inputs)]
 
       return flat_outputs, Grad
@@ -218,6 +215,8 @@ class Repeat(base_layer.BaseLayer):
     skeleton = theta.Transform(lambda _: None)
 
     def Body(flat_theta, carry, step, micro_batch, t):
+      # t is the only Repeat iteration: StackedBuild refuses a Repeat inside
+      # a Repeat.
       probe = base_layer.StatsCollector()
       with base_layer.Context(training=key, step=step,
                               micro_batch=micro_batch,
@@ -237,10 +236,11 @@ class Repeat(base_layer.BaseLayer):
     def BodyGrad(flat_theta, carry, dy, step, micro_batch, t):
       flat_theta, leaves = list(flat_theta), tf.nest.flatten(carry)
       with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(flat_theta + [x for x in leaves if _IsFloat(x)])
+        tape.watch(flat_theta + [x for x in leaves if _IsDifferentiable(x)])
         out = Body(flat_theta, carry, step, micro_batch, t)
       pairs = [(y, d) for y, d in zip(tf.nest.flatten(out),
-                                      tf.nest.flatten(dy)) if _IsFloat(y)]
+                                      tf.nest.flatten(dy))
+               if _IsDifferentiable(y)]
       grads = tape.gradient([y for y, _ in pairs], flat_theta + leaves,
                             output_gradients=[d for _, d in pairs],
                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
