@@ -35,6 +35,22 @@ array crossed devices at every write, which made a first loop prototype run
 at half the unrolled executor's speed (bench/results/executor_step_d64.md
 and executor_step_d512.md give today's ratios).
 
+A cell on a TensorFlow worker process reads its weights inside the loops,
+on its own device. Read before a loop, a weight enters it on the loop's own
+device (the client's) and crosses to the cell's at every clock: with the
+cells on capped workers the client held every weight (55 MB at 16
+Transformer layers, bench/memory.py) and each worker received its weights
+anew at every clock; reading them inside, one capped worker fits 18 layers
+where it fitted 16 (bench/results/memory_loop.md). In one process the
+crossing passes a reference and the weights stay loop invariants (`_Runner`
+says what reading inside cost there).
+
+Where every micro-batch a cell sees has the same size (bubble clocks
+skipped, no ragged last micro-batch), the cell is traced with that batch
+size known, as the unrolled executor traces it: with it unknown a Dense
+ran as a dozen small ops (tensordot's shape arithmetic) instead of one
+fused matmul, and Transformer blocks reshaped at run time.
+
 `clocks_per_iteration` clocks run in one iteration: each loop iteration
 over 4 devices has a fixed cost that dominates tiny cells (16 × Dense(64),
 K=4, M=64: the step 1.9× the unrolled one at 1 clock an iteration, 1.4× at
@@ -98,6 +114,15 @@ def _Spec(t: tf.Tensor) -> tf.TensorSpec:
   return tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
 
 
+def _InAnotherProcess(device: str) -> bool:
+  """Whether `device` names a device of a TensorFlow worker process."""
+  try:
+    job = tf.DeviceSpec.from_string(device).job
+  except ValueError:  # e.g. 'TPU logical core 0'
+    return False
+  return job not in (None, 'localhost')
+
+
 def _SpareRow(spec: Any) -> Any:
   """A one-row batch of zeros like `spec`: what a skipped bubble clock yields."""
   return tf.nest.map_structure(
@@ -113,7 +138,8 @@ class LoopExecutor:
                sizes: Sequence[int], batch_dim: int,
                collector: base_layer.StatsCollector,
                clocks_per_iteration: int = 1,
-               skip_bubbles: bool = True):
+               skip_bubbles: bool = True,
+               weights: Optional[Sequence[Any]] = None):
     expected = schedule_lib.FillDrain(
         schedule.num_cells, schedule.num_micro_batches,
         split_backward=getattr(schedule, 'split_backward', False))
@@ -138,12 +164,19 @@ class LoopExecutor:
     self._out_spec = None
     self._collector = collector
     self._runners = list(runners)
+    self._weights = (list(weights) if weights is not None else
+                     [r.theta for r in self._runners])
+    self._remote = [_InAnotherProcess(placement.Device(k))
+                    for k in range(schedule.num_cells)]
     self._placement = placement
     self._sizes = list(sizes)
     self._split = expected.split_backward
     self._k = schedule.num_cells
     self._m = schedule.num_micro_batches
     self._clocks = self._m + self._k - 1
+    # Rows of every micro-batch a cell's work sees, where that is one number.
+    self._rows = (self._sizes[0] if skip_bubbles and len(set(self._sizes)) == 1
+                  else None)
     self._in_specs: list[Any] = []
     self._inputs: list[list[tf.TensorArray]] = []
     self._no_grad: list[list[bool]] = []
@@ -292,6 +325,42 @@ class LoopExecutor:
           lambda b, s: tf.where(valid, b, s), both, so_far))
     return result
 
+  def _Rows(self, value: Any) -> Any:
+    """`value` with its batch dimension known, where micro-batches are alike.
+
+    What a loop reads from an array has an unknown batch dimension (the
+    arrays also hold the spare row). A cell traced on it computes shapes at
+    run time: 16 × Dense(64) ran each Dense as a dozen small ops
+    (tensordot's Shape, Gather, Prod, Reshape) where a known batch fuses it
+    into one matmul. Only where the cell skips bubbles (it then sees real
+    micro-batches only) and all micro-batches have the same size.
+    """
+    if self._rows is None:
+      return value
+    return tf.nest.map_structure(
+        lambda t: tf.ensure_shape(t, [self._rows] + t.shape[1:].as_list()),
+        value)
+
+  def _Runner(self, k: int) -> recompute_lib.CellRunner:
+    """Cell k's runner; on a worker process, on its weights read in the loop.
+
+    A weight read before the loop enters it on the loop's own device and is
+    sent from there to the cell's device at every clock; with the cell on
+    another process that is the whole cell's weights over the network every
+    clock, and the client holding a copy of them (module docstring). Read
+    inside the loop, on the cell's device, only the handle travels. In this
+    process the send passes a reference and reading inside was a trade, not
+    kept: narrow Transformer blocks (K=4) stepped 0.84x as long, but 16 ×
+    Dense(64) 1.08x as long, and 24 × Dense(512) at K=1 peaked 7 MiB higher
+    (with Grappler off both peak alike: its rewrites of the loop use the
+    weights when they are loop invariants). Call under cell k's device scope.
+    """
+    if not self._remote[k]:
+      return self._runners[k]
+    return self._runners[k].Rebound(tf.nest.map_structure(
+        lambda w: tf.convert_to_tensor(w) if isinstance(w, tf.Variable)
+        else w, self._weights[k]))
+
   def _Bubble(self, valid: tf.Tensor, work: Callable[[], Any],
               bubble: Callable[[], Any]) -> Any:
     """`work()`; at a bubble clock (not `valid`) `bubble()` if skipping them."""
@@ -307,8 +376,8 @@ class LoopExecutor:
 
     def Work():
       probe = base_layer.StatsCollector()
-      y, _ = self._runners[k].Forward(micro_batch, x, keep=False,
-                                      collector=probe)
+      y, _ = self._Runner(k).Forward(micro_batch, self._Rows(x), keep=False,
+                                     collector=probe)
       # A bubble's statistics (of its spare row) are left out.
       return y, self._MergeStatistics(merged, probe, valid, recorded)
 
@@ -320,12 +389,12 @@ class LoopExecutor:
   def _CellBackward(self, k: int, micro_batch: tf.Tensor, slot: tf.Tensor,
                     x: Any, dy: Any, sums: list) -> tuple[list, Any]:
     """(cell k's running sums with this clock's gradients added, x's gradient)."""
-    runner = self._runners[k]
     valid = slot < self._m
 
     def Work():
+      runner = self._Runner(k)
       # One micro-batch's partial gradients at a time (accumulate.py).
-      gated_x, gated_dy = accumulate.Gated([sums], (x, dy))
+      gated_x, gated_dy = accumulate.Gated([sums], self._Rows((x, dy)))
       g_theta, g_x = runner.Backward(
           micro_batch, gated_x, gated_dy, None,
           input_grad_first=self._split and k > 0)

@@ -106,6 +106,7 @@ def RunPipeline(cells: Sequence[Any],
                      f'{schedule.num_micro_batches} micro-batches; the batch '
                      f'is cut into {len(sizes)}.')
   CheckJitCompile(jit_compile, schedule, placement)
+  weights = list(thetas)
   thetas = [tf.nest.map_structure(tf.convert_to_tensor, t) for t in thetas]
   collector = base_layer.StatsCollector()
   forward_context = base_layer.CurrentContext()
@@ -116,7 +117,7 @@ def RunPipeline(cells: Sequence[Any],
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
                                          recompute, sizes, batch_dim,
                                          collector, clocks_per_iteration,
-                                         skip_bubbles)
+                                         skip_bubbles, weights)
   else:
     lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
                                               recompute), sizes, batch_dim,
@@ -132,13 +133,18 @@ def RunPipeline(cells: Sequence[Any],
     outputs = lowered.RunForward(inputs)
     output_structure.append(outputs)
 
-    def Backward(*flat_dy):
+    def Backward(*flat_dy, variables=None):
       dy = tf.nest.pack_sequence_as(outputs, list(flat_dy))
       running_sums, input_grads = lowered.RunBackward(dy)
       for k, grads in enumerate(running_sums):
         sinks.Fill(f'cell_{k}', grads)
       sinks.Fill('inputs', input_grads)
-      return sinks.TokenGradients()
+      if variables is None:
+        return sinks.TokenGradients()
+      # The loop executor reads the weights inside its loops (where each
+      # cell runs); their gradients reach the variables through the tokens,
+      # the same reads outside, so these reads add none.
+      return sinks.TokenGradients(), [None] * len(variables)
 
     return tf.nest.flatten(outputs), Backward
 

@@ -27,6 +27,7 @@ kernels, so its masks are not those of the uncompiled cell.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Callable, Optional
 
@@ -96,13 +97,29 @@ class CellRunner:
     self._collector = collector
     self.jit_compile = jit_compile
     # The layers whose statistics the compiled forward returns, in order.
-    self._stats_layers: Optional[list[Any]] = None
+    # (One list, shared with rebound copies, whose compiled forward is this
+    # runner's: the layers it last recorded.)
+    self._stats_layers: list[list[Any]] = []
     if jit_compile:
       name = _CellName(cell)
       self.compiled_forward = _Compiled(self._CompiledForward,
                                         f'{name}_xla_forward')
       self.compiled_backward = _Compiled(self._CompiledBackward,
                                          f'{name}_xla_backward')
+
+  def Rebound(self, theta: NestedMap) -> 'CellRunner':
+    """This runner computing from `theta` (e.g. the weights read where it runs).
+
+    The copy shares the cell, the context, the collector and the compiled
+    functions (which take theta as an argument).
+    """
+    if len(tf.nest.flatten(theta)) != self.num_theta:
+      raise ValueError(f'{_CellName(self.cell)}: rebound to '
+                       f'{len(tf.nest.flatten(theta))} weights, it has '
+                       f'{self.num_theta}.')
+    rebound = copy.copy(self)
+    rebound.theta = theta
+    return rebound
 
   def _FProp(self, theta: NestedMap, micro_batch: Any, x: Any, record: bool,
              collector: Optional[base_layer.StatsCollector] = None) -> Any:
@@ -119,12 +136,12 @@ class CellRunner:
     scratch = base_layer.StatsCollector()
     y = self._FProp(theta, micro_batch, x, record=True, collector=scratch)
     layers = [layer for layer, _ in scratch.records]
-    if self._stats_layers is not None and [id(l) for l in layers] != [
-        id(l) for l in self._stats_layers]:
+    if self._stats_layers and [id(l) for l in layers] != [
+        id(l) for l in self._stats_layers[0]]:
       raise ValueError(f'{_CellName(self.cell)}: with '
                        'jit_compile=True a cell must record the same '
                        'statistics for every micro-batch shape.')
-    self._stats_layers = layers
+    self._stats_layers[:] = [layers]
     return y, [stats for _, stats in scratch.records]
 
   def _RunForward(self, micro_batch: Any, x: Any,
@@ -134,7 +151,7 @@ class CellRunner:
       return self._FProp(self.theta, micro_batch, x, record=True,
                          collector=collector)
     y, stats = self.compiled_forward(self.theta, _Index(micro_batch), x)
-    for layer, record in zip(self._stats_layers, stats):
+    for layer, record in zip(self._stats_layers[0], stats):
       (collector or self._collector).Add(layer, record)
     return y
 

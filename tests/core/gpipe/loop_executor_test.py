@@ -290,3 +290,41 @@ def test_clocks_run_one_at_a_time_and_the_output_gradient_is_not_copied_twice():
   assert len(splits) == 2
   assert not any(op.inputs[0].op.type == 'ConcatV2' for op in splits), [
       op.inputs[0].op.type for op in splits]
+
+
+class _BatchSeen(base_layer.BaseLayer):
+  """Identity that notes the batch size its FProp is traced with."""
+
+  def __init__(self, params):
+    super().__init__(params)
+    self.seen = set()
+
+  def FProp(self, theta, x):
+    self.seen.add(x.shape[0])
+    return tf.identity(x)
+
+
+@pytest.mark.parametrize('batch,skip_bubbles,known', [
+    (8, True, True), (7, True, False), (8, False, False)])
+def test_cells_are_traced_with_the_micro_batch_size_where_all_are_alike(
+    batch, skip_bubbles, known):
+  # A batch size unknown when traced makes layers compute shapes at run
+  # time: a Dense became a dozen small ops (tensordot's Shape, Gather,
+  # Prod, Reshape) where a known size fuses it into one matmul. Known only
+  # where every micro-batch a cell sees is alike: no spare-row bubbles, no
+  # ragged last micro-batch.
+  layers = [dense.Dense.Params().Set(name='fc', input_dim=4, output_dim=4),
+            _BatchSeen.Params().Set(name='seen')]
+  pipe = _Pipeline(layers, 2, 4, skip_bubbles=skip_bubbles)
+  x = tf.ones([batch, 4])
+
+  @tf.function
+  def Step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
+    return tape.gradient(loss, pipe.trainable_variables)
+
+  Step.get_concrete_function()
+  # (None is also there: the executor first traces each cell on a spec.)
+  seen = pipe.layers[1].seen
+  assert (2 in seen) == known and seen <= {2, None}, seen
