@@ -43,15 +43,43 @@ def MicroBatchSizes(batch_size: int,
   return [base + 1] * extra + [base] * (num_micro_batches - extra)
 
 
-def BatchSize(inputs: Any, batch_dim: int = 0) -> int:
-  """The static batch size shared by every leaf of `inputs`."""
+def _LeavesWithPaths(structure: Any, path: str) -> list[tuple[str, Any]]:
+  """(path, leaf) for every leaf tf.nest sees, e.g. ('inputs[1].paddings', t)."""
+  if isinstance(structure, dict):
+    attr = type(structure).__name__ == 'NestedMap'
+    return [item for key in sorted(structure)
+            for item in _LeavesWithPaths(
+                structure[key],
+                f'{path}.{key}' if attr else f'{path}[{key!r}]')]
+  if isinstance(structure, (list, tuple)):
+    return [item for i, v in enumerate(structure)
+            for item in _LeavesWithPaths(v, f'{path}[{i}]')]
+  return [(path, structure)]
+
+
+def BatchSize(inputs: Any, batch_dim: int = 0, name: str = 'inputs') -> int:
+  """The static batch size shared by every leaf of `inputs`.
+
+  Every leaf must be a tensor (or array, or TensorSpec) with a batch
+  dimension; anything else (a string, a Python number) is refused by its path
+  below `name`, since it cannot be cut into micro-batches.
+  """
   sizes = set()
-  for leaf in tf.nest.flatten(inputs):
+  for path, leaf in _LeavesWithPaths(inputs, name):
+    if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
+      raise ValueError(
+          f'{path} is a {type(leaf).__name__} ({leaf!r:.40}), not a tensor: '
+          f'every input leaf must be a tensor with batch dimension '
+          f'{batch_dim} to be cut into micro-batches. Pass it as a tensor, '
+          'or give it to the layers through their Params instead.')
     shape = tf.TensorShape(leaf.shape)
     if shape.rank is None or shape.rank <= batch_dim:
-      raise ValueError(f'An input of shape {shape} has no batch dimension '
+      raise ValueError(f'{path} has shape {shape}: no batch dimension '
                        f'{batch_dim}; every input leaf must be batched.')
     sizes.add(shape[batch_dim])
+  if not sizes:
+    raise ValueError(f'{name} holds no tensor ({inputs!r:.60}); a pipeline '
+                     'needs at least one batched input tensor.')
   if None in sizes:
     raise ValueError(
         f'The batch dimension {batch_dim} is not statically known (input '

@@ -22,6 +22,34 @@ from lingvo_gpipe.core import base_layer
 PARTITION_METHODS = ('params', 'flops', 'time', 'memory')
 
 
+class NoMetaError(ValueError):
+  """A layer's FPropMeta gave no meta; `reason` names the layer and why."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def LayerMeta(p: base_layer.Params, *input_shapes: Any) -> Any:
+  """p's FPropMeta, or NoMetaError naming the layer if it has none.
+
+  Only the FLOPs figures and the 'flops' method need FPropMeta; 'params',
+  'time' and 'memory' need only FProp, so callers can degrade on NoMetaError.
+  A layer without its own FPropMeta inherits BaseLayer's, which raises
+  TypeError; one may also raise NotImplementedError.
+  """
+  try:
+    return p.cls.FPropMeta(p, *input_shapes)
+  except (NotImplementedError, TypeError) as e:
+    own = getattr(p.cls.FPropMeta, '__func__', None)
+    if own is base_layer.BaseLayer.FPropMeta.__func__:
+      reason = f'layer {p.name!r} ({p.cls.__name__}) has no FPropMeta'
+    else:
+      reason = (f'FPropMeta of layer {p.name!r} ({p.cls.__name__}) raised '
+                f'{type(e).__name__}: {e}')
+    raise NoMetaError(reason) from e
+
+
 def ValidateBalance(balance: Sequence[int], num_layers: int,
                     source: str = 'balance') -> list[int]:
   """Checks an explicit balance (cell sizes) against the number of layers."""
@@ -172,7 +200,7 @@ def StaticLayerCosts(layer_params: Sequence[base_layer.Params], method: str,
 
   'flops' chains FPropMeta through the layers, starting from `input_shapes`
   (the shapes one micro-batch gives the first layer, as a tuple of FProp
-  arguments).
+  arguments); a layer without FPropMeta is refused by name.
   """
   if method == 'params':
     return [float(p.cls.NumParams(p)) for p in layer_params]
@@ -182,7 +210,13 @@ def StaticLayerCosts(layer_params: Sequence[base_layer.Params], method: str,
                        'first layer (Params field input_shapes).')
     costs, shapes = [], tuple(input_shapes)
     for p in layer_params:
-      meta = p.cls.FPropMeta(p, *shapes)
+      try:
+        meta = LayerMeta(p, *shapes)
+      except NoMetaError as e:
+        raise NoMetaError(
+            f"partition_method='flops' counts FLOPs with each layer's "
+            f"FPropMeta, but {e.reason}. Use partition_method='params', "
+            "'time' or 'memory' instead: they need only FProp.") from e
       costs.append(float(meta.flops))
       shapes = tuple(meta.out_shapes)
     return costs

@@ -16,6 +16,8 @@ fill-drain schedule with its own backward).
 from __future__ import annotations
 
 import contextlib
+import difflib
+import numbers
 from typing import Any, Optional, Sequence
 
 import tensorflow as tf
@@ -35,6 +37,45 @@ from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.nested_map import NestedMap
 
 PLACEMENT_BACKENDS = ('devices', 'tpu')
+
+
+def _Refuse(path: str, field: str, value: Any, valid: str) -> ValueError:
+  """The error for a bad Params value: the field, the value, what is valid."""
+  return ValueError(f'{path}: {field}={value!r}; valid: {valid}.')
+
+
+def _CheckInt(path: str, field: str, value: Any, minimum: int,
+              what: str) -> int:
+  """`value` as an int >= minimum; an integral float (2.0) counts, bools not."""
+  number = None
+  if not isinstance(value, bool):
+    if isinstance(value, numbers.Integral):
+      number = int(value)
+    elif isinstance(value, numbers.Real) and float(value).is_integer():
+      number = int(value)
+  if number is None:
+    raise ValueError(f'{path}: {field} must be an integer >= {minimum} '
+                     f'({what}), got {value!r}.')
+  if number < minimum:
+    raise ValueError(f'{path}: {field} must be >= {minimum} ({what}), got '
+                     f'{value!r}.')
+  return number
+
+
+def _CheckBool(path: str, field: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f'{path}: {field} must be True or False, got {value!r}.')
+
+
+def _CheckChoice(path: str, field: str, value: Any,
+                 choices: Sequence[str]) -> None:
+  """Refuses a value not in `choices`, suggesting the closest spelling."""
+  if isinstance(value, str) and value in choices:
+    return
+  close = difflib.get_close_matches(str(value), choices, n=1)
+  hint = f' Did you mean {close[0]!r}?' if close else ''
+  raise ValueError(f'{path}: {field}={value!r}; valid: '
+                   f'{", ".join(choices)}.{hint}')
 
 
 class Cell(tf.Module):
@@ -76,17 +117,19 @@ class PipeliningLayer(base_layer.BaseLayer):
     p.Define('num_partitions', 1, 'K, the number of cells when `layers` is '
              'given.')
     p.Define('partition_method', 'params', 'How `layers` is balanced: '
-             "'params' (parameter count), 'flops' (FPropMeta), 'time' or "
-             "'memory' (profiled on the cells' devices).")
+             "'params' (parameter count), 'flops' (every layer's FPropMeta), "
+             "'time' or 'memory' (profiled on the cells' devices; these need "
+             'only FProp).')
     p.Define('balance', None, 'Explicit number of layers per cell (overrides '
              'partition_method), e.g. [3, 5].')
     p.Define('input_shapes', None, 'Shapes of FProp inputs (a list, one per '
              'argument, batch included), needed by the flops/time/memory '
              'partition methods and for a static FLOPs report.')
     p.Define('num_micro_batches', 1, 'M, the number of micro-batches a batch '
-             'is split into (sizes differ by at most one).')
+             'is split into (sizes differ by at most one); an integer >= 1.')
     p.Define('micro_batch_size', None, 'If set, cut the batch into '
-             'micro-batches of this size (last may be smaller) instead of M.')
+             'micro-batches of this size (last may be smaller) instead of M; '
+             'then leave num_micro_batches at 1.')
     p.Define('batch_dim', 0, 'The batch dimension of every input and output.')
     p.Define('recompute', 'always', 'Re-materialization: '
              f'{", ".join(recompute.RECOMPUTE_MODES)}.')
@@ -194,30 +237,69 @@ class PipeliningLayer(base_layer.BaseLayer):
             for k, members in enumerate(self._members)]
 
   def _CheckParams(self) -> None:
+    """Refuses, at construction, every Params value no call could run.
+
+    Each error names the field, the value and what would be valid. Integral
+    floats (num_micro_batches=2.0) are accepted and stored as ints.
+    """
     p = self.params
+    path = self.path
     if (p.cell_tpl is None) == (p.layers is None):
-      raise ValueError(f'{self.path}: give exactly one of cell_tpl (one Params '
+      raise ValueError(f'{path}: give exactly one of cell_tpl (one Params '
                        'per cell) and layers (a flat list to partition).')
     chosen = p.cell_tpl if p.cell_tpl is not None else p.layers
     if not isinstance(chosen, (list, tuple)) or not chosen:
-      raise ValueError(f'{self.path}: cell_tpl/layers must be a non-empty list '
+      raise ValueError(f'{path}: cell_tpl/layers must be a non-empty list '
                        f'of layer Params, got {chosen!r}.')
-    if p.recompute not in recompute.RECOMPUTE_MODES:
-      raise ValueError(f'{self.path}: recompute={p.recompute!r}; valid: '
-                       f'{", ".join(recompute.RECOMPUTE_MODES)}.')
-    if p.partition_method not in partition.PARTITION_METHODS:
-      raise ValueError(f'{self.path}: partition_method={p.partition_method!r}; '
-                       f'valid: {", ".join(partition.PARTITION_METHODS)}.')
-    if p.executor not in pipeline.EXECUTORS:
-      raise ValueError(f'{self.path}: executor={p.executor!r}; valid: '
-                       f'{", ".join(pipeline.EXECUTORS)}.')
-    if p.placement_backend not in PLACEMENT_BACKENDS:
-      raise ValueError(f'{self.path}: placement_backend='
-                       f'{p.placement_backend!r}; valid: '
-                       f'{", ".join(PLACEMENT_BACKENDS)}.')
-    if p.micro_batch_size is None and p.num_micro_batches < 1:
-      raise ValueError(f'{self.path}: num_micro_batches must be >= 1, got '
-                       f'{p.num_micro_batches}.')
+    _CheckChoice(path, 'recompute', p.recompute, recompute.RECOMPUTE_MODES)
+    _CheckChoice(path, 'partition_method', p.partition_method,
+                 partition.PARTITION_METHODS)
+    _CheckChoice(path, 'executor', p.executor, pipeline.EXECUTORS)
+    _CheckChoice(path, 'placement_backend', p.placement_backend,
+                 PLACEMENT_BACKENDS)
+    for field in ('input_grads_first', 'skip_bubbles', 'jit_compile'):
+      _CheckBool(path, field, p.Get(field))
+    p.num_partitions = _CheckInt(path, 'num_partitions', p.num_partitions, 1,
+                                 'the number of cells')
+    if p.cell_tpl is not None and p.num_partitions not in (1, len(p.cell_tpl)):
+      raise _Refuse(path, 'num_partitions', p.num_partitions,
+                    f'1 or {len(p.cell_tpl)}: with cell_tpl there is one cell '
+                    'per Params, so num_partitions would be ignored')
+    if p.balance is not None:
+      if p.cell_tpl is not None:
+        raise _Refuse(path, 'balance', p.balance,
+                      'None with cell_tpl (one cell per Params); balance '
+                      'cuts `layers`')
+      if not isinstance(p.balance, (list, tuple)) or not p.balance:
+        raise _Refuse(path, 'balance', p.balance,
+                      'None or a non-empty list of layers per cell, e.g. [3, 5]')
+      p.balance = [_CheckInt(path, f'balance[{i}]', b, 1,
+                             f'layers in cell {i}; every cell needs one')
+                   for i, b in enumerate(p.balance)]
+    p.num_micro_batches = _CheckInt(path, 'num_micro_batches',
+                                    p.num_micro_batches, 1,
+                                    'M, the number of micro-batches')
+    if p.micro_batch_size is not None:
+      p.micro_batch_size = _CheckInt(
+          path, 'micro_batch_size', p.micro_batch_size, 1,
+          'examples per micro-batch; or None to use num_micro_batches')
+      if p.num_micro_batches != 1:
+        raise ValueError(
+            f'{path}: num_micro_batches={p.num_micro_batches} and '
+            f'micro_batch_size={p.micro_batch_size} are both set, and one '
+            'would be ignored; valid: either num_micro_batches (M '
+            'micro-batches, micro_batch_size=None) or micro_batch_size (with '
+            'num_micro_batches left at 1).')
+    p.batch_dim = _CheckInt(path, 'batch_dim', p.batch_dim, 0,
+                            'the batch dimension of every input and output')
+    p.clocks_per_iteration = _CheckInt(path, 'clocks_per_iteration',
+                                       p.clocks_per_iteration, 1,
+                                       'clocks run per loop iteration')
+    if p.devices is not None and (
+        not isinstance(p.devices, (list, tuple)) or
+        not all(isinstance(d, str) for d in p.devices)):
+      raise _Refuse(path, 'devices', p.devices,
+                    "None or a list of device names, e.g. ['/device:GPU:0']")
 
   @classmethod
   def CellBalance(cls, p) -> list[int]:
@@ -288,8 +370,9 @@ class PipeliningLayer(base_layer.BaseLayer):
   # --- computation ---------------------------------------------------------------
 
   def MicroBatchSizes(self, inputs: Any) -> list[int]:
+    """Micro-batch sizes for `inputs`; a leaf that is no tensor is named."""
     p = self.params
-    batch = microbatch.BatchSize(inputs, p.batch_dim)
+    batch = microbatch.BatchSize(inputs, p.batch_dim, name='inputs')
     if p.micro_batch_size is not None:
       return microbatch.MicroBatchSizes(batch, micro_batch_size=p.micro_batch_size)
     return microbatch.MicroBatchSizes(batch, num_micro_batches=p.num_micro_batches)
@@ -306,9 +389,9 @@ class PipeliningLayer(base_layer.BaseLayer):
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     p = self.params
     x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    sizes = self.MicroBatchSizes(x)  # first: it names a leaf that is no tensor
     self._traced_input_shapes = tuple(
         tf.nest.map_structure(lambda t: t.shape, inputs))
-    sizes = self.MicroBatchSizes(x)
     thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,
@@ -356,6 +439,11 @@ class PipeliningLayer(base_layer.BaseLayer):
                    balance: Optional[list[int]] = None) -> NestedMap:
     """Where every layer goes, from Params alone: per cell layers, params, FLOPs.
 
+    Parameters per cell are always known. FLOPs need input shapes and every
+    layer's FPropMeta; without them they are None from the first cell that
+    cannot be counted on, and `flops_unknown` says why. So a pipeline cut by
+    'params', 'time' or 'memory' needs only FProp on its layers.
+
     Args:
       p: PipeliningLayer Params.
       input_shapes: shapes of FProp's inputs (whole batch); default
@@ -365,6 +453,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     if input_shapes is None and p.input_shapes is not None:
       input_shapes = tuple(base_layer.ToShape(tuple(p.input_shapes)))
     shapes = None if input_shapes is None else tuple(input_shapes)
+    flops_unknown = None if shapes is not None else (
+        'no input shapes (set input_shapes, or call FProp once)')
     balance = balance or cls.CellBalance(p)
     devices = p.devices or []
     cells = []
@@ -373,17 +463,23 @@ class PipeliningLayer(base_layer.BaseLayer):
     for k, cp in enumerate(cls._CellParamsOf(p, balance)):
       if segments is None:
         names, first, count = [cp.name], k, 1
+        parts = [cp]
       else:
         names = [cls._SegmentName(p, seg) for seg in segments[k]]
         first, count = segments[k][0].layer, balance[k]
+        parts = [cls._SegmentParams(p, seg) for seg in segments[k]]
       info = NestedMap(cell=k, first_layer=first, num_layers=count,
                        layer_names=names, num_params=cp.cls.NumParams(cp),
                        device=devices[k % len(devices)] if devices else None,
                        flops=None, peak_bytes=None)
       if shapes is not None:
-        meta = cp.cls.FPropMeta(cp, *shapes)
-        info.flops = meta.flops
-        shapes = tuple(meta.out_shapes)
+        try:
+          meta = partition.LayerMeta(cp, *shapes)
+          info.flops = meta.flops
+          shapes = tuple(meta.out_shapes)
+        except partition.NoMetaError as e:
+          flops_unknown = cls._NoMetaLayer(parts, shapes) or e.reason
+          shapes = None
       cells.append(info)
     m = p.num_micro_batches if p.micro_batch_size is None else None
     k = len(cells)
@@ -391,7 +487,19 @@ class PipeliningLayer(base_layer.BaseLayer):
         num_cells=k, num_micro_batches=m, recompute=p.recompute,
         bubble_fraction=None if m is None else pipeline.MakeSchedule(
             k, m, p.input_grads_first).TheoreticalBubble(),
-        process_peak_bytes=None, cells=cells)
+        process_peak_bytes=None, flops_unknown=flops_unknown, cells=cells)
+
+  @staticmethod
+  def _NoMetaLayer(parts: Sequence[Any], shapes: tuple) -> Optional[str]:
+    """Why the first of `parts` (a cell's layers, in turn) has no meta."""
+    for lp in parts:
+      try:
+        shapes = tuple(partition.LayerMeta(lp, *shapes).out_shapes)
+      except partition.NoMetaError as e:
+        return e.reason
+      except ValueError:
+        return None
+    return None
 
   @classmethod
   def _SegmentName(cls, p, seg: partition.Segment) -> str:

@@ -1,7 +1,8 @@
 """Formats a PipeliningLayer report (a NestedMap) as a table for logs.
 
 Invariant: the table shows every field of every cell of the report, so what a
-user reads in the log is what summaries record.
+user reads in the log is what summaries record; a figure the report could not
+compute shows as '-', with a line saying why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _Human(n) -> str:
 
 
 def FormatTable(report: NestedMap) -> str:
-  """A fixed-width table: one row per cell, then totals and the bubble."""
+  """A fixed-width table: one row per cell, then totals, the bubble, notes."""
   header = ('cell', 'layers', 'first..last', 'params', 'flops', 'device',
             'peak_mem')
   rows = []
@@ -42,6 +43,8 @@ def FormatTable(report: NestedMap) -> str:
       f'recompute={report.recompute}, bubble='
       f'{"-" if bubble is None else f"{bubble:.1%}"} (theoretical '
       '(K-1)/(M+K-1))')
+  if report.get('flops_unknown'):
+    lines.append(f'FLOPs: unknown, {report.flops_unknown}')
   if report.get('process_peak_bytes') is not None:
     lines.append(f'process peak memory: {_Human(report.process_peak_bytes)}B '
                  '(host allocator, all CPU devices)')

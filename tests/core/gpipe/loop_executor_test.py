@@ -208,12 +208,11 @@ def test_bubble_clocks_are_skipped(skip_bubbles):
 
 
 def test_skip_bubbles_must_be_a_bool():
-  pipe = _Pipeline([dense.Dense.Params().Set(name='fc', input_dim=4,
-                                             output_dim=4)], 1, 2,
-                   skip_bubbles='yes')
   with pytest.raises(ValueError, match="skip_bubbles must be True or False, "
                      "got 'yes'"):
-    pipe.FPropDefaultTheta(tf.ones([4, 4]))
+    _Pipeline([dense.Dense.Params().Set(name='fc', input_dim=4,
+                                        output_dim=4)], 1, 2,
+              skip_bubbles='yes')
 
 
 def _NumOps(executor, m):
@@ -253,8 +252,9 @@ def test_the_graph_does_not_grow_with_the_micro_batches():
 def test_what_it_cannot_run_yet_is_refused_by_name(kwargs, layers, message):
   layers = layers or [dense.Dense.Params().Set(name='fc', input_dim=4,
                                                output_dim=4)]
-  pipe = _Pipeline(layers, 1, 2, **kwargs)
+  # Refused at construction (Params checks) or at the first call.
   with pytest.raises(ValueError, match=re.escape(message)):
+    pipe = _Pipeline(layers, 1, 2, **kwargs)
     with base_layer.Context(training=True):
       pipe.FPropDefaultTheta(tf.ones([4, 4]))
 

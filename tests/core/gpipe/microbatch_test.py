@@ -53,3 +53,14 @@ def test_batch_size_checks_leaves():
     microbatch.BatchSize(tf.zeros([]))
   with pytest.raises(ValueError, match='not statically known'):
     microbatch.BatchSize(tf.TensorSpec([None, 3]))
+
+
+def test_batch_size_names_a_leaf_that_is_no_tensor():
+  with pytest.raises(ValueError, match=r"inputs\[1\] is a str \('abc'\)"):
+    microbatch.BatchSize((tf.zeros([4, 2]), 'abc'))
+  with pytest.raises(ValueError, match=r'x.count is a int \(3\), not a tensor'):
+    microbatch.BatchSize(NestedMap(vec=tf.zeros([4, 2]), count=3), name='x')
+  with pytest.raises(ValueError, match=r"inputs\['a'\]\[0\] is a float"):
+    microbatch.BatchSize({'a': [1.5], 'b': tf.zeros([4])})
+  with pytest.raises(ValueError, match='holds no tensor'):
+    microbatch.BatchSize(())

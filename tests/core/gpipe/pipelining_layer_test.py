@@ -347,6 +347,178 @@ def test_bad_params_raise_clear_errors(overrides, message):
     p.Instantiate()
 
 
+@pytest.mark.parametrize('overrides,message', [
+    # micro_batch_size was accepted here and refused only at the first call.
+    (dict(micro_batch_size=0), r'micro_batch_size must be >= 1 \(.*\), got 0'),
+    (dict(micro_batch_size=-1), r'micro_batch_size must be >= 1 .*, got -1'),
+    (dict(micro_batch_size=2.5),
+     r'micro_batch_size must be an integer >= 1 .*, got 2.5'),
+    (dict(micro_batch_size='4'),
+     r"micro_batch_size must be an integer >= 1 .*, got '4'"),
+    (dict(num_micro_batches=2.5),
+     r'num_micro_batches must be an integer >= 1 .*, got 2.5'),
+    (dict(num_micro_batches=True),
+     r'num_micro_batches must be an integer >= 1 .*, got True'),
+    (dict(num_micro_batches=0), r'num_micro_batches must be >= 1 .*, got 0'),
+    (dict(num_micro_batches=-2), r'num_micro_batches must be >= 1 .*, got -2'),
+    (dict(num_micro_batches=2, micro_batch_size=4),
+     r'num_micro_batches=2 and micro_batch_size=4 are both set'),
+    (dict(num_partitions=0), r'num_partitions must be >= 1 .*, got 0'),
+    (dict(num_partitions=1.5),
+     r'num_partitions must be an integer >= 1 .*, got 1.5'),
+    (dict(balance=[4, 3.5]),
+     r'balance\[1\] must be an integer >= 1 .*, got 3.5'),
+    (dict(balance=[8, 0]), r'balance\[1\] must be >= 1 .*, got 0'),
+    (dict(balance='44'), r"balance='44'; valid: None or a non-empty list"),
+    (dict(batch_dim=-1), r'batch_dim must be >= 0 .*, got -1'),
+    (dict(batch_dim='0'), r"batch_dim must be an integer >= 0 .*, got '0'"),
+    (dict(clocks_per_iteration=0),
+     r'clocks_per_iteration must be >= 1 \(clocks run per loop iteration\), '
+     'got 0'),
+    (dict(skip_bubbles='yes'),
+     r"skip_bubbles must be True or False, got 'yes'"),
+    (dict(input_grads_first=1), r'input_grads_first must be True or False, '
+     'got 1'),
+    (dict(jit_compile=None), r'pipe: jit_compile must be True or False, got '
+     'None'),
+    (dict(recompute='alway'), r"recompute='alway'.*Did you mean 'always'\?"),
+    (dict(executor='loops'), r"executor='loops'.*Did you mean 'loop'\?"),
+    (dict(partition_method='tme'),
+     r"partition_method='tme'.*Did you mean 'time'\?"),
+    (dict(placement_backend='device'),
+     r"placement_backend='device'.*Did you mean 'devices'\?"),
+    (dict(devices='/device:CPU:0'),
+     r"devices='/device:CPU:0'; valid: None or a list of device names"),
+])
+def test_every_param_is_checked_at_construction(overrides, message):
+  p = PipeliningLayer.Params().Set(name='pipe', layers=_Mlp())
+  p.Set(**overrides)
+  with pytest.raises(ValueError, match=message):
+    p.Instantiate()
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(num_partitions=2), r'num_partitions=2; valid: 1 or 3: with cell_tpl'),
+    (dict(balance=[1, 2]), r'balance=\[1, 2\]; valid: None with cell_tpl'),
+])
+def test_fields_cell_tpl_would_ignore_are_refused(overrides, message):
+  p = PipeliningLayer.Params().Set(name='pipe', cell_tpl=_Mlp(num_layers=3))
+  p.Set(**overrides)
+  with pytest.raises(ValueError, match=message):
+    p.Instantiate()
+
+
+def test_integral_floats_are_accepted_as_ints():
+  x = tf.random.stateless_normal([4, 6], [1, 2])
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Mlp(num_layers=4), num_micro_batches=2.0,
+      balance=[2.0, 2.0], num_partitions=2.0,
+      devices=['/device:CPU:0', '/device:CPU:1']).Instantiate()
+  assert pipe.params.num_micro_batches == 2
+  assert pipe.MicroBatchSizes(x) == [2, 2]
+  assert pipe.balance == [2, 2]
+  assert pipe.FPropDefaultTheta(x).shape == (4, 6)
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Mlp(num_layers=2),
+      micro_batch_size=3.0).Instantiate()
+  assert pipe.MicroBatchSizes(x) == [3, 1]
+
+
+@pytest.mark.parametrize('inputs,message', [
+    (('tokens', tf.zeros([4, 6])), r"inputs\[0\] is a str \('tokens'\), not a "
+     'tensor'),
+    (base_layer.NestedMap(vec=tf.zeros([4, 6]), length=3),
+     r'inputs.length is a int \(3\), not a tensor'),
+])
+def test_a_non_tensor_input_is_named(inputs, message):
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Mlp(num_layers=2)).Instantiate()
+  with pytest.raises(ValueError, match=message):
+    pipe.MicroBatchSizes(inputs)
+
+
+class _Scale(base_layer.BaseLayer):
+  """x * w: a layer with FProp and no FPropMeta."""
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('dim', 6, 'Size of the last dimension.')
+    return p
+
+  def __init__(self, params):
+    super().__init__(params)
+    self.CreateVariable('w', base_layer.WeightParams([self.params.dim]))
+
+  def FProp(self, theta, x):
+    return x * theta.w
+
+
+class _DenseMetaNotImplemented(dense.Dense):
+
+  @classmethod
+  def FPropMeta(cls, p, *input_shapes):
+    raise NotImplementedError('FLOPs of this layer are not counted yet')
+
+
+def _LayersWithoutMeta():
+  return [_Mlp(num_layers=1)[0], _Scale.Params().Set(name='scale'),
+          _DenseMetaNotImplemented.Params().Set(
+              name='dense_nm', input_dim=6, output_dim=6)] + _Mlp(
+                  num_layers=3)[1:]
+
+
+@pytest.mark.parametrize('method', ['time', 'memory'])
+def test_time_and_memory_partitioning_need_only_fprop(method):
+  p = PipeliningLayer.Params().Set(
+      name='pipe', layers=_LayersWithoutMeta(), num_partitions=2,
+      partition_method=method, input_shapes=[[4, 6]],
+      devices=['/device:CPU:0', '/device:CPU:1'])
+  pipe = p.Instantiate()
+  report = pipe.Report()
+  assert sum(c.num_layers for c in report.cells) == 5
+  assert sum(c.num_params for c in report.cells) == PipeliningLayer.NumParams(p)
+  assert report.cells[0].num_params > 0
+  assert all(c.flops is None for c in report.cells)
+  text = report_lib.FormatTable(report)
+  assert "FLOPs: unknown, layer 'scale' (_Scale) has no FPropMeta" in text
+  x = tf.random.stateless_normal([4, 6], [1, 2])
+  assert pipe.FPropDefaultTheta(x).shape == (4, 6)
+
+
+def test_the_report_names_a_layer_whose_fpropmeta_is_not_implemented():
+  layers = _Mlp(num_layers=2) + [_DenseMetaNotImplemented.Params().Set(
+      name='dense_nm', input_dim=6, output_dim=6)]
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=layers, balance=[2, 1], input_shapes=[[4, 6]],
+      devices=['/device:CPU:0', '/device:CPU:1']).Instantiate()
+  report = pipe.Report()
+  # The cell before the layer is counted; the one holding it is not.
+  assert report.cells[0].flops > 0 and report.cells[1].flops is None
+  assert report.flops_unknown == (
+      "FPropMeta of layer 'dense_nm' (_DenseMetaNotImplemented) raised "
+      'NotImplementedError: FLOPs of this layer are not counted yet')
+  assert report_lib.FormatTable(report).splitlines()[-2].startswith(
+      'FLOPs: unknown, FPropMeta of layer')
+
+
+def test_the_report_says_flops_need_input_shapes():
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Mlp(num_layers=2)).Instantiate()
+  assert ('FLOPs: unknown, no input shapes' in
+          report_lib.FormatTable(pipe.Report()))
+
+
+def test_flops_partitioning_names_the_layer_without_fpropmeta():
+  p = PipeliningLayer.Params().Set(
+      name='pipe', layers=_LayersWithoutMeta(), num_partitions=2,
+      partition_method='flops', input_shapes=[[4, 6]])
+  with pytest.raises(ValueError, match=(
+      r"layer 'scale' \(_Scale\) has no FPropMeta. Use "
+      r"partition_method='params', 'time' or 'memory' instead")):
+    p.Instantiate()
+
+
 def test_the_layer_runs_the_schedule_it_reports():
   p = PipeliningLayer.Params().Set(
       name='pipe', layers=[dense.Dense.Params().Set(
