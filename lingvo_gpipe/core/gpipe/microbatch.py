@@ -43,29 +43,31 @@ def MicroBatchSizes(batch_size: int,
   return [base + 1] * extra + [base] * (num_micro_batches - extra)
 
 
-def _LeavesWithPaths(structure: Any, path: str) -> list[tuple[str, Any]]:
+def LeafPaths(structure: Any, path: str) -> list[tuple[str, Any]]:
   """(path, leaf) for every leaf tf.nest sees, e.g. ('inputs[1].paddings', t)."""
   if isinstance(structure, dict):
     attr = type(structure).__name__ == 'NestedMap'
     return [item for key in sorted(structure)
-            for item in _LeavesWithPaths(
+            for item in LeafPaths(
                 structure[key],
                 f'{path}.{key}' if attr else f'{path}[{key!r}]')]
   if isinstance(structure, (list, tuple)):
     return [item for i, v in enumerate(structure)
-            for item in _LeavesWithPaths(v, f'{path}[{i}]')]
+            for item in LeafPaths(v, f'{path}[{i}]')]
   return [(path, structure)]
 
 
 def BatchSize(inputs: Any, batch_dim: int = 0, name: str = 'inputs') -> int:
   """The static batch size shared by every leaf of `inputs`.
 
-  Every leaf must be a tensor (or array, or TensorSpec) with a batch
+  Every leaf but None must be a tensor (or array, or TensorSpec) with a batch
   dimension; anything else (a string, a Python number) is refused by its path
   below `name`, since it cannot be cut into micro-batches.
   """
   sizes = set()
-  for path, leaf in _LeavesWithPaths(inputs, name):
+  for path, leaf in LeafPaths(inputs, name):
+    if leaf is None:  # passes through untouched (boundary.py)
+      continue
     if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
       raise ValueError(
           f'{path} is a {type(leaf).__name__} ({leaf!r:.40}), not a tensor: '

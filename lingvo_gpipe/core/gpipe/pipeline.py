@@ -16,7 +16,9 @@ re-materialization runs a cell's forward and backward for one micro-batch
 (recompute.py); gradient accumulation keeps one micro-batch's partial
 gradients alive at a time (accumulate.py); sinks keep every tensor on its
 cell's device (sinks.py); placement says which device that is
-(placement.py); microbatch.py cuts and joins the batch.
+(placement.py); microbatch.py cuts and joins the batch; boundary.py says
+what crosses from one cell to the next (what passes between two layers of a
+Sequential).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core.gpipe import accumulate
+from lingvo_gpipe.core.gpipe import boundary
 from lingvo_gpipe.core.gpipe import executor as executor_lib
 from lingvo_gpipe.core.gpipe import loop_executor
 from lingvo_gpipe.core.gpipe import microbatch
@@ -70,9 +73,13 @@ def RunPipeline(cells: Sequence[Any],
 
   Args:
     cells: K layers (or a PipeliningLayer's Cells: anything with
-      FProp(theta, *inputs)); cell k's outputs are cell k+1's inputs.
+      FProp(theta, *inputs)); cell k's outputs are cell k+1's inputs, as
+      between two layers of a Sequential (boundary.py): a tuple is spread
+      over the positional arguments, None leaves pass through.
     thetas: K NestedMaps of tensors (or variables), cell k's theta.
-    inputs: a tensor or nested structure of tensors, batched along batch_dim.
+    inputs: a tensor or nested structure of tensors (None leaves allowed),
+      batched along batch_dim; a tuple is the first cell's positional
+      arguments.
     sizes: micro-batch sizes, summing to the batch size.
     placement: where each cell runs.
     recompute: 'always', 'except_last' or 'never' (see RECOMPUTE_MODES).
@@ -106,6 +113,8 @@ def RunPipeline(cells: Sequence[Any],
                      f'{schedule.num_micro_batches} micro-batches; the batch '
                      f'is cut into {len(sizes)}.')
   CheckJitCompile(jit_compile, schedule, placement)
+  cells, structures = boundary.Cells(cells, inputs, batch_dim)
+  inputs = boundary.Structure.Tensors(inputs)
   weights = list(thetas)
   thetas = [tf.nest.map_structure(tf.convert_to_tensor, t) for t in thetas]
   collector = base_layer.StatsCollector()
@@ -161,7 +170,8 @@ def RunPipeline(cells: Sequence[Any],
       outer.Add(layer, stats)
   else:
     collector.ApplyAll()
-  return tf.nest.pack_sequence_as(output_structure[0], list(flat_out))
+  return structures[-1].Rebuild(
+      tf.nest.pack_sequence_as(output_structure[0], list(flat_out)))
 
 
 def CheckJitCompile(jit_compile: bool, schedule: schedule_lib.Schedule,

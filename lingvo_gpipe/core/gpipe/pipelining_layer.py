@@ -388,10 +388,13 @@ class PipeliningLayer(base_layer.BaseLayer):
 
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     p = self.params
-    x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    # The first layer gets FProp(theta, *inputs), as in a Sequential: one
+    # argument that is itself a tuple stays one argument (boundary.py).
+    x = (inputs[0] if len(inputs) == 1 and not isinstance(inputs[0], tuple)
+         else tuple(inputs))
     sizes = self.MicroBatchSizes(x)  # first: it names a leaf that is no tensor
-    self._traced_input_shapes = tuple(
-        tf.nest.map_structure(lambda t: t.shape, inputs))
+    self._traced_input_shapes = tuple(tf.nest.map_structure(
+        lambda t: None if t is None else t.shape, inputs))
     thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,

@@ -25,13 +25,18 @@ from lingvo_gpipe.core.nested_map import NestedMap
 _MERGES = ('concat', 'sum', 'tuple')
 
 
-def _AsArgs(outputs: Any) -> tuple:
-  """A layer's outputs as the next layer's positional inputs."""
+def AsArgs(outputs: Any) -> tuple:
+  """A layer's outputs as the next layer's positional inputs.
+
+  The one rule for what passes between two layers, in a Sequential and
+  across a pipeline's cell boundaries alike (gpipe/boundary.py): a tuple is
+  spread over the positional arguments, anything else is one argument.
+  """
   return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def _FromArgs(args: tuple) -> Any:
-  """The inverse of _AsArgs for an FPropMeta result's out_shapes."""
+  """The inverse of AsArgs for an FPropMeta result's out_shapes."""
   return args[0] if len(args) == 1 else args
 
 
@@ -50,7 +55,7 @@ def ChainFProp(layers: Sequence[base_layer.BaseLayer], thetas: Sequence[Any],
   """Applies `layers` in turn (layer i with thetas[i]), as Sequential does."""
   outputs = inputs
   for layer, theta in zip(layers, thetas):
-    outputs = layer.FProp(theta, *_AsArgs(outputs))
+    outputs = layer.FProp(theta, *AsArgs(outputs))
   return outputs
 
 
