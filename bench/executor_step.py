@@ -29,6 +29,7 @@ from absl import flags
 
 from bench import common
 from lingvo_gpipe.core.gpipe import placement
+from lingvo_gpipe.core.gpipe import schedule
 from lingvo_gpipe.tools import stacks
 
 # Each way to run the pipeline: its PipeliningLayer settings.
@@ -119,7 +120,8 @@ def main(argv):
     r = Measure(m, devices, variants)
     med = {e: statistics.median(v) * 1e3 for e, v in r['medians'].items()}
     k = _NUM_PARTITIONS.value
-    rows.append([m, f'{(k - 1) / (m + k - 1):.0%}', f'{med[first]:.1f}',
+    bubble = schedule.FillDrain(k, m).TheoreticalBubble()
+    rows.append([m, f'{bubble:.0%}', f'{med[first]:.1f}',
                  f'{med[second]:.1f}',
                  f'{statistics.median(r["ratios"]):.2f} '
                  f'({min(r["ratios"]):.2f}–{max(r["ratios"]):.2f})'])

@@ -29,6 +29,7 @@ import tensorflow as tf
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import pipelined_network
+from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import conv
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import dropout
@@ -82,15 +83,6 @@ def _Extras(inputs: Any) -> NestedMap:
   if not isinstance(inputs, dict):
     return NestedMap()
   return NestedMap((k, v) for k, v in inputs.items() if k not in _STATE_KEYS)
-
-
-def _ChainMeta(params_list, shape) -> NestedMap:
-  flops = 0
-  for p in params_list:
-    meta = p.cls.FPropMeta(p, shape)
-    flops += meta.flops
-    shape = meta.out_shapes[0]
-  return base_layer.Meta(flops, shape)
 
 
 def _CreateChildren(layer: base_layer.BaseLayer, children: NestedMap) -> None:
@@ -302,7 +294,7 @@ class Stem(base_layer.BaseLayer):
     shapes = base_layer.ToShape(input_shapes)
     image = shapes.image if isinstance(shapes, dict) else shapes
     children = cls._ChildParams(p)
-    meta = _ChainMeta([children.conv, children.bn], image)
+    meta = combinators.ChainMeta([children.conv, children.bn], [image])
     out = _Extras(shapes)
     out.cur = meta.out_shapes[0]
     return base_layer.Meta(meta.flops, out)
@@ -335,7 +327,7 @@ class _HeadBase(base_layer.BaseLayer):
   @classmethod
   def FPropMeta(cls, p, input_shapes):
     shapes = base_layer.ToShape(input_shapes)
-    meta = _ChainMeta(cls._Layers(p), shapes.cur)
+    meta = combinators.ChainMeta(cls._Layers(p), [shapes.cur])
     return base_layer.Meta(meta.flops, cls._Output(shapes, meta.out_shapes[0]))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional, Sequence
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.layers import combinators
 
 PARTITION_METHODS = ('params', 'flops', 'time', 'memory')
 
@@ -208,17 +209,14 @@ def StaticLayerCosts(layer_params: Sequence[base_layer.Params], method: str,
     if input_shapes is None:
       raise ValueError("partition_method='flops' needs the input shapes of the "
                        'first layer (Params field input_shapes).')
-    costs, shapes = [], tuple(input_shapes)
-    for p in layer_params:
-      try:
-        meta = LayerMeta(p, *shapes)
-      except NoMetaError as e:
-        raise NoMetaError(
-            f"partition_method='flops' counts FLOPs with each layer's "
-            f"FPropMeta, but {e.reason}. Use partition_method='params', "
-            "'time' or 'memory' instead: they need only FProp.") from e
-      costs.append(float(meta.flops))
-      shapes = tuple(meta.out_shapes)
-    return costs
+    try:
+      return [float(meta.flops) for meta in combinators.LayerMetas(
+          layer_params, input_shapes,
+          lambda i, p, *shapes: LayerMeta(p, *shapes))]
+    except NoMetaError as e:
+      raise NoMetaError(
+          f"partition_method='flops' counts FLOPs with each layer's "
+          f"FPropMeta, but {e.reason}. Use partition_method='params', "
+          "'time' or 'memory' instead: they need only FProp.") from e
   raise ValueError(f'StaticLayerCosts handles params and flops, not '
                    f'{method!r}; time and memory are profiled on a device.')

@@ -429,13 +429,7 @@ class PipeliningLayer(base_layer.BaseLayer):
 
   @classmethod
   def FPropMeta(cls, p, *input_shapes):
-    shapes = tuple(input_shapes)
-    flops = 0
-    for layer in cls._AllLayers(p):
-      meta = layer.cls.FPropMeta(layer, *shapes)
-      flops += meta.flops
-      shapes = tuple(meta.out_shapes)
-    return base_layer.Meta(flops, *shapes)
+    return combinators.ChainMeta(cls._AllLayers(p), input_shapes)
 
   @classmethod
   def StaticReport(cls, p, input_shapes: Any = None,
@@ -495,13 +489,14 @@ class PipeliningLayer(base_layer.BaseLayer):
   @staticmethod
   def _NoMetaLayer(parts: Sequence[Any], shapes: tuple) -> Optional[str]:
     """Why the first of `parts` (a cell's layers, in turn) has no meta."""
-    for lp in parts:
-      try:
-        shapes = tuple(partition.LayerMeta(lp, *shapes).out_shapes)
-      except partition.NoMetaError as e:
-        return e.reason
-      except ValueError:
-        return None
+    try:
+      for _ in combinators.LayerMetas(
+          parts, shapes, lambda i, lp, *s: partition.LayerMeta(lp, *s)):
+        pass
+    except partition.NoMetaError as e:
+      return e.reason
+    except ValueError:
+      return None
     return None
 
   @classmethod

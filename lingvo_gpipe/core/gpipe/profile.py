@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.layers import combinators
 
 
 def _SampleInput(shape_or_spec: Any) -> tf.Tensor:
@@ -79,11 +80,13 @@ def ProfileLayers(layer_params: Sequence[base_layer.Params], method: str,
       @tf.function
       def Step(*args, layer=layer, variables=variables):
         with tf.GradientTape() as tape:
-          tape.watch([a for a in tf.nest.flatten(args) if a.dtype.is_floating])
+          tape.watch([a for a in tf.nest.flatten(args)
+                      if a is not None and a.dtype.is_floating])
           out = layer.FPropDefaultTheta(*args)
           loss = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32))
                            for o in tf.nest.flatten(out)
-                           if o.dtype.is_floating] or [tf.constant(0.0)])
+                           if o is not None and o.dtype.is_floating] or
+                          [tf.constant(0.0)])
         grads = tape.gradient(loss, variables) if variables else []
         return out, grads
 
@@ -102,5 +105,5 @@ def ProfileLayers(layer_params: Sequence[base_layer.Params], method: str,
           tf.nest.map_structure(lambda t: t.numpy(), result[0])
           samples.append(time.perf_counter() - start)
       costs.append(statistics.median(samples))
-      inputs = out if isinstance(out, tuple) else (out,)
+      inputs = combinators.AsArgs(out)  # as a Sequential hands them on
   return costs

@@ -15,7 +15,7 @@ as one input.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tensorflow as tf
 
@@ -59,26 +59,39 @@ def ChainFProp(layers: Sequence[base_layer.BaseLayer], thetas: Sequence[Any],
   return outputs
 
 
-def _ChainMeta(owner: str, params_list: Sequence[base_layer.Params],
-               input_shapes: tuple) -> NestedMap:
-  """Metas of layers applied in turn, each to the previous one's outputs.
+def LayerMetas(params_list: Sequence[base_layer.Params],
+               input_shapes: Sequence[Any],
+               meta_fn: Optional[Callable[..., Any]] = None
+               ) -> Iterator[Any]:
+  """Each layer's Meta in turn, each layer applied to the previous one's outputs.
 
-  Runs of identical Params on unchanged shapes (a Sequential of equal
-  layers) are priced once and multiplied.
+  The one FPropMeta chain (a Sequential, a cell, a pipeline, a partition by
+  FLOPs): outputs become the next layer's arguments by the rule of AsArgs.
+  meta_fn(index, p, *shapes) computes one layer's Meta (default its
+  FPropMeta). The same Params again on unchanged, fully known shapes (a
+  Sequential of equal layers) reuses the Meta instead of pricing it anew.
   """
+  meta_fn = meta_fn or (lambda i, p, *shapes: p.cls.FPropMeta(p, *shapes))
   shapes = tuple(input_shapes)
-  flops = 0
-  i = 0
-  while i < len(params_list):
-    p = params_list[i]
-    meta = _SubMeta(owner, i, p, *shapes)
-    run = 1
-    if _SameShapes(meta.out_shapes, shapes):
-      while i + run < len(params_list) and params_list[i + run] is p:
-        run += 1
-    flops += meta.flops * run
+  last_p, last_meta, last_in = None, None, None
+  for i, p in enumerate(params_list):
+    if p is last_p and _SameShapes(last_in, shapes):
+      meta = last_meta
+    else:
+      meta = meta_fn(i, p, *shapes)
+    yield meta
+    last_p, last_meta, last_in = p, meta, shapes
     shapes = tuple(meta.out_shapes)
-    i += run
+
+
+def ChainMeta(params_list: Sequence[base_layer.Params],
+              input_shapes: Sequence[Any],
+              meta_fn: Optional[Callable[..., Any]] = None) -> NestedMap:
+  """The Meta of layers applied in turn: their FLOPs summed, the last outputs."""
+  flops, shapes = 0, tuple(input_shapes)
+  for meta in LayerMetas(params_list, shapes, meta_fn):
+    flops += meta.flops
+    shapes = tuple(meta.out_shapes)
   return base_layer.Meta(flops, *shapes)
 
 
@@ -124,7 +137,9 @@ class Sequential(base_layer.BaseLayer):
   @classmethod
   def FPropMeta(cls, p, *input_shapes):
     _CheckSubList(p)
-    return _ChainMeta(f'Sequential {p.name!r}', list(p.sub), input_shapes)
+    owner = f'Sequential {p.name!r}'
+    return ChainMeta(list(p.sub), input_shapes,
+                     lambda i, sp, *shapes: _SubMeta(owner, i, sp, *shapes))
 
 
 class Residual(base_layer.BaseLayer):
