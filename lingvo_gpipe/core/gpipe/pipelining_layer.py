@@ -357,11 +357,13 @@ class PipeliningLayer(base_layer.BaseLayer):
     p = self.params
     if p.placement_backend == 'tpu':
       strategy = tf.distribute.get_strategy()
-      if not isinstance(strategy, (tf.distribute.TPUStrategy,
-                                   tf.distribute.experimental.TPUStrategy)):
+      if not isinstance(strategy, tf.distribute.TPUStrategy):
         raise ValueError(
-            f"{self.path}: placement_backend='tpu' needs a TPUStrategy scope, "
-            f'found {type(strategy).__name__}. Build the layer under '
+            f"{self.path}: placement_backend='tpu' needs a "
+            'tf.distribute.TPUStrategy scope, found '
+            f'{type(strategy).__module__}.{type(strategy).__name__} (the '
+            'deprecated tf.distribute.experimental.TPUStrategy is not one). '
+            'Build the layer under '
             'placement.MakeTpuStrategy(tpu, num_cells).scope().')
       return placement_lib.TpuPlacement(num_cells, strategy)
     devices = p.devices or placement_lib.LocalDevices()

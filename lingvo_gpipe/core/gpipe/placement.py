@@ -140,19 +140,20 @@ class TpuPlacement(Placement):
   computation_shape=[1, 1, 1, K])` with `num_replicas`), and the pipeline runs
   inside `strategy.run`. There, `experimental_assign_to_logical_device` pins
   a tensor (and the ops computing from it) to logical core k of the replica.
-  Runs only on a TPU host; it was not exercised on a TPU here.
+  Runs only on a TPU host; it was not exercised on a TPU here. A stand-in
+  that is no `tf.distribute.TPUStrategy` (a test double) is not asked for its
+  cores.
   """
 
   def __init__(self, num_cells: int, strategy: Any):
     super().__init__(num_cells)
-    # TPUExtended keeps the DeviceAssignment it was built with here.
-    assignment = getattr(strategy.extended, '_device_assignment', None)
-    cores = getattr(assignment, 'num_cores_per_replica', None)
-    if cores is not None and cores < num_cells:
-      raise ValueError(f'The TPUStrategy gives {cores} logical cores per '
-                       f'replica, fewer than the {num_cells} pipeline cells; '
-                       'build its DeviceAssignment with computation_shape '
-                       f'[1, 1, 1, {num_cells}].')
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+      cores = TpuLogicalCores(strategy, at_most=num_cells)
+      if cores < num_cells:
+        raise ValueError(f'The TPUStrategy gives {cores} logical cores per '
+                         f'replica, fewer than the {num_cells} pipeline cells; '
+                         'build its DeviceAssignment with computation_shape '
+                         f'[1, 1, 1, {num_cells}].')
     self.strategy = strategy
 
   def Device(self, cell: int) -> str:
@@ -168,6 +169,24 @@ class TpuPlacement(Placement):
     return tf.nest.map_structure(
         lambda t: self.strategy.experimental_assign_to_logical_device(t, cell),
         tensors)
+
+
+def TpuLogicalCores(strategy: Any, at_most: int) -> int:
+  """Logical cores per replica of a TPUStrategy, counted up to `at_most`.
+
+  TensorFlow has no public count of them (the DeviceAssignment is kept only in
+  the private `extended._device_assignment`), but the public
+  `strategy.extended.experimental_logical_device(k)` refuses with ValueError a
+  core k the replica does not have; so this enters each core in turn. Outside
+  a replica context entering one only pushes and pops the core: no ops.
+  """
+  for core in range(at_most):
+    try:
+      with strategy.extended.experimental_logical_device(core):
+        pass
+    except ValueError:
+      return core
+  return at_most
 
 
 def TpuComputationShape(num_cells: int, mesh_shape: Sequence[int]) -> list[int]:

@@ -337,7 +337,7 @@ def test_report_lists_every_layer_once():
     (dict(num_partitions=9), 'num_partitions=9 exceeds the 8 layers'),
     (dict(balance=[3, 3], num_partitions=2), 'sums to 6, but there are 8'),
     (dict(partition_method='flops', num_partitions=2), 'needs the input shapes'),
-    (dict(placement_backend='tpu'), 'needs a TPUStrategy scope'),
+    (dict(placement_backend='tpu'), 'needs a tf.distribute.TPUStrategy scope'),
     (dict(placement_backend='gpu'), "placement_backend='gpu'"),
 ])
 def test_bad_params_raise_clear_errors(overrides, message):
