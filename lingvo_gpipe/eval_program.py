@@ -68,8 +68,8 @@ class EvalProgram:
       if decode_metrics is not None and decoded is not None:
         decode_metrics.Update(tf.nest.map_structure(np.asarray, decoded))
     if not weights:
-      raise ValueError(f'Eval split {self.split!r} of {self.params.input.name} '
-                       'has no examples.')
+      raise hyperparams.ConfigError(f'Eval split {self.split!r} of {self.params.input.name} '
+                                    'has no examples.')
     results = {name: sums[name] / weights[name] if weights[name] else 0.0
                for name in sums}
     if decode_metrics is not None:

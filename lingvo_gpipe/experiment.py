@@ -71,9 +71,9 @@ def Resolve(settings: Settings) -> hyperparams.Params:
     _Positive(f'--{flag}', value)
     template = PipelineTemplate(params)
     if template is None:
-      raise ValueError(f'--{flag}: model {settings.model!r} has no pipeline '
-                       '(task.network is neither a PipeliningLayer nor has a '
-                       '`pipeline` field); set its fields with --params_override.')
+      raise hyperparams.ConfigError(f'--{flag}: model {settings.model!r} has no pipeline '
+                                    '(task.network is neither a PipeliningLayer nor has a '
+                                    '`pipeline` field); set its fields with --params_override.')
     template.Set(**{field: value})
     if field == 'num_micro_batches':
       template.micro_batch_size = None
@@ -179,4 +179,4 @@ def SetDevices(params: hyperparams.Params, devices: list[str]) -> None:
 
 def _Positive(flag: str, value: int) -> None:
   if value < 1:
-    raise ValueError(f'{flag} must be a positive integer, got {value}.')
+    raise hyperparams.ConfigError(f'{flag} must be a positive integer, got {value}.')

@@ -2,10 +2,12 @@
 
 Invariant: every failure a user can cause or fix maps to one status and a
 message that names what was wrong and what would help; anything else is a
-bug and keeps its traceback. A ValueError counts as a bad configuration:
-layers, optimizers and schedules check their Params with one, naming the
-field (the traceback is logged at debug level, --v=1). The trainer binary
-and its tests share this table, so neither hard-codes a status.
+bug, printed with its traceback, and exits with its own status (INTERNAL),
+so a shape bug in a layer never reads like a mistyped flag. A bad
+configuration is a hyperparams.ConfigError: raised where Params are checked
+(their overrides, the layers' constructors through Instantiate, the
+pipeline's refusals), naming the field. The trainer binary and its tests
+share this table, so neither hard-codes a status.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ExitStatus(enum.IntEnum):
   NON_FINITE = 4
   WORKER_LOST = 5  # a worker unreachable, killed or hung (bounded by a flag)
   STORAGE = 6  # the logdir's disk is full or turned unwritable mid-run
+  INTERNAL = 70  # a bug: the traceback is printed (sysexits' EX_SOFTWARE)
   INTERRUPTED = 130  # Ctrl-C or SIGTERM, after a clean stop (shell convention)
 
 
@@ -52,7 +55,7 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
   storage = checkpoint_lib.StorageProblem(error)
   if storage is not None and isinstance(error, (OSError, tf.errors.OpError)):
     return ExitStatus.STORAGE, (f'cannot write to the logdir: {storage} '
-                                f'({_FirstLine(error)}). Checkpoints already '
+                                f'({FirstLine(error)}). Checkpoints already '
                                 'written are intact; a rerun resumes from the '
                                 'latest.')
   if isinstance(error, (cluster.WorkerLostError, tf.errors.UnavailableError)):
@@ -61,25 +64,25 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
     return ExitStatus.OUT_OF_MEMORY, OutOfMemoryMessage(error)
   if isinstance(error, train_program.NonFiniteLossError):
     return ExitStatus.NON_FINITE, str(error)
-  if isinstance(error, (UsageError, hyperparams.ParamsError,
-                        model_registry.UnknownModelError, logdir.LogdirError,
+  if isinstance(error, (UsageError, model_registry.UnknownModelError,
+                        logdir.LogdirError,
                         checkpoint_lib.CheckpointMismatchError,
                         checkpoint_lib.CheckpointDamagedError)):
     return ExitStatus.USAGE, str(error)
-  if isinstance(error, ValueError):
+  if isinstance(error, hyperparams.ConfigError):
     logging.debug('Configuration error', exc_info=error)
-    return ExitStatus.USAGE, _UserMessage(error)
+    return ExitStatus.USAGE, UserMessage(error)
   return None
 
 
 def WorkerLostMessage(error: BaseException) -> str:
   """Which worker was lost and how to go on."""
   return cluster.LostWorkerMessage(error) or (
-      f'a TensorFlow worker was lost: {_FirstLine(error)}. Checkpoints already '
+      f'a TensorFlow worker was lost: {FirstLine(error)}. Checkpoints already '
       'written are intact; restart the worker and rerun to resume.')
 
 
-def _UserMessage(error: BaseException) -> str:
+def UserMessage(error: BaseException) -> str:
   """The error's own message, without the stack tf.function wraps it in.
 
   An error raised while tracing a tf.function reads 'in user code:' and the
@@ -87,7 +90,7 @@ def _UserMessage(error: BaseException) -> str:
   """
   text = str(error).strip()
   if not text.startswith('in user code:'):
-    return text
+    return text[:2000]
   prefix = f'{type(error).__name__}: '
   lines = [l.strip() for l in text.splitlines()]
   for i in range(len(lines) - 1, -1, -1):
@@ -96,7 +99,8 @@ def _UserMessage(error: BaseException) -> str:
   return lines[-1]
 
 
-def _FirstLine(error: BaseException) -> str:
+def FirstLine(error: BaseException) -> str:
+  """The error's first line, at most 300 characters."""
   text = str(error).strip().splitlines()
   return (text[0] if text else type(error).__name__)[:300]
 

@@ -33,6 +33,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from typing import Optional
 
 # Before TensorFlow starts: the CPU allocator keeps peak-memory statistics
@@ -400,8 +401,11 @@ def main(argv):
     Run(params, _LOGDIR.value, _MODE.value, groups, strategy)
   except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
     report = run_errors.Report(e)
-    if report is None:
-      raise  # a bug: keep the traceback
+    if report is None:  # a bug: its traceback, and a status of its own
+      traceback.print_exc()
+      _Fail(ExitStatus.INTERNAL,
+            f'{type(e).__name__}: {run_errors.UserMessage(e)} -- a bug, not '
+            'a configuration error (traceback above); please report it.')
     _Fail(*report)
 
 

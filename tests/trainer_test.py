@@ -219,6 +219,18 @@ def test_bad_input_gets_a_clear_message_and_exit_status(tmp_path, flags, code,
   assert 'Traceback' not in result.stderr
 
 
+def test_a_bug_keeps_its_traceback_and_a_status_of_its_own(tmp_path):
+  # Data wider than the network's first layer: a shape error while tracing
+  # the step, not a bad flag. It once read like one (status 1, no traceback).
+  result = _Run(f'--model={_TOY}', f'--logdir={tmp_path}', '--max_steps=2',
+                '--params_override=input.input_dim=5')
+  assert result.returncode == ExitStatus.INTERNAL, result.stderr[-3000:]
+  assert 'Traceback' in result.stderr
+  error = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(error) == 1, result.stderr[-3000:]
+  assert 'input last dim is 5' in error[0] and 'a bug' in error[0], error
+
+
 def test_out_of_memory_names_the_knobs(tmp_path):
   # Weights are tiny; a 65536-example batch's activations are 64 MiB a layer.
   result = _Run(f'--model={_TOY}', f'--logdir={tmp_path}', '--max_steps=2',

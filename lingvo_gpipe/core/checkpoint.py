@@ -49,6 +49,8 @@ from typing import Any, Iterator, Mapping, Optional
 from absl import logging
 import tensorflow as tf
 
+from lingvo_gpipe.core import hyperparams
+
 CHECKPOINT_SUBDIR = 'checkpoints'
 CHECKPOINT_PREFIX = 'ckpt'
 DAMAGED_SUBDIR = 'damaged'
@@ -115,8 +117,8 @@ def StepOf(path: str) -> int:
   """
   match = _STEP.match(os.path.basename(path.strip()))
   if not match:
-    raise ValueError(f'{path!r} is not a checkpoint name (expected '
-                     f'{CHECKPOINT_PREFIX}-<step>).')
+    raise hyperparams.ConfigError(f'{path!r} is not a checkpoint name (expected '
+                                  f'{CHECKPOINT_PREFIX}-<step>).')
   return int(match.group(1))
 
 

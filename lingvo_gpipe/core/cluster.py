@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
+from lingvo_gpipe.core import hyperparams
+
 WORKER_JOB = 'worker'
 DEFAULT_TIMEOUT_SECS = 120.0
 # Set by StartLocalWorkers in each worker's environment: the pid of the process
@@ -66,13 +68,13 @@ def ParseHosts(text: str) -> list[str]:
   """'host:port,host:port' -> ['host:port', ...]; ValueError names a bad entry."""
   hosts = [h.strip() for h in text.split(',') if h.strip()]
   if not hosts:
-    raise ValueError(f'No worker hosts in {text!r}; expected '
-                     "'host:port[,host:port...]'.")
+    raise hyperparams.ConfigError(f'No worker hosts in {text!r}; expected '
+                                  "'host:port[,host:port...]'.")
   for host in hosts:
     name, _, port = host.rpartition(':')
     if not name or not port.isdigit():
-      raise ValueError(f'Worker host {host!r} is not host:port (e.g. '
-                       "'127.0.0.1:2222').")
+      raise hyperparams.ConfigError(f'Worker host {host!r} is not host:port (e.g. '
+                                    "'127.0.0.1:2222').")
   return hosts
 
 
@@ -91,8 +93,8 @@ def CheckTimeout(timeout_secs: float, flag: Optional[str] = None) -> float:
   if not (isinstance(timeout_secs, (int, float)) and
           math.isfinite(timeout_secs) and timeout_secs > 0):
     what = f'{flag}={timeout_secs}' if flag else f'timeout_secs={timeout_secs}'
-    raise ValueError(f'{what}: a worker timeout must be a finite number of '
-                     f'seconds > 0, e.g. {DEFAULT_TIMEOUT_SECS:g}.')
+    raise hyperparams.ConfigError(f'{what}: a worker timeout must be a finite number of '
+                                  f'seconds > 0, e.g. {DEFAULT_TIMEOUT_SECS:g}.')
   return float(timeout_secs)
 
 

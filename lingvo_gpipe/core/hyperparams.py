@@ -67,7 +67,17 @@ class _Required:
 REQUIRED = _Required()
 
 
-class ParamsError(ValueError):
+class ConfigError(ValueError):
+  """A Params value no run can use; the message names it and what is valid.
+
+  Raised where Params are checked: their definitions, paths and overrides,
+  and a layer's constructor (Instantiate turns a plain ValueError raised
+  while constructing into one). A binary reports it as a bad invocation; any
+  other error is a bug and keeps its traceback (run_errors.py).
+  """
+
+
+class ParamsError(ConfigError):
   """A bad definition, path, text or override value; the message says which."""
 
 
@@ -697,7 +707,13 @@ class InstantiableParams(Params):
     if not callable(self.cls):
       raise ParamsError(f'{_Join(self._path, ("cls",))!r} is '
                         f'{self.cls!r}; expected a class.')
-    return self.cls(self, *args, **kwargs)
+    try:
+      return self.cls(self, *args, **kwargs)
+    except ValueError as e:
+      if type(e) is not ValueError:  # ConfigError already, or its own kind
+        raise
+      # Constructors check their Params with plain ValueErrors.
+      raise ConfigError(str(e)) from e
 
 
 # --- walking paths -----------------------------------------------------------

@@ -31,19 +31,19 @@ def Validate(p: hyperparams.Params) -> None:
   if p.type not in TYPES:
     close = difflib.get_close_matches(str(p.type), TYPES, n=1)
     hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(f'train.lr_schedule.type={p.type!r} is not a schedule; '
-                     f'valid: {", ".join(TYPES)}.{hint}')
+    raise hyperparams.ConfigError(f'train.lr_schedule.type={p.type!r} is not a schedule; '
+                                  f'valid: {", ".join(TYPES)}.{hint}')
   if p.warmup_steps < 0:
-    raise ValueError('train.lr_schedule.warmup_steps must be >= 0, got '
-                     f'{p.warmup_steps}.')
+    raise hyperparams.ConfigError('train.lr_schedule.warmup_steps must be >= 0, got '
+                                  f'{p.warmup_steps}.')
   if p.type == 'rsqrt' and p.warmup_steps < 1:
-    raise ValueError("train.lr_schedule.type='rsqrt' needs warmup_steps >= 1.")
+    raise hyperparams.ConfigError("train.lr_schedule.type='rsqrt' needs warmup_steps >= 1.")
   if p.type in ('exponential', 'cosine') and p.decay_steps < 1:
-    raise ValueError(f'train.lr_schedule.decay_steps must be >= 1 for '
-                     f'{p.type!r}, got {p.decay_steps}.')
+    raise hyperparams.ConfigError(f'train.lr_schedule.decay_steps must be >= 1 for '
+                                  f'{p.type!r}, got {p.decay_steps}.')
   if not 0.0 <= p.min_ratio <= 1.0:
-    raise ValueError(f'train.lr_schedule.min_ratio must be in [0, 1], got '
-                     f'{p.min_ratio}.')
+    raise hyperparams.ConfigError(f'train.lr_schedule.min_ratio must be in [0, 1], got '
+                                  f'{p.min_ratio}.')
 
 
 def Factor(p: hyperparams.Params, step: tf.Tensor) -> tf.Tensor:

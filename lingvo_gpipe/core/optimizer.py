@@ -173,11 +173,11 @@ def Create(train_params: hyperparams.Params) -> Optimizer:
   if name not in OPTIMIZERS:
     close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)
     hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(f'train.optimizer={name!r} is not an optimizer; valid: '
-                     f'{", ".join(OPTIMIZERS)}.{hint}')
+    raise hyperparams.ConfigError(f'train.optimizer={name!r} is not an optimizer; valid: '
+                                  f'{", ".join(OPTIMIZERS)}.{hint}')
   if train_params.learning_rate <= 0:
-    raise ValueError('train.learning_rate must be > 0, got '
-                     f'{train_params.learning_rate}.')
+    raise hyperparams.ConfigError('train.learning_rate must be > 0, got '
+                                  f'{train_params.learning_rate}.')
   return OPTIMIZERS[name](train_params)
 
 

@@ -95,9 +95,9 @@ class Replicas:
   def CheckBatchSize(self, size: Optional[int]) -> None:
     """ValueError unless a mini-batch of `size` splits evenly into the replicas."""
     if self.num_replicas > 1 and (size is None or size % self.num_replicas):
-      raise ValueError(f'The mini-batch of {size} examples does not split '
-                       f'evenly into {self.num_replicas} replicas; make '
-                       'input.batch_size a multiple of the number of replicas.')
+      raise hyperparams.ConfigError(f'The mini-batch of {size} examples does not split '
+                                    f'evenly into {self.num_replicas} replicas; make '
+                                    'input.batch_size a multiple of the number of replicas.')
 
   def Run(self, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs fn(*args) on every replica; returns the first local replica's result."""

@@ -10,6 +10,7 @@ The last line is always `num_params: <integer>`.
 """
 
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -34,17 +35,26 @@ def PipelineParams(network):
   return build(network) if build is not None else None
 
 
-def SizeReport(params) -> str:
-  """The text the tool prints for model Params (with task.network)."""
+def SizeReport(params) -> tuple[str, Optional[str]]:
+  """(the text the tool prints for model Params, a configuration error or None).
+
+  A pipeline the config cannot cut (fewer layers than cells, say) has no
+  partition table: the error takes its place, and the parameter count, which
+  does not depend on the cut, is still given.
+  """
   network = params.task.network
-  lines = [f'model: {params.name}']
+  lines, error = [f'model: {params.name}'], None
   pipe = PipelineParams(network)
   if pipe is not None:
-    lines.append(report_lib.FormatTable(
-        pipelining_layer.PipeliningLayer.StaticReport(pipe)))
+    try:
+      lines.append(report_lib.FormatTable(
+          pipelining_layer.PipeliningLayer.StaticReport(pipe)))
+    except hyperparams.ConfigError as e:
+      error = str(e)
+      lines.append(f'partition: none ({error})')
   num_params = network.cls.NumParams(network)
   lines.append(f'num_params: {num_params}')
-  return '\n'.join(lines)
+  return '\n'.join(lines), error
 
 
 def main(argv):
@@ -62,7 +72,11 @@ def main(argv):
   except (ValueError, AttributeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(SizeReport(params))
+  text, error = SizeReport(params)
+  print(text)
+  if error is not None:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -92,8 +92,8 @@ class TfdsImageInput(tfds_input.TfdsInput):
     p = self.params
     name = p.dataset.split(':')[0]
     if name not in _IMAGE_SETS:
-      raise ValueError(f'dataset={p.dataset!r}; TfdsImageInput reads '
-                       f'{", ".join(sorted(_IMAGE_SETS))}.')
+      raise hyperparams.ConfigError(f'dataset={p.dataset!r}; TfdsImageInput reads '
+                                    f'{", ".join(sorted(_IMAGE_SETS))}.')
     self._set = _IMAGE_SETS[name]
     self._size = p.image_size or self._set.image_size
     self._mean = tf.constant(p.mean or self._set.mean, tf.float32)
@@ -205,6 +205,6 @@ def _DigitsSplit(split: str) -> tuple[np.ndarray, np.ndarray]:
   order = np.random.RandomState(_DIGITS_SEED).permutation(len(digits.target))
   indices = {'test': order[:_DIGITS_TEST], 'train': order[_DIGITS_TEST:]}
   if split not in indices:
-    raise ValueError(f"split={split!r}; DigitsInput has 'train' and 'test'.")
+    raise hyperparams.ConfigError(f"split={split!r}; DigitsInput has 'train' and 'test'.")
   images = (digits.images / 16.0).astype(np.float32)[..., np.newaxis]
   return images[indices[split]], digits.target[indices[split]].astype(np.int32)

@@ -95,12 +95,12 @@ class SyntheticSeqInput(base_input_generator.BaseInputGenerator):
     super().__init__(params)
     p = self.params
     if p.task not in _TASKS:
-      raise ValueError(f'task={p.task!r}; expected one of {sorted(_TASKS)}.')
+      raise hyperparams.ConfigError(f'task={p.task!r}; expected one of {sorted(_TASKS)}.')
     if not 1 <= p.num_symbols:
-      raise ValueError(f'num_symbols={p.num_symbols}; expected >= 1.')
+      raise hyperparams.ConfigError(f'num_symbols={p.num_symbols}; expected >= 1.')
     if not 0 <= p.min_len <= p.max_len:
-      raise ValueError(f'min_len={p.min_len}, max_len={p.max_len}; expected '
-                       '0 <= min_len <= max_len.')
+      raise hyperparams.ConfigError(f'min_len={p.min_len}, max_len={p.max_len}; expected '
+                                    '0 <= min_len <= max_len.')
 
   @property
   def vocab_size(self) -> int:
@@ -110,8 +110,8 @@ class SyntheticSeqInput(base_input_generator.BaseInputGenerator):
     del training  # The same examples either way; Dataset shuffles training.
     p = self.params
     if split not in p.split_sizes or split not in p.split_seeds:
-      raise ValueError(f'split={split!r}; split_sizes has {sorted(p.split_sizes)} '
-                       f'and split_seeds has {sorted(p.split_seeds)}.')
+      raise hyperparams.ConfigError(f'split={split!r}; split_sizes has {sorted(p.split_sizes)} '
+                                    f'and split_seeds has {sorted(p.split_seeds)}.')
     seed = tf.constant(p.split_seeds[split], tf.int64)
     max_len, target_fn = p.max_len, _TASKS[p.task]
 

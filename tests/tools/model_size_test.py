@@ -18,7 +18,8 @@ def _NumParams(name, overrides=''):
   params = model_registry.GetParams(name)
   if overrides:
     hyperparams.ApplyOverrides(params, overrides)
-  text = model_size.SizeReport(params)
+  text, error = model_size.SizeReport(params)
+  assert error is None, error
   last = text.splitlines()[-1]
   assert last.startswith('num_params: ')
   return int(last.split(': ')[1]), text
@@ -89,3 +90,18 @@ def test_command_line_contract():
   bad_key = _Run('--model=mt.synthetic.TransformerTiny',
                  '--params_override=task.network.num_layerz=3')
   assert bad_key.returncode != 0 and 'num_layers' in bad_key.stderr
+
+
+def test_a_config_that_cannot_be_cut_gets_one_line_and_still_its_size():
+  # 3 layers cannot fill the config's 8 cells: once a raw traceback.
+  out = _Run('--model=lm.lm1b.TransformerL',
+             '--params_override=task.network.num_layers=3')
+  assert out.returncode == 1, out.stderr
+  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'num_partitions=8 exceeds' in errors[0], (
+      out.stderr[-2000:])
+  last = out.stdout.strip().splitlines()[-1]
+  # Table 1's Transformer-L at 3 layers: 282.2M parameters.
+  assert last.startswith('num_params: ')
+  assert abs(int(last.split()[1]) - 282.2e6) / 282.2e6 < 0.01

@@ -103,6 +103,7 @@ from typing import Any, Callable, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
@@ -145,20 +146,23 @@ class LoopExecutor:
         split_backward=getattr(schedule, 'split_backward', False))
     if any(schedule.CellOrder(c) != expected.CellOrder(c)
            for c in range(schedule.num_cells)):
-      raise ValueError(f"executor='loop' runs fill-drain only, not schedule "
-                       f"{schedule.name}; use executor='unrolled'.")
+      raise hyperparams.ConfigError(
+          f"executor='loop' runs fill-drain only, not schedule "
+          f"{schedule.name}; use executor='unrolled'.")
     if recompute != 'always':
-      raise ValueError(f"executor='loop' re-materializes every cell: "
-                       f"recompute={recompute!r} needs executor='unrolled'.")
+      raise hyperparams.ConfigError(
+          f"executor='loop' re-materializes every cell: "
+          f"recompute={recompute!r} needs executor='unrolled'.")
     if batch_dim != 0:
-      raise ValueError(f"executor='loop' cuts micro-batches along dimension "
-                       f"0, not batch_dim={batch_dim}; use executor='unrolled'.")
+      raise hyperparams.ConfigError(
+          f"executor='loop' cuts micro-batches along dimension 0, not "
+          f"batch_dim={batch_dim}; use executor='unrolled'.")
     if clocks_per_iteration < 1:
-      raise ValueError('clocks_per_iteration must be >= 1, got '
-                       f'{clocks_per_iteration}.')
+      raise hyperparams.ConfigError(
+          f'clocks_per_iteration must be >= 1, got {clocks_per_iteration}.')
     if not isinstance(skip_bubbles, bool):
-      raise ValueError(f'skip_bubbles must be True or False, got '
-                       f'{skip_bubbles!r}.')
+      raise hyperparams.ConfigError(
+          f'skip_bubbles must be True or False, got {skip_bubbles!r}.')
     self._unroll = clocks_per_iteration
     self._skip_bubbles = skip_bubbles
     self._out_spec = None
@@ -200,7 +204,7 @@ class LoopExecutor:
     with self._placement.CellScope(k):
       for s in tf.nest.flatten(spec):
         if not s.shape[1:].is_fully_defined():
-          raise ValueError(
+          raise hyperparams.ConfigError(
               "executor='loop' needs every activation's shape but the batch "
               f'dimension known when the graph is built, got {s.shape}; use '
               "executor='unrolled'.")
@@ -297,7 +301,7 @@ class LoopExecutor:
     cannot = sorted({layer.path for cell in recorded for layer, _ in cell
                      if type(layer).MergeStats is base_layer.BaseLayer.MergeStats})
     if cannot:
-      raise ValueError(
+      raise hyperparams.ConfigError(
           f"executor='loop' keeps a running merge of the statistics layers "
           f'record, and {", ".join(cannot)} cannot merge theirs (no '
           "MergeStats); use executor='unrolled'.")

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
+from lingvo_gpipe.core import hyperparams
+
 
 def MicroBatchSizes(batch_size: int,
                     num_micro_batches: Optional[int] = None,
@@ -22,20 +24,22 @@ def MicroBatchSizes(batch_size: int,
   Exactly one of `num_micro_batches` and `micro_batch_size` must be given.
   """
   if (num_micro_batches is None) == (micro_batch_size is None):
-    raise ValueError('Give exactly one of num_micro_batches and '
+    raise hyperparams.ConfigError('Give exactly one of num_micro_batches and '
                      f'micro_batch_size; got {num_micro_batches} and '
                      f'{micro_batch_size}.')
   if batch_size < 1:
     raise ValueError(f'Batch size must be >= 1 to split it, got {batch_size}.')
   if micro_batch_size is not None:
     if micro_batch_size < 1:
-      raise ValueError(f'micro_batch_size must be >= 1, got {micro_batch_size}.')
+      raise hyperparams.ConfigError(
+          f'micro_batch_size must be >= 1, got {micro_batch_size}.')
     full, rest = divmod(batch_size, micro_batch_size)
     return [micro_batch_size] * full + ([rest] if rest else [])
   if num_micro_batches < 1:
-    raise ValueError(f'num_micro_batches must be >= 1, got {num_micro_batches}.')
+    raise hyperparams.ConfigError(
+        f'num_micro_batches must be >= 1, got {num_micro_batches}.')
   if num_micro_batches > batch_size:
-    raise ValueError(
+    raise hyperparams.ConfigError(
         f'num_micro_batches={num_micro_batches} exceeds the batch size '
         f'{batch_size}: every micro-batch needs at least one example. Use at '
         f'most {batch_size} micro-batches or a larger batch.')

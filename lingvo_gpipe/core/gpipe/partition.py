@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional, Sequence
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.layers import combinators
 
 PARTITION_METHODS = ('params', 'flops', 'time', 'memory')
 
 
-class NoMetaError(ValueError):
+class NoMetaError(hyperparams.ConfigError):
   """A layer's FPropMeta gave no meta; `reason` names the layer and why."""
 
   def __init__(self, reason: str):
@@ -56,14 +57,17 @@ def ValidateBalance(balance: Sequence[int], num_layers: int,
   """Checks an explicit balance (cell sizes) against the number of layers."""
   balance = list(balance)
   if not balance:
-    raise ValueError(f'{source} is empty; give one layer count per cell.')
+    raise hyperparams.ConfigError(
+        f'{source} is empty; give one layer count per cell.')
   bad = [b for b in balance if not isinstance(b, int) or b < 1]
   if bad:
-    raise ValueError(f'{source}={balance}: every cell needs a positive integer '
-                     f'number of layers, got {bad}.')
+    raise hyperparams.ConfigError(
+        f'{source}={balance}: every cell needs a positive integer number of '
+        f'layers, got {bad}.')
   if sum(balance) != num_layers:
-    raise ValueError(f'{source}={balance} sums to {sum(balance)}, but there are '
-                     f'{num_layers} layers; the sizes must sum to {num_layers}.')
+    raise hyperparams.ConfigError(
+        f'{source}={balance} sums to {sum(balance)}, but there are '
+        f'{num_layers} layers; the sizes must sum to {num_layers}.')
   return balance
 
 
@@ -106,10 +110,12 @@ def Balance(costs: Sequence[float], num_partitions: int,
   """
   n = len(costs)
   if num_partitions < 1:
-    raise ValueError(f'num_partitions must be >= 1, got {num_partitions}.')
+    raise hyperparams.ConfigError(
+        f'num_partitions must be >= 1, got {num_partitions}.')
   if num_partitions > n:
-    raise ValueError(f'num_partitions={num_partitions} exceeds the number of '
-                     f'layers ({n}); each cell needs at least one layer.')
+    raise hyperparams.ConfigError(
+        f'num_partitions={num_partitions} exceeds the number of layers '
+        f'({n}); each cell needs at least one layer.')
   if any(c < 0 for c in costs):
     raise ValueError(f'Layer costs must be >= 0, got {list(costs)}.')
   lo, hi = max(costs), float(sum(costs))
@@ -207,8 +213,9 @@ def StaticLayerCosts(layer_params: Sequence[base_layer.Params], method: str,
     return [float(p.cls.NumParams(p)) for p in layer_params]
   if method == 'flops':
     if input_shapes is None:
-      raise ValueError("partition_method='flops' needs the input shapes of the "
-                       'first layer (Params field input_shapes).')
+      raise hyperparams.ConfigError(
+          "partition_method='flops' needs the input shapes of the first "
+          'layer (Params field input_shapes).')
     try:
       return [float(meta.flops) for meta in combinators.LayerMetas(
           layer_params, input_shapes,

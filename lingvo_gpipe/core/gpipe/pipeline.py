@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import boundary
 from lingvo_gpipe.core.gpipe import executor as executor_lib
@@ -103,7 +104,7 @@ def RunPipeline(cells: Sequence[Any],
   """
   recompute_lib.CheckMode(recompute)
   if executor not in EXECUTORS:
-    raise ValueError(f'Unknown executor {executor!r}; valid: '
+    raise hyperparams.ConfigError(f'Unknown executor {executor!r}; valid: '
                      f'{", ".join(EXECUTORS)}.')
   num_cells = len(cells)
   if schedule is None:
@@ -178,18 +179,19 @@ def CheckJitCompile(jit_compile: bool, schedule: schedule_lib.Schedule,
                     placement: placement_lib.Placement) -> None:
   """Refuses, by name, what XLA-compiled cells cannot run."""
   if not isinstance(jit_compile, bool):
-    raise ValueError(f'jit_compile must be True or False, got {jit_compile!r}.')
+    raise hyperparams.ConfigError(
+        f'jit_compile must be True or False, got {jit_compile!r}.')
   if not jit_compile:
     return
   if isinstance(placement, placement_lib.TpuPlacement):
-    raise ValueError(
+    raise hyperparams.ConfigError(
         "jit_compile=True compiles cells for TensorFlow devices; with "
         "placement_backend='tpu' XLA already compiles the whole step: use "
         "jit_compile=False there (jit_compile=True needs placement_backend="
         "'devices').")
   if any(t.kind == schedule_lib.INPUT_GRAD for c in range(schedule.num_cells)
          for t in schedule.CellOrder(c)):
-    raise ValueError(
+    raise hyperparams.ConfigError(
         f'jit_compile=True runs a cell\'s backward as one XLA computation, '
         'which cannot hand out the input gradient before the weight '
         f'gradients as schedule {schedule.name} asks (input_grads_first): '

@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import partition
 from lingvo_gpipe.core.gpipe import pipeline
@@ -39,9 +40,10 @@ from lingvo_gpipe.core.nested_map import NestedMap
 PLACEMENT_BACKENDS = ('devices', 'tpu')
 
 
-def _Refuse(path: str, field: str, value: Any, valid: str) -> ValueError:
+def _Refuse(path: str, field: str, value: Any,
+            valid: str) -> hyperparams.ConfigError:
   """The error for a bad Params value: the field, the value, what is valid."""
-  return ValueError(f'{path}: {field}={value!r}; valid: {valid}.')
+  return hyperparams.ConfigError(f'{path}: {field}={value!r}; valid: {valid}.')
 
 
 def _CheckInt(path: str, field: str, value: Any, minimum: int,
@@ -54,17 +56,17 @@ def _CheckInt(path: str, field: str, value: Any, minimum: int,
     elif isinstance(value, numbers.Real) and float(value).is_integer():
       number = int(value)
   if number is None:
-    raise ValueError(f'{path}: {field} must be an integer >= {minimum} '
-                     f'({what}), got {value!r}.')
+    raise hyperparams.ConfigError(f'{path}: {field} must be an integer >= {minimum} '
+                                  f'({what}), got {value!r}.')
   if number < minimum:
-    raise ValueError(f'{path}: {field} must be >= {minimum} ({what}), got '
-                     f'{value!r}.')
+    raise hyperparams.ConfigError(f'{path}: {field} must be >= {minimum} ({what}), got '
+                                  f'{value!r}.')
   return number
 
 
 def _CheckBool(path: str, field: str, value: Any) -> None:
   if not isinstance(value, bool):
-    raise ValueError(f'{path}: {field} must be True or False, got {value!r}.')
+    raise hyperparams.ConfigError(f'{path}: {field} must be True or False, got {value!r}.')
 
 
 def _CheckChoice(path: str, field: str, value: Any,
@@ -74,8 +76,8 @@ def _CheckChoice(path: str, field: str, value: Any,
     return
   close = difflib.get_close_matches(str(value), choices, n=1)
   hint = f' Did you mean {close[0]!r}?' if close else ''
-  raise ValueError(f'{path}: {field}={value!r}; valid: '
-                   f'{", ".join(choices)}.{hint}')
+  raise hyperparams.ConfigError(f'{path}: {field}={value!r}; valid: '
+                                f'{", ".join(choices)}.{hint}')
 
 
 class Cell(tf.Module):
@@ -245,12 +247,12 @@ class PipeliningLayer(base_layer.BaseLayer):
     p = self.params
     path = self.path
     if (p.cell_tpl is None) == (p.layers is None):
-      raise ValueError(f'{path}: give exactly one of cell_tpl (one Params '
-                       'per cell) and layers (a flat list to partition).')
+      raise hyperparams.ConfigError(f'{path}: give exactly one of cell_tpl (one Params '
+                                    'per cell) and layers (a flat list to partition).')
     chosen = p.cell_tpl if p.cell_tpl is not None else p.layers
     if not isinstance(chosen, (list, tuple)) or not chosen:
-      raise ValueError(f'{path}: cell_tpl/layers must be a non-empty list '
-                       f'of layer Params, got {chosen!r}.')
+      raise hyperparams.ConfigError(f'{path}: cell_tpl/layers must be a non-empty list '
+                                    f'of layer Params, got {chosen!r}.')
     _CheckChoice(path, 'recompute', p.recompute, recompute.RECOMPUTE_MODES)
     _CheckChoice(path, 'partition_method', p.partition_method,
                  partition.PARTITION_METHODS)
@@ -284,7 +286,7 @@ class PipeliningLayer(base_layer.BaseLayer):
           path, 'micro_batch_size', p.micro_batch_size, 1,
           'examples per micro-batch; or None to use num_micro_batches')
       if p.num_micro_batches != 1:
-        raise ValueError(
+        raise hyperparams.ConfigError(
             f'{path}: num_micro_batches={p.num_micro_batches} and '
             f'micro_batch_size={p.micro_batch_size} are both set, and one '
             'would be ignored; valid: either num_micro_batches (M '
@@ -313,12 +315,12 @@ class PipeliningLayer(base_layer.BaseLayer):
     units = partition.NumUnits(p.layers)
     if p.balance is not None:
       if len(p.balance) != p.num_partitions and p.num_partitions != 1:
-        raise ValueError(f'balance={p.balance} has {len(p.balance)} cells but '
-                         f'num_partitions={p.num_partitions}.')
+        raise hyperparams.ConfigError(f'balance={p.balance} has {len(p.balance)} cells but '
+                                      f'num_partitions={p.num_partitions}.')
       return partition.ValidateBalance(p.balance, sum(units))
     if p.num_partitions > sum(units):
-      raise ValueError(f'num_partitions={p.num_partitions} exceeds the '
-                       f'{sum(units)} layers; each cell needs a layer.')
+      raise hyperparams.ConfigError(f'num_partitions={p.num_partitions} exceeds the '
+                                    f'{sum(units)} layers; each cell needs a layer.')
     costs = partition.UnitCosts(cls.LayerCosts(p), units)
     return partition.Balance(costs, p.num_partitions)
 
@@ -330,8 +332,8 @@ class PipeliningLayer(base_layer.BaseLayer):
           base_layer.ToShape(tuple(p.input_shapes)))
       return partition.StaticLayerCosts(p.layers, method, shapes)
     if p.input_shapes is None:
-      raise ValueError(f"partition_method={method!r} profiles each layer and "
-                       'needs input_shapes (one shape per FProp argument).')
+      raise hyperparams.ConfigError(f"partition_method={method!r} profiles each layer and "
+                                    'needs input_shapes (one shape per FProp argument).')
     device = (p.devices or placement_lib.LocalDevices())[0]
     return profile.ProfileLayers(p.layers, method, tuple(p.input_shapes),
                                  device=device)
@@ -358,7 +360,7 @@ class PipeliningLayer(base_layer.BaseLayer):
     if p.placement_backend == 'tpu':
       strategy = tf.distribute.get_strategy()
       if not isinstance(strategy, tf.distribute.TPUStrategy):
-        raise ValueError(
+        raise hyperparams.ConfigError(
             f"{self.path}: placement_backend='tpu' needs a "
             'tf.distribute.TPUStrategy scope, found '
             f'{type(strategy).__module__}.{type(strategy).__name__} (the '

@@ -14,6 +14,8 @@ from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
+from lingvo_gpipe.core import hyperparams
+
 
 class Placement:
   """Base: K device slots for K cells."""
@@ -60,7 +62,7 @@ class DevicePlacement(Placement):
   def __init__(self, num_cells: int, devices: Sequence[str]):
     super().__init__(num_cells)
     if not devices:
-      raise ValueError('DevicePlacement needs at least one device name.')
+      raise hyperparams.ConfigError('DevicePlacement needs at least one device name.')
     self.devices = [_Canonical(d) for d in devices]
 
   def Device(self, cell: int) -> str:
@@ -150,10 +152,10 @@ class TpuPlacement(Placement):
     if isinstance(strategy, tf.distribute.TPUStrategy):
       cores = TpuLogicalCores(strategy, at_most=num_cells)
       if cores < num_cells:
-        raise ValueError(f'The TPUStrategy gives {cores} logical cores per '
-                         f'replica, fewer than the {num_cells} pipeline cells; '
-                         'build its DeviceAssignment with computation_shape '
-                         f'[1, 1, 1, {num_cells}].')
+        raise hyperparams.ConfigError(f'The TPUStrategy gives {cores} logical cores per '
+                                      f'replica, fewer than the {num_cells} pipeline cells; '
+                                      'build its DeviceAssignment with computation_shape '
+                                      f'[1, 1, 1, {num_cells}].')
     self.strategy = strategy
 
   def Device(self, cell: int) -> str:
@@ -198,13 +200,13 @@ def TpuComputationShape(num_cells: int, mesh_shape: Sequence[int]) -> list[int]:
   cores_per_chip = int(mesh_shape[-1])
   if num_cells <= cores_per_chip:
     if cores_per_chip % num_cells:
-      raise ValueError(f'{num_cells} cells do not evenly share a chip of '
-                       f'{cores_per_chip} cores; use a divisor of it or a '
-                       f'multiple of {cores_per_chip}.')
+      raise hyperparams.ConfigError(f'{num_cells} cells do not evenly share a chip of '
+                                    f'{cores_per_chip} cores; use a divisor of it or a '
+                                    f'multiple of {cores_per_chip}.')
     return [1, 1, 1, num_cells]
   if num_cells % cores_per_chip:
-    raise ValueError(f'{num_cells} cells need whole chips of {cores_per_chip} '
-                     f'cores: use a multiple of {cores_per_chip}.')
+    raise hyperparams.ConfigError(f'{num_cells} cells need whole chips of {cores_per_chip} '
+                                  f'cores: use a multiple of {cores_per_chip}.')
   remaining = num_cells // cores_per_chip
   shape = [1, 1, 1, cores_per_chip]
   for dim in range(3):
@@ -213,8 +215,8 @@ def TpuComputationShape(num_cells: int, mesh_shape: Sequence[int]) -> list[int]:
     shape[dim] = extent
     remaining //= extent
   if remaining != 1:
-    raise ValueError(f'{num_cells} cells do not fit one block of the TPU mesh '
-                     f'{list(mesh_shape)}.')
+    raise hyperparams.ConfigError(f'{num_cells} cells do not fit one block of the TPU mesh '
+                                  f'{list(mesh_shape)}.')
   return shape
 
 
@@ -230,8 +232,8 @@ def BuildTpuDeviceAssignment(topology: Any, num_cells: int,
   total = int(topology.num_tasks * topology.num_tpus_per_task)
   if num_replicas is None:
     if total % num_cells:
-      raise ValueError(f'{total} TPU cores do not split into replicas of '
-                       f'{num_cells} cells.')
+      raise hyperparams.ConfigError(f'{total} TPU cores do not split into replicas of '
+                                    f'{num_cells} cells.')
     num_replicas = total // num_cells
   shape = TpuComputationShape(num_cells, topology.mesh_shape)
   return tf.tpu.experimental.DeviceAssignment.build(
