@@ -36,16 +36,9 @@ import sys
 import traceback
 from typing import Optional
 
-# Before TensorFlow starts: the CPU allocator keeps peak-memory statistics
-# only when it is the BFC allocator; the summaries report them.
-os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Under a CPU memory cap (TF_CPU_BFC_MEM_LIMIT_IN_MB, a CPU made to behave like
-# an accelerator of that size) oneDNN's kernels crash the process on a failed
-# allocation instead of raising ResourceExhaustedError; TensorFlow's own
-# kernels raise, and the trainer can then say which knobs help.
-if os.environ.get('TF_CPU_BFC_MEM_LIMIT_IN_MB'):
-  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+from lingvo_gpipe.core import tf_env
+
+tf_env.Setup()  # before TensorFlow loads: allocator, oneDNN, log noise
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -72,6 +65,7 @@ DEVICES = ('auto', 'cpu', 'gpu')
 TPU_CONNECT_TIMEOUT_SECS = 60.0
 
 
+flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 _MODEL = flags.DEFINE_string(
     'model', None, 'Registered model name, e.g. image.digits.AmoebaNetTiny; '
     'see --list_models.')

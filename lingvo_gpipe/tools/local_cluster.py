@@ -27,11 +27,17 @@ import sys
 import time
 from typing import Callable
 
-from absl import app
+from lingvo_gpipe.core import tf_env
+
+tf_env.Setup()  # before TensorFlow loads: log noise
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
 from lingvo_gpipe.core import cluster
+
+flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2,
                                     'Worker processes: one per pipeline stage.')

@@ -12,7 +12,11 @@ The last line is always `num_params: <integer>`.
 import sys
 from typing import Optional
 
-from absl import app
+from lingvo_gpipe.core import tf_env
+
+tf_env.Setup()  # before TensorFlow loads: log noise
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from lingvo_gpipe import model_registry
@@ -20,6 +24,7 @@ from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import report as report_lib
 
+flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 _MODEL = flags.DEFINE_string('model', None, 'Registered model name, e.g. '
                              'image.cifar10.AmoebaNetD; see --list_models.')
 _OVERRIDE = flags.DEFINE_string('params_override', '', "Overrides, e.g. "

@@ -21,12 +21,12 @@ from here.
 """
 
 import json
-import os
 import sys
 import time
 
-os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from lingvo_gpipe.core import tf_env
+
+tf_env.Setup()  # before TensorFlow loads: allocator, oneDNN, log noise
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -42,6 +42,7 @@ from lingvo_gpipe.core.nested_map import NestedMap
 from lingvo_gpipe.tools import stacks
 from tasks.image import amoebanet
 
+flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 _STACK = flags.DEFINE_enum(
     'stack', 'dense', ['dense', 'transformer', 'amoebanet'], 'dense: '
     'Dense(dim) relu layers on random vectors; transformer: a Transformer-L '

@@ -16,12 +16,9 @@ import os
 import threading
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Peak-memory statistics need the BFC allocator, as in the trainer; under a
-# cap, oneDNN's kernels crash on a failed allocation where TensorFlow's raise.
-os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
-if os.environ.get('TF_CPU_BFC_MEM_LIMIT_IN_MB'):
-  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+from lingvo_gpipe.core import tf_env
+
+tf_env.Setup()  # before TensorFlow loads: allocator, oneDNN, log noise
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -30,6 +27,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import cluster
 
+flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 _HOSTS = flags.DEFINE_string('worker_hosts', None,
                              'Comma-separated host:port of every worker.')
 _TASK = flags.DEFINE_integer('task_index', None, 'Which of them this one is.')

@@ -11,8 +11,8 @@ What the design predicts at K=1, M=8:
 - recompute always: the input, one micro-batch's activations of the cell
   (24 MiB) and two sets of weight gradients (running sum and the newest
   micro-batch's partials): about 60 MiB, so plain/pipelined >= 3. Losing the
-  ordering or the chained accumulation (TF_FACTS traps 1-2) brings all
-  partial gradients or activations back and fails this;
+  ordering or the chained accumulation (docs/tensorflow_memory.md, facts
+  5-6) brings all partial gradients or activations back and fails this;
 - recompute never: the forward tapes keep all micro-batches' activations:
   about plain again, so never/always >= 3 as well.
 """
