@@ -55,7 +55,7 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
   storage = checkpoint_lib.StorageProblem(error)
   if storage is not None and isinstance(error, (OSError, tf.errors.OpError)):
     return ExitStatus.STORAGE, (f'cannot write to the logdir: {storage} '
-                                f'({FirstLine(error)}). Checkpoints already '
+                                f'({_FirstLine(error)}). Checkpoints already '
                                 'written are intact; a rerun resumes from the '
                                 'latest.')
   if isinstance(error, (cluster.WorkerLostError, tf.errors.UnavailableError)):
@@ -78,7 +78,7 @@ def Report(error: BaseException) -> Optional[tuple[ExitStatus, str]]:
 def WorkerLostMessage(error: BaseException) -> str:
   """Which worker was lost and how to go on."""
   return cluster.LostWorkerMessage(error) or (
-      f'a TensorFlow worker was lost: {FirstLine(error)}. Checkpoints already '
+      f'a TensorFlow worker was lost: {_FirstLine(error)}. Checkpoints already '
       'written are intact; restart the worker and rerun to resume.')
 
 
@@ -99,7 +99,7 @@ def UserMessage(error: BaseException) -> str:
   return lines[-1]
 
 
-def FirstLine(error: BaseException) -> str:
+def _FirstLine(error: BaseException) -> str:
   """The error's first line, at most 300 characters."""
   text = str(error).strip().splitlines()
   return (text[0] if text else type(error).__name__)[:300]

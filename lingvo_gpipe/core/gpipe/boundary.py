@@ -116,8 +116,7 @@ class Cell:
     for path, leaf in microbatch.LeafPaths(outputs, 'outputs'):
       if leaf is None:
         continue
-      if not isinstance(leaf, (tf.Tensor, tf.Variable)) and not hasattr(
-          leaf, 'dtype'):
+      if not hasattr(leaf, 'dtype'):  # a tensor, variable or array
         raise ValueError(
             f'{self.description}: {path} is a {type(leaf).__name__} '
             f'({leaf!r:.40}), not a tensor; what a cell returns must be '

@@ -105,7 +105,7 @@ def RunPipeline(cells: Sequence[Any],
   recompute_lib.CheckMode(recompute)
   if executor not in EXECUTORS:
     raise hyperparams.ConfigError(f'Unknown executor {executor!r}; valid: '
-                     f'{", ".join(EXECUTORS)}.')
+                                  f'{", ".join(EXECUTORS)}.')
   num_cells = len(cells)
   if schedule is None:
     schedule = MakeSchedule(num_cells, len(sizes), input_grads_first)
@@ -151,9 +151,9 @@ def RunPipeline(cells: Sequence[Any],
       sinks.Fill('inputs', input_grads)
       if variables is None:
         return sinks.TokenGradients()
-      # The loop executor reads the weights inside its loops (where each
-      # cell runs); their gradients reach the variables through the tokens,
-      # the same reads outside, so these reads add none.
+      # The loop executor reads a worker cell's weights inside its loops;
+      # their gradients reach the variables through the tokens (the same
+      # weights read outside), so these reads add none.
       return sinks.TokenGradients(), [None] * len(variables)
 
     return tf.nest.flatten(outputs), Backward
