@@ -30,15 +30,12 @@ PROC_STAT = '/proc/stat'
 def BuildPipeline(layers: list, num_partitions: int, num_micro_batches: int,
                   recompute: str,
                   devices: Optional[Sequence[str]] = None,
-                  executor: str = 'unrolled', clocks_per_iteration: int = 1,
-                  skip_bubbles: bool = True):
-  """An instantiated PipeliningLayer over `layers`."""
+                  **fields):
+  """An instantiated PipeliningLayer over `layers`; `fields` set others."""
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=num_partitions,
       num_micro_batches=num_micro_batches, recompute=recompute,
-      devices=list(devices) if devices else ['/device:CPU:0'],
-      executor=executor, clocks_per_iteration=clocks_per_iteration,
-      skip_bubbles=skip_bubbles)
+      devices=list(devices) if devices else ['/device:CPU:0'], **fields)
   return p.Instantiate()
 
 

@@ -37,6 +37,7 @@ VARIANTS = {
     'unrolled': dict(executor='unrolled'),
     'loop': dict(executor='loop', skip_bubbles=True),
     'loop_spare_row': dict(executor='loop', skip_bubbles=False),
+    'loop_unpacked': dict(executor='loop', pack_weights=False),
 }
 
 _VARIANTS = flags.DEFINE_list('variants', 'unrolled,loop', 'Two of '

@@ -52,10 +52,28 @@ size known, as the unrolled executor traces it: with it unknown a Dense
 ran as a dozen small ops (tensordot's shape arithmetic) instead of one
 fused matmul, and Transformer blocks reshaped at run time.
 
+A small cell in this process carries its weights, and in the backward
+their running gradient sums, packed: one tensor per dtype, unpacked inside
+the cell's `tf.cond` (packed_weights.py). Every tensor a loop uses is a loop
+variable, and every loop variable and `cond` input runs a few control-flow
+nodes at every clock; unpacked, 16 × Dense(64) in 4 cells ran 10k nodes a
+step at M=8, 6k of them control flow, most for its 32 weights and 32 sums.
+Packed it runs 5.2k, and each cell's clock reads its micro-batch indices
+from one table (`_Clock`). Against the same loop unpacked, two variants
+alternating in one process: 16 × Dense(64), K=4, 0.56× the step at M=8 and
+0.55× at M=64; narrow Transformer blocks (d 32, K=4) 0.82× at M=8 and
+0.76× at M=32. Against the unrolled executor the tiny stack's step is
+still 1.6× and 1.36× (it was 3.4× and 2.3×); a packed cell's clock still
+runs some 60 nodes, a third of them control flow, and a bubble's `cond`
+(bench/results/executor_step_*.md).
+
 `clocks_per_iteration` clocks run in one iteration: each loop iteration
-over 4 devices has a fixed cost that dominates tiny cells (16 × Dense(64),
-K=4, M=64: the step 1.9× the unrolled one at 1 clock an iteration, 1.4× at
-4), at the price of a graph that many times the cells (build 1.7 s → 3.5 s).
+over 4 devices has a fixed cost that dominated tiny cells before packing
+(16 × Dense(64), K=4, M=64: the step 1.9× the unrolled one at 1 clock an
+iteration, 1.4× at 4), at the price of a graph that many times the cells
+(build 1.7 s → 3.5 s). With packed weights more clocks an iteration no
+longer help (1.36×, 1.43× and 1.43× the unrolled step at 1, 2 and 4, M=64,
+one run each).
 
 Both loops run with `parallel_iterations=1`: one clock at a time, as
 fill-drain has it. With TensorFlow's default of 10, clocks could run ahead
@@ -101,11 +119,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import accumulate
+from lingvo_gpipe.core.gpipe import packed_weights
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
@@ -141,7 +161,8 @@ class LoopExecutor:
                collector: base_layer.StatsCollector,
                clocks_per_iteration: int = 1,
                skip_bubbles: bool = True,
-               weights: Optional[Sequence[Any]] = None):
+               weights: Optional[Sequence[Any]] = None,
+               pack_weights: bool = True):
     expected = schedule_lib.FillDrain(
         schedule.num_cells, schedule.num_micro_batches,
         split_backward=getattr(schedule, 'split_backward', False))
@@ -161,9 +182,11 @@ class LoopExecutor:
     if clocks_per_iteration < 1:
       raise hyperparams.ConfigError(
           f'clocks_per_iteration must be >= 1, got {clocks_per_iteration}.')
-    if not isinstance(skip_bubbles, bool):
-      raise hyperparams.ConfigError(
-          f'skip_bubbles must be True or False, got {skip_bubbles!r}.')
+    for name, value in (('skip_bubbles', skip_bubbles),
+                        ('pack_weights', pack_weights)):
+      if not isinstance(value, bool):
+        raise hyperparams.ConfigError(
+            f'{name} must be True or False, got {value!r}.')
     self._unroll = clocks_per_iteration
     self._skip_bubbles = skip_bubbles
     self._out_spec = None
@@ -173,6 +196,14 @@ class LoopExecutor:
                      [r.theta for r in self._runners])
     self._remote = [_InAnotherProcess(placement.Device(k))
                     for k in range(schedule.num_cells)]
+    # A small cell in this process carries its weights and their gradient
+    # sums through the loops packed (packed_weights.py); None: unpacked.
+    self._packs = [
+        packed_weights.PackedWeights(tf.nest.flatten(runner.theta))
+        if pack_weights and not remote and packed_weights.Worth(
+            tf.nest.flatten(runner.theta))
+        else None for runner, remote in zip(self._runners, self._remote)]
+    self._packed: list[Optional[list[tf.Tensor]]] = [None] * len(self._packs)
     self._placement = placement
     self._sizes = list(sizes)
     self._split = expected.split_backward
@@ -187,17 +218,26 @@ class LoopExecutor:
     self._no_grad: list[list[bool]] = []
     self._reduces_batch: list[bool] = []
 
-  def _Clock(self, t: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """(slot, micro-batch index) of cell k at clock t.
+  def _Clock(self, t: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """Per cell k, (slot, micro-batch index) at clock t.
 
     Cell k runs micro-batch t-k. At a bubble clock its slot is the spare slot
     M, which holds a one-example batch in every array (zeros, or what a
     bubble wrote), so the cell computes on one row and writes nothing that
-    counts.
+    counts. Looked up in a table of every clock (with `clocks_per_iteration`
+    clocks either side, which only bubbles fill): one gather and one unstack
+    a clock, where computing each cell's took seven small ops, run at every
+    clock like any op in a loop.
     """
-    m = t - k
-    valid = tf.logical_and(m >= 0, m < self._m)
-    return tf.where(valid, m, self._m), tf.clip_by_value(m, 0, self._m - 1)
+    pad = self._unroll
+    clocks = np.arange(-pad, self._clocks + pad)[:, None]
+    m = clocks - np.arange(self._k)[None, :]
+    valid = (m >= 0) & (m < self._m)
+    slots = np.where(valid, m, self._m).astype(np.int32)
+    micro_batches = np.clip(m, 0, self._m - 1).astype(np.int32)
+    both = tf.gather(tf.constant(np.stack([slots, micro_batches], -1)),
+                     t + pad)
+    return [tuple(tf.unstack(cell)) for cell in tf.unstack(both)]
 
   def _Arrays(self, k: int, spec: Any) -> list[tf.TensorArray]:
     """Arrays for micro-batches like `spec` on cell k's device; slot M one zero row."""
@@ -261,6 +301,10 @@ class LoopExecutor:
     outputs = self._Arrays(self._k - 1, out_spec)
     merged = self._NoStatistics(recorded)
     self._reduces_batch = [bool(r) for r in recorded]
+    for k, pack in enumerate(self._packs):
+      if pack is not None:
+        with self._placement.CellScope(k):
+          self._packed[k] = pack.Pack(tf.nest.flatten(self._runners[k].theta))
 
     def Body(first, arrays, outputs, merged):
       arrays, merged = [list(a) for a in arrays], [list(m) for m in merged]
@@ -269,7 +313,9 @@ class LoopExecutor:
       # at once. Clocks past the last are bubbles for every cell.
       for t, k in ((first + u, k) for u in range(self._unroll)
                    for k in reversed(range(self._k))):
-        slot, micro_batch = self._Clock(t, k)
+        if k == self._k - 1:
+          clock = self._Clock(t)
+        slot, micro_batch = clock[k]
         with self._placement.CellScope(k):
           x = tf.nest.pack_sequence_as(
               self._in_specs[k], [a.read(slot) for a in arrays[k]])
@@ -360,6 +406,9 @@ class LoopExecutor:
     (with Grappler off both peak alike: its rewrites of the loop use the
     weights when they are loop invariants). Call under cell k's device scope.
     """
+    if self._packs[k] is not None:
+      return self._runners[k].Rebound(tf.nest.pack_sequence_as(
+          self._runners[k].theta, self._packs[k].Unpack(self._packed[k])))
     if not self._remote[k]:
       return self._runners[k]
     return self._runners[k].Rebound(tf.nest.map_structure(
@@ -403,17 +452,7 @@ class LoopExecutor:
       g_theta, g_x = runner.Backward(
           micro_batch, gated_x, gated_dy, None,
           input_grad_first=self._split and k > 0)
-      new_sums = list(sums)
-      for i, g in enumerate(g_theta):
-        if g is None:
-          self._no_grad[k][i] = True
-        elif self._reduces_batch[k]:
-          # A layer that reduces over the batch (BatchNorm) could make a
-          # bubble's gradient 0 · inf; keep the bubble out of the sum.
-          new_sums[i] = tf.where(valid, sums[i] + tf.convert_to_tensor(g),
-                                 sums[i])
-        else:
-          new_sums[i] = sums[i] + tf.convert_to_tensor(g)
+      new_sums = self._Summed(k, sums, g_theta, valid)
       g_x = tf.nest.map_structure(
           lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
       return new_sums, g_x
@@ -423,6 +462,25 @@ class LoopExecutor:
 
     return self._Bubble(valid, Work, Bubble)
 
+  def _Summed(self, k: int, sums: list, g_theta: list,
+              valid: tf.Tensor) -> list:
+    """Cell k's running `sums` with one micro-batch's `g_theta` added."""
+    for i, g in enumerate(g_theta):
+      if g is None:
+        self._no_grad[k][i] = True
+    if self._packs[k] is not None:
+      g_theta = self._packs[k].Pack(g_theta)
+    new_sums = list(sums)
+    for i, g in enumerate(g_theta):
+      if g is None:
+        continue
+      added = sums[i] + tf.convert_to_tensor(g)
+      # A layer that reduces over the batch (BatchNorm) could make a
+      # bubble's gradient 0 · inf; keep the bubble out of the sum.
+      new_sums[i] = (tf.where(valid, added, sums[i]) if self._reduces_batch[k]
+                     else added)
+    return new_sums
+
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
     grads_in = [self._Arrays(k, self._in_specs[k + 1])
@@ -431,8 +489,10 @@ class LoopExecutor:
     sums = []
     for k, runner in enumerate(self._runners):
       with self._placement.CellScope(k):
-        sums.append([tf.zeros_like(t) for t in tf.nest.flatten(runner.theta)])
-    self._no_grad = [[False] * len(s) for s in sums]
+        sums.append([tf.zeros_like(t) for t in (
+            self._packed[k] if self._packs[k] is not None
+            else tf.nest.flatten(runner.theta))])
+    self._no_grad = [[False] * r.num_theta for r in self._runners]
 
     def Body(done, grads_in, input_grads, sums):
       grads_in, sums = [list(g) for g in grads_in], [list(a) for a in sums]
@@ -440,7 +500,9 @@ class LoopExecutor:
       # behind it writes this clock's.
       for t, k in ((self._clocks - 1 - done - u, k)
                    for u in range(self._unroll) for k in range(self._k)):
-        slot, micro_batch = self._Clock(t, k)
+        if k == 0:
+          clock = self._Clock(t)
+        slot, micro_batch = clock[k]
         with self._placement.CellScope(k):
           # At a bubble clock both are the spare row, the output gradient
           # zero (or a bubble's zero input gradient): nothing is added.
@@ -462,6 +524,10 @@ class LoopExecutor:
         lambda s, *_: s < self._clocks, Body,
         (tf.constant(0), grads_in, input_grads, sums),
         parallel_iterations=1)
+    for k, pack in enumerate(self._packs):
+      if pack is not None:
+        with self._placement.CellScope(k):
+          sums[k] = pack.Unpack(sums[k])
     sums = [[None if none else g for g, none in zip(cell_sums, no_grad)]
             for cell_sums, no_grad in zip(sums, self._no_grad)]
     merged = tf.nest.flatten(self._Merge(0, input_grads, self._in_specs[0]))

@@ -69,6 +69,7 @@ def RunPipeline(cells: Sequence[Any],
                 executor: str = 'unrolled',
                 clocks_per_iteration: int = 1,
                 skip_bubbles: bool = True,
+                pack_weights: bool = True,
                 jit_compile: bool = False) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
@@ -95,6 +96,8 @@ def RunPipeline(cells: Sequence[Any],
       iteration (loop_executor.py).
     skip_bubbles: with executor 'loop', a cell skips its bubble clocks
       (`tf.cond`) instead of computing on a one-row spare batch there.
+    pack_weights: with executor 'loop', small cells carry their weights and
+      gradient sums through the loops packed (packed_weights.py).
     jit_compile: XLA compiles each cell's forward and backward, run on the
       cell's device (recompute.py); not with TPU placement or schedules
       that split the backward (input_grads_first).
@@ -127,7 +130,8 @@ def RunPipeline(cells: Sequence[Any],
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
                                          recompute, sizes, batch_dim,
                                          collector, clocks_per_iteration,
-                                         skip_bubbles, weights)
+                                         skip_bubbles, weights,
+                                         pack_weights)
   else:
     lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
                                               recompute), sizes, batch_dim,

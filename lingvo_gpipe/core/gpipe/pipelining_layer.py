@@ -156,6 +156,13 @@ class PipeliningLayer(base_layer.BaseLayer):
              '(Transformer blocks, K=8: 0.69x the step at M=8; K=128, M=32: '
              '0.16x), 9-15% slower on cells of a few Dense(64) '
              '(bench/results/executor_step_loop_spare_row_vs_loop_*.md).')
+    p.Define('pack_weights', True, "executor='loop': a cell in this "
+             'process whose weights hold at most 2^20 elements carries them, '
+             'and their gradient sums, through the loops as one tensor per '
+             'dtype, not one loop variable each (packed_weights.py): the '
+             'step 0.55x as long on 16 × Dense(64), K=4, 0.76-0.82x on narrow '
+             'Transformer blocks (bench/results/executor_step_loop_unpacked_'
+             'vs_loop_*.md). False: one each.')
     p.Define('jit_compile', False, "XLA compiles each cell's forward and "
              'backward (recomputation and gradients), each run on its '
              "cell's device; both executors, every recompute mode; not with "
@@ -259,7 +266,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     _CheckChoice(path, 'executor', p.executor, pipeline.EXECUTORS)
     _CheckChoice(path, 'placement_backend', p.placement_backend,
                  PLACEMENT_BACKENDS)
-    for field in ('input_grads_first', 'skip_bubbles', 'jit_compile'):
+    for field in ('input_grads_first', 'skip_bubbles', 'pack_weights',
+                  'jit_compile'):
       _CheckBool(path, field, p.Get(field))
     p.num_partitions = _CheckInt(path, 'num_partitions', p.num_partitions, 1,
                                  'the number of cells')
@@ -406,6 +414,7 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 executor=p.executor,
                                 clocks_per_iteration=p.clocks_per_iteration,
                                 skip_bubbles=p.skip_bubbles,
+                                pack_weights=p.pack_weights,
                                 jit_compile=p.jit_compile)
 
   def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:

@@ -133,9 +133,10 @@ class _Counting(base_layer.BaseLayer):
     del stats_list
 
 
-@pytest.mark.parametrize('skip_bubbles', [True, False])
+@pytest.mark.parametrize('skip_bubbles,pack_weights', [
+    (True, True), (False, True), (True, False)])
 def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does(
-    skip_bubbles):
+    skip_bubbles, pack_weights):
   layers = []
   for i in range(3):
     layers += [dense.Dense.Params().Set(name=f'fc{i}', input_dim=4,
@@ -147,8 +148,8 @@ def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does(
   for executor in ('unrolled', 'loop'):
     pipe = PipeliningLayer.Params().Set(
         name='pipe', layers=layers, num_partitions=3, num_micro_batches=4,
-        devices=_DEVICES, executor=executor,
-        skip_bubbles=skip_bubbles).Instantiate()
+        devices=_DEVICES, executor=executor, skip_bubbles=skip_bubbles,
+        pack_weights=pack_weights).Instantiate()
 
     @tf.function
     def Step():

@@ -377,6 +377,8 @@ def test_bad_params_raise_clear_errors(overrides, message):
      'got 0'),
     (dict(skip_bubbles='yes'),
      r"skip_bubbles must be True or False, got 'yes'"),
+    (dict(pack_weights='no'),
+     r"pack_weights must be True or False, got 'no'"),
     (dict(input_grads_first=1), r'input_grads_first must be True or False, '
      'got 1'),
     (dict(jit_compile=None), r'pipe: jit_compile must be True or False, got '
