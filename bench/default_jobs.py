@@ -22,8 +22,8 @@ from absl import app
 from absl import flags
 
 from bench import common
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import summary
+from tests.support import binaries
 
 JOBS = (
     ('image.digits.AmoebaNetTiny', 'top1_accuracy', 0.97),

@@ -17,12 +17,13 @@ spare row (`loop_spare_row`, skip_bubbles=False).
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from bench import tf_setup
+
+tf_setup.Setup()  # before TensorFlow loads: log noise, TensorFlow's own allocator
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

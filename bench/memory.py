@@ -39,7 +39,13 @@ import tempfile
 import time
 from typing import NamedTuple, Optional, Sequence
 
-from absl import app
+from lingvo_gpipe.core import tf_env
+
+# Before TensorFlow loads (bench.common): this process's log noise. It times nothing in
+# TensorFlow itself; each probe's processes get _ProbeEnv() and their own tf_env.Setup().
+tf_env.Setup()
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from bench import common

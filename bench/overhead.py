@@ -20,11 +20,12 @@ goals are judged on the median CPU ratio (wall shown alongside).
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from bench import tf_setup
+
+tf_setup.Setup()  # before TensorFlow loads: log noise, TensorFlow's own allocator
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
+from tests.support import binaries
 
 _STARTUP_SECS = 120
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.run_errors import ExitStatus
+from tests.support import binaries
 
 _TOY = 'example.toy.ToyRegression'
 

@@ -11,7 +11,7 @@ import ctypes.util
 import pytest
 
 from lingvo_gpipe.run_errors import ExitStatus
-from lingvo_gpipe.core import binaries
+from tests.support import binaries
 
 _TOY = 'example.toy.ToyRegression'
 _SAVER_NOISE = 'Sharding callback duration'

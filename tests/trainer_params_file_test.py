@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.run_errors import ExitStatus
+from tests.support import binaries
 
 _TOY = 'example.toy.ToyRegression'
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from tests.support import binaries
 
 _FLAGS = ('--model=example.toy.ToyRegression',
           '--params_override=train.save_interval_steps=2')

@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.run_errors import ExitStatus
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import summary
+from tests.support import binaries
 
 _TOY = 'example.toy.ToyRegression'
 _FAST = ('train.save_interval_steps=3; train.log_interval_steps=2; '

@@ -20,9 +20,11 @@ from here.
       --dim=512 --batch=4096 --num_micro_batches=8 --recompute=always
 """
 
+import importlib
 import json
 import sys
 import time
+import types
 
 from lingvo_gpipe.core import tf_env
 
@@ -40,7 +42,6 @@ from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import recompute
 from lingvo_gpipe.core.nested_map import NestedMap
 from lingvo_gpipe.tools import stacks
-from tasks.image import amoebanet
 
 flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 _STACK = flags.DEFINE_enum(
@@ -86,6 +87,9 @@ _EXECUTOR = flags.DEFINE_enum('executor', 'unrolled',
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
+# --stack=amoebanet's network is the application's (tasks/), found by name as
+# model_registry finds params/: the library imports neither (layering_test.py).
+_AMOEBANET_MODULE = 'tasks.image.amoebanet'
 
 
 def _DenseStack() -> stacks.Stack:
@@ -98,7 +102,20 @@ def _TransformerStack() -> stacks.Stack:
                                  _VOCAB.value, stacked=_STACK_LAYERS.value)
 
 
+def _ImportAmoebaNet() -> types.ModuleType:
+  """The module defining AmoebaNet, imported when --stack=amoebanet needs it."""
+  try:
+    return importlib.import_module(_AMOEBANET_MODULE)
+  except ModuleNotFoundError as e:
+    if e.name not in ('tasks', 'tasks.image', _AMOEBANET_MODULE):
+      raise  # a dependency of the module is missing: its own error says which
+    raise app.UsageError(
+        f'--stack=amoebanet needs {_AMOEBANET_MODULE} on sys.path (run from '
+        f'the repository root): {e}') from e
+
+
 def _AmoebaNetStack() -> stacks.Stack:
+  amoebanet = _ImportAmoebaNet()
   p = amoebanet.AmoebaNet.Params().Set(
       num_cells=_NUM_LAYERS.value, num_filters=_DIM.value, genotype='D',
       num_classes=10, image_size=_IMAGE_SIZE.value, stem_type='basic')

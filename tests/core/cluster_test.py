@@ -16,8 +16,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import cluster
+from tests.support import binaries
 
 _FLAG = '--worker_timeout_secs'
 

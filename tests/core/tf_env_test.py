@@ -11,9 +11,9 @@ import subprocess
 import sys
 import textwrap
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import stderr_filter
 from lingvo_gpipe.core import tf_env
+from tests.support import binaries
 
 _HEADER = (b'WARNING: All log messages before absl::InitializeLog() is called '
            b'are written to STDERR\n')

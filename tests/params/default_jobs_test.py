@@ -12,8 +12,8 @@ import shlex
 
 import pytest
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import summary
+from tests.support import binaries
 
 
 

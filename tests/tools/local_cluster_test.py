@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.run_errors import ExitStatus
+from tests.support import binaries
 
 _TOY = 'example.toy.ToyRegression'
 _STEPS = ('--max_steps=4', '--params_override=train.save_interval_steps=4; '

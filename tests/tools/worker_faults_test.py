@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.run_errors import ExitStatus
+from tests.support import binaries
 
 _TOY = 'example.toy.ToyRegression'
 _FLAG = '--worker_timeout_secs'

@@ -8,7 +8,6 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import placement as placement_lib
@@ -17,6 +16,7 @@ from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import dropout
 from lingvo_gpipe.core.layers import embedding
 from lingvo_gpipe.core.layers import normalization
+from tests.support import test_utils
 
 _DEVICES = ['/device:CPU:0', '/device:CPU:1']
 _EXECUTORS = ('unrolled', 'loop')

@@ -19,7 +19,7 @@ What the design predicts at K=1, M=8:
 
 import pytest
 
-from lingvo_gpipe.core import binaries
+from tests.support import binaries
 
 
 def _PeakMiB(*flags):

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import hyperparams
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.layers import dense
+from tests.support import test_utils
 
 
 class _Mlp(pipelined_network.PipelinedNetwork):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
+from tests.support import test_utils
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.layers import activations

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import attention
 from lingvo_gpipe.core.layers import dropout
+from tests.support import test_utils
 
 MHA = attention.MultiHeadAttention
 

@@ -7,13 +7,13 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import attention
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import dropout
 from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.nested_map import NestedMap
+from tests.support import test_utils
 
 
 class _DenseOnX(base_layer.BaseLayer):

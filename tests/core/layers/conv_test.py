@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import conv
+from tests.support import test_utils
 
 
 def _Input(shape, seed=0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import test_utils
+from tests.support import test_utils
 from lingvo_gpipe.core.layers import activations
 from lingvo_gpipe.core.layers import dense
 

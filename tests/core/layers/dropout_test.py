@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import dropout
+from tests.support import test_utils
 
 
 def _Dropout(keep_prob=0.5, name='dropout', **kwargs):

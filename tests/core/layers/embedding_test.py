@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import embedding
+from tests.support import test_utils
 
 
 @pytest.mark.parametrize('ids_shape,scale', [([3], False), ([2, 4], True)])

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.nested_map import NestedMap
+from tests.support import test_utils
 
 
 def _Data(shape, seed=0):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import pooling
+from tests.support import test_utils
 
 
 @pytest.mark.parametrize('pooling_type,window,stride,padding', [

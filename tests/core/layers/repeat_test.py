@@ -5,17 +5,17 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import binaries
 from lingvo_gpipe.core import optimizer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import stacked_variable
-from lingvo_gpipe.core import test_utils
 from lingvo_gpipe.core.layers import attention
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import dropout
 from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.layers import repeat
+from tests.support import binaries
+from tests.support import test_utils
 
 
 def _Dense(i, o, act='tanh'):

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
+from tests.support import test_utils
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import repeat

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
-from lingvo_gpipe.core import test_utils
+from tests.support import test_utils
 from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks.image import amoebanet

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from lingvo_gpipe.core import test_utils
+from tests.support import test_utils
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics

@@ -2,6 +2,8 @@
 
 One place says how: the same interpreter, `python -m <module>`, this checkout
 importable (PYTHONPATH), TensorFlow's C++ logs quiet, from the repository root.
+It lives in the repository (tests/support/) and is never installed, so
+REPO_ROOT, two directories up from it, is always this checkout's root.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO_ROOT = str(Path(__file__).resolve().parents[2])  # <root>/tests/support/binaries.py
 TRAINER = 'lingvo_gpipe.trainer'
 LOCAL_CLUSTER = 'lingvo_gpipe.tools.local_cluster'
 STEP_MEMORY = 'lingvo_gpipe.tools.step_memory'

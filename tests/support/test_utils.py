@@ -1,4 +1,4 @@
-"""Checks for layers and pipelines, for this project's tests and users' own.
+"""Checks for layers and pipelines, for this project's tests.
 
 CheckLayer enforces that `NumParams(p)` equals the scalars of the trainable
 variables the layer really creates, and that `FPropMeta(p, *shapes)` gives the
