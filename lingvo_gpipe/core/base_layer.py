@@ -3,6 +3,8 @@
 Invariants this module keeps:
 - A layer is built from a copy of its Params; its children are built from
   theirs in `__init__`, so a whole model is a Params tree plus one Instantiate.
+  A composite declares its children once, in `ChildParams(p)`: `__init__`
+  builds them from it and classmethods (FPropMeta) size them from it.
 - `FProp(theta, *inputs)` reads variables only through `theta`, a NestedMap of
   this layer's variables and its children's thetas. That lets the pipeline move
   a layer to a device, recompute it, and accumulate its gradients.
@@ -382,6 +384,25 @@ class BaseLayer(tf.Module):
     self._path = getattr(_local, 'child_path', None) or p.name
     self._variables_by_name: dict[str, Any] = {}
     self._children_by_name: dict[str, Any] = {}
+    for name, child in self.ChildParams(p).items():
+      if isinstance(child, (list, tuple)):
+        self.CreateChildren(name, child)
+      elif child is not None:
+        self.CreateChild(name, child)
+
+  @classmethod
+  def ChildParams(cls, p: Params) -> NestedMap:
+    """name -> Params of the children a layer of Params `p` has, in build order.
+
+    The one declaration of a composite's children: BaseLayer.__init__ builds
+    them (CreateChild; a list of Params: CreateChildren; None: no child), so
+    they exist when a subclass's `__init__` body runs, and classmethods such
+    as FPropMeta read the same Params instead of repeating them. It may
+    check `p` (raise ValueError). Default: none; a layer whose children need
+    more (a device scope per child) creates them in `__init__` itself.
+    """
+    del p
+    return NestedMap()
 
   @property
   def params(self) -> hyperparams.InstantiableParams:

@@ -85,15 +85,8 @@ def _Extras(inputs: Any) -> NestedMap:
   return NestedMap((k, v) for k, v in inputs.items() if k not in _STATE_KEYS)
 
 
-def _CreateChildren(layer: base_layer.BaseLayer, children: NestedMap) -> None:
-  for name, cp in children.items():
-    if isinstance(cp, list):
-      layer.CreateChildren(name, cp)
-    elif cp is not None:
-      layer.CreateChild(name, cp)
-
-
 def _SumParams(children: NestedMap) -> int:
+  """Parameters of a ChildParams result: its children's, from Params alone."""
   return sum(c.cls.NumParams(c) for c in tf.nest.flatten(
       [v for v in children.values() if v is not None]))
 
@@ -156,7 +149,11 @@ class Cell(base_layer.BaseLayer):
     return p.num_filters * len(cls.Spec(p).concat)
 
   @classmethod
-  def _ChildParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
+    """cur_proj, prev_proj (None when prev needs no projection) and the ops.
+
+    ops[2j], ops[2j + 1] are the left and right operations of state j + 2.
+    """
     spec = cls.Spec(p)
     f, decay = p.num_filters, p.batch_norm_decay
     stride = 2 if p.kind == 'reduction' else 1
@@ -182,12 +179,6 @@ class Cell(base_layer.BaseLayer):
             'cur_proj', ops.OpLayers('1x1', p.cur_dim, f, 1, decay)),
         prev_proj=prev_proj, ops=op_params)
 
-  def __init__(self, params):
-    super().__init__(params)
-    children = self._ChildParams(self.params)
-    self._projects_prev = children.prev_proj is not None
-    _CreateChildren(self, children)
-
   def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
     p = self.params
     spec = self.Spec(p)
@@ -198,8 +189,9 @@ class Cell(base_layer.BaseLayer):
         raise ValueError(f'{self.path}: prev_dim={p.prev_dim} but the inputs '
                          f'have no prev (keys: {sorted(inputs)}).')
       s1 = inputs.prev
-      if self._projects_prev:
-        s1 = self.prev_proj.FProp(theta.prev_proj, s1)
+      prev_proj = self.children_layers.get('prev_proj')
+      if prev_proj is not None:
+        s1 = prev_proj.FProp(theta.prev_proj, s1)
     s0 = self.cur_proj.FProp(theta.cur_proj, cur)
     outputs = _Combine(
         spec, s0, s1, lambda k, x: self.ops[k].FProp(theta.ops[k], x),
@@ -214,13 +206,13 @@ class Cell(base_layer.BaseLayer):
   def NumParams(cls, p) -> int:
     # The cells of a stack differ only by name: counting each distinct cell
     # once sizes the 1.8B-parameter network in about a second.
-    return _SumParams(cls._ChildParams(p))
+    return _SumParams(cls.ChildParams(p))
 
   @classmethod
   def FPropMeta(cls, p, input_shapes):
     shapes = base_layer.ToShape(input_shapes)
     spec = cls.Spec(p)
-    children = cls._ChildParams(p)
+    children = cls.ChildParams(p)
     cur = shapes.cur
     metas = [children.cur_proj.cls.FPropMeta(children.cur_proj, cur)]
     if p.prev_dim is None:
@@ -269,15 +261,11 @@ class Stem(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _ChildParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
     return NestedMap(
         conv=ops.Conv('conv', (3, 3), p.input_dim, p.num_filters, p.stride,
                       p.padding),
         bn=ops.BatchNorm('bn', p.num_filters, p.batch_norm_decay))
-
-  def __init__(self, params):
-    super().__init__(params)
-    _CreateChildren(self, self._ChildParams(self.params))
 
   def FProp(self, theta: NestedMap, inputs: Any) -> NestedMap:
     image = inputs.image if isinstance(inputs, dict) else inputs
@@ -287,13 +275,13 @@ class Stem(base_layer.BaseLayer):
 
   @classmethod
   def NumParams(cls, p) -> int:
-    return _SumParams(cls._ChildParams(p))
+    return _SumParams(cls.ChildParams(p))
 
   @classmethod
   def FPropMeta(cls, p, input_shapes):
     shapes = base_layer.ToShape(input_shapes)
     image = shapes.image if isinstance(shapes, dict) else shapes
-    children = cls._ChildParams(p)
+    children = cls.ChildParams(p)
     meta = combinators.ChainMeta([children.conv, children.bn], [image])
     out = _Extras(shapes)
     out.cur = meta.out_shapes[0]
@@ -313,21 +301,22 @@ class _HeadBase(base_layer.BaseLayer):
   def _Output(cls, inputs: Any, logits: Any) -> NestedMap:
     raise NotImplementedError
 
-  def __init__(self, params):
-    super().__init__(params)
-    self.CreateChild('net', ops.ChainParams('net', self._Layers(self.params)))
+  @classmethod
+  def ChildParams(cls, p) -> NestedMap:
+    return NestedMap(net=ops.ChainParams('net', cls._Layers(p)))
 
   def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
     return self._Output(inputs, self.net.FProp(theta.net, inputs.cur))
 
   @classmethod
   def NumParams(cls, p) -> int:
-    return sum(c.cls.NumParams(c) for c in cls._Layers(p))
+    return _SumParams(cls.ChildParams(p))
 
   @classmethod
   def FPropMeta(cls, p, input_shapes):
     shapes = base_layer.ToShape(input_shapes)
-    meta = combinators.ChainMeta(cls._Layers(p), [shapes.cur])
+    net = cls.ChildParams(p).net
+    meta = net.cls.FPropMeta(net, shapes.cur)
     return base_layer.Meta(meta.flops, cls._Output(shapes, meta.out_shapes[0]))
 
 

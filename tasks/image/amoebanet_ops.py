@@ -1,9 +1,9 @@
 """AmoebaNet's operations, as chains of core layers, and its factorized reduction.
 
 Invariant: one function, `OpLayers(op, in_dim, out_dim, stride)`, gives the
-layers of an operation, and a cell builds its variables, counts its
-parameters (`NumParams`) and sizes its outputs (`FPropMeta`) from those same
-Params. So the static counts of a 1.8B-parameter AmoebaNet are those of the
+layers of an operation; a composite declares its children once, in its
+`ChildParams`, and builds its variables, counts its parameters (`NumParams`)
+and sizes its outputs (`FPropMeta`) from those same Params. So the static counts of a 1.8B-parameter AmoebaNet are those of the
 layers it would build, found without building it.
 
 Order inside an operation follows the public AmoebaNet code (tensorflow/tpu
@@ -160,7 +160,8 @@ class FactorizedReduction(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _ChildParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
+    """The two half-width 1×1 convs and the BN, after checking output_dim."""
     if not isinstance(p.output_dim, int) or p.output_dim < 2 or p.output_dim % 2:
       raise ValueError(f'{p.name}: factorized reduction needs an even '
                        f'output_dim >= 2 (two halves), got {p.output_dim!r}. '
@@ -171,11 +172,6 @@ class FactorizedReduction(base_layer.BaseLayer):
         path1=Conv('path1', (1, 1), p.input_dim, half, stride=2),
         path2=Conv('path2', (1, 1), p.input_dim, half, stride=2),
         bn=BatchNorm('bn', p.output_dim, p.batch_norm_decay))
-
-  def __init__(self, params):
-    super().__init__(params)
-    for name, cp in self._ChildParams(self.params).items():
-      self.CreateChild(name, cp)
 
   @staticmethod
   def _Shift(x: tf.Tensor) -> tf.Tensor:
@@ -188,11 +184,11 @@ class FactorizedReduction(base_layer.BaseLayer):
 
   @classmethod
   def NumParams(cls, p) -> int:
-    return sum(c.cls.NumParams(c) for c in cls._ChildParams(p).values())
+    return sum(c.cls.NumParams(c) for c in cls.ChildParams(p).values())
 
   @classmethod
   def FPropMeta(cls, p, input_shape):
-    children = cls._ChildParams(p)
+    children = cls.ChildParams(p)
     m1 = children.path1.cls.FPropMeta(children.path1, input_shape)
     m2 = children.path2.cls.FPropMeta(children.path2, input_shape)
     out = m1.out_shapes[0][:-1].concatenate([p.output_dim])

@@ -85,7 +85,7 @@ class EncoderToDecoder(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _SubParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
     subs = NestedMap()
     if p.final_norm:
       subs.enc_norm = normalization.LayerNorm.Params().Set(dim=p.model_dim)
@@ -93,11 +93,6 @@ class EncoderToDecoder(base_layer.BaseLayer):
         vocab_size=p.tgt_vocab_size, model_dim=p.model_dim,
         scale_sqrt_depth=p.scale_sqrt_depth, keep_prob=p.keep_prob)
     return subs
-
-  def __init__(self, params):
-    super().__init__(params)
-    for name, sub in self._SubParams(self.params).items():
-      self.CreateChild(name, sub)
 
   def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
     vec = _Require(self.path, inputs, 'vec', 'the encoder output')
@@ -125,7 +120,7 @@ class EncoderToDecoder(base_layer.BaseLayer):
     shapes = base_layer.ToShape(input_shapes)
     vec = _Require(p.name, shapes, 'vec', 'the encoder output')
     tgt = _Require(p.name, shapes, 'tgt', 'NestedMap(ids, paddings)')
-    subs = cls._SubParams(p)
+    subs = cls.ChildParams(p)
     out = cls._Source(shapes)
     flops = 0
     if p.final_norm:

@@ -109,6 +109,59 @@ def test_duplicate_names_raise():
     Bad.Params().Instantiate()
 
 
+class _Declared(base_layer.BaseLayer):
+  """_Stack's children declared once in ChildParams, plus an optional one."""
+
+  @classmethod
+  def Params(cls):
+    p = super().Params()
+    p.Define('dim', 4, 'Width.')
+    p.Define('num_extra', 2, 'Length of the child list.')
+    p.Define('has_last', False, 'Whether to add the child `last`.')
+    return p
+
+  @classmethod
+  def ChildParams(cls, p):
+    if p.dim <= 0:
+      raise ValueError(f'{p.name}: dim must be > 0, got {p.dim}.')
+    fc = dense.Dense.Params().Set(input_dim=p.dim, output_dim=p.dim)
+    return NestedMap(first=fc, extra=[fc] * p.num_extra,
+                     last=fc if p.has_last else None)
+
+  def __init__(self, params):
+    super().__init__(params)
+    self.built_before_body = sorted(self.children_layers)
+    self.CreateVariable('scale', base_layer.WeightParams(
+        [self.params.dim], init=base_layer.WeightInit.Constant(2.0)))
+
+  def FProp(self, theta, x):
+    return _Stack.FProp(self, theta, x)
+
+
+def test_child_params_declares_the_children_once(tmp_path):
+  p = _Declared.Params().Set(name='stack')
+  layer = p.Instantiate()
+  # Built by BaseLayer.__init__, before the subclass's body; None: no child.
+  assert layer.built_before_body == ['extra', 'first']
+  assert list(layer.children_layers) == ['first', 'extra']
+  assert layer.extra[1].path == 'stack/extra_1'
+  # The same variables, values and checkpoint keys as children created by
+  # hand in __init__ (_Stack).
+  by_hand = _Stack.Params().Set(name='stack').Instantiate()
+  assert sorted(v.name for v in layer.variables) == sorted(
+      v.name for v in by_hand.variables)
+  for a, b in zip(layer.vars.Flatten(), by_hand.vars.Flatten()):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  x = tf.ones([3, 4])
+  np.testing.assert_allclose(layer(x), by_hand(x))
+  saved = tf.train.Checkpoint(layer=layer).write(str(tmp_path / 'ckpt'))
+  tf.train.Checkpoint(layer=by_hand).read(saved).assert_consumed()
+  assert _Declared.NumParams(p) == _Stack.NumParams(_Stack.Params())
+  assert 'last' in p.Copy().Set(has_last=True).Instantiate().children_layers
+  with pytest.raises(ValueError, match='dim must be > 0'):
+    p.Copy().Set(dim=0).Instantiate()
+
+
 def test_fprop_and_meta_must_be_overridden():
   layer = base_layer.BaseLayer.Params().Instantiate()
   with pytest.raises(TypeError, match='must override FProp'):

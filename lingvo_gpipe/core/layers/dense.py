@@ -78,18 +78,13 @@ class FeedForward(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _SubParams(cls, p):
-    inner = Dense.Params().Set(input_dim=p.input_dim, output_dim=p.hidden_dim,
-                               activation=p.activation)
-    outer = Dense.Params().Set(input_dim=p.hidden_dim, output_dim=p.input_dim,
-                               activation='none')
-    return inner, outer
-
-  def __init__(self, params):
-    super().__init__(params)
-    inner, outer = self._SubParams(self.params)
-    self.CreateChild('inner', inner)
-    self.CreateChild('outer', outer)
+  def ChildParams(cls, p) -> NestedMap:
+    return NestedMap(
+        inner=Dense.Params().Set(input_dim=p.input_dim,
+                                 output_dim=p.hidden_dim,
+                                 activation=p.activation),
+        outer=Dense.Params().Set(input_dim=p.hidden_dim,
+                                 output_dim=p.input_dim, activation='none'))
 
   def FProp(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
     hidden = self.inner.FProp(theta.inner, inputs)
@@ -97,7 +92,7 @@ class FeedForward(base_layer.BaseLayer):
 
   @classmethod
   def FPropMeta(cls, p, input_shape):
-    inner, outer = cls._SubParams(p)
-    m1 = Dense.FPropMeta(inner, input_shape)
-    m2 = Dense.FPropMeta(outer, m1.out_shapes[0])
+    children = cls.ChildParams(p)
+    m1 = Dense.FPropMeta(children.inner, input_shape)
+    m2 = Dense.FPropMeta(children.outer, m1.out_shapes[0])
     return base_layer.Meta(m1.flops + m2.flops, *m2.out_shapes)

@@ -13,8 +13,8 @@ cell boundary. All leaves are batched along dim 0 (no scalars), so the
 pipeline can split and merge any layer's outputs.
 
 Each block is composed from existing layers (LayerNorm, MultiHeadAttention,
-Dense, Dropout, Embedding, Softmax, Residual, Sequential), so NumParams and
-FPropMeta are those of the parts.
+Dense, Dropout, Embedding, Softmax, Residual, Sequential), declared once in
+each layer's ChildParams, so NumParams and FPropMeta are those of the parts.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class TransformerLayer(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _SubParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
     """Params of the sub-blocks, after checking p."""
     if p.model_dim <= 0 or p.hidden_dim <= 0:
       raise ValueError(f'{p.name}: model_dim and hidden_dim must be > 0, got '
@@ -120,11 +120,6 @@ class TransformerLayer(base_layer.BaseLayer):
     subs.ffn = Block(ffn)
     return subs
 
-  def __init__(self, params):
-    super().__init__(params)
-    for name, sub in self._SubParams(self.params).items():
-      self.CreateChild(name, sub)
-
   def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
     p = self.params
     vec = _Require(self.path, inputs, 'vec', '[batch, time, model_dim]')
@@ -147,7 +142,7 @@ class TransformerLayer(base_layer.BaseLayer):
     shapes = base_layer.ToShape(input_shapes)
     vec = _Require(p.name, shapes, 'vec', '[batch, time, model_dim]')
     _CheckVecShape(p.name, vec, p.model_dim)
-    subs = cls._SubParams(p)
+    subs = cls.ChildParams(p)
     flops = combinators.Residual.FPropMeta(
         subs.self_atten, vec, None, _Shape(shapes.get('paddings'))).flops
     if p.has_aux_atten:
@@ -202,7 +197,7 @@ class TransformerEmbedding(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _SubParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
     if p.model_dim <= 0 or p.model_dim % 2:
       raise ValueError(f'{p.name}: model_dim must be even and > 0 (the '
                        f'position signal is [sin | cos]), got {p.model_dim}.')
@@ -211,11 +206,6 @@ class TransformerEmbedding(base_layer.BaseLayer):
             vocab_size=p.vocab_size, embedding_dim=p.model_dim,
             scale_sqrt_depth=p.scale_sqrt_depth),
         dropout=_DropoutParams(p.keep_prob))
-
-  def __init__(self, params):
-    super().__init__(params)
-    for name, sub in self._SubParams(self.params).items():
-      self.CreateChild(name, sub)
 
   def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
     p = self.params
@@ -235,7 +225,7 @@ class TransformerEmbedding(base_layer.BaseLayer):
     shapes = base_layer.ToShape(input_shapes)
     ids = _Require(p.name, shapes, 'ids', 'int token ids [batch, time]')
     _CheckIdsShape(p.name, ids)
-    subs = cls._SubParams(p)
+    subs = cls.ChildParams(p)
     emb = embedding.Embedding.FPropMeta(subs.token_emb, ids)
     vec = emb.out_shapes[0]
     drop = dropout.Dropout.FPropMeta(subs.dropout, vec)
@@ -272,7 +262,7 @@ class TransformerSoftmax(base_layer.BaseLayer):
     return p
 
   @classmethod
-  def _SubParams(cls, p) -> NestedMap:
+  def ChildParams(cls, p) -> NestedMap:
     subs = NestedMap()
     if p.final_norm:
       subs.final_norm = normalization.LayerNorm.Params().Set(dim=p.model_dim)
@@ -280,11 +270,6 @@ class TransformerSoftmax(base_layer.BaseLayer):
         input_dim=p.model_dim, num_classes=p.vocab_size,
         label_smoothing=p.label_smoothing)
     return subs
-
-  def __init__(self, params):
-    super().__init__(params)
-    for name, sub in self._SubParams(self.params).items():
-      self.CreateChild(name, sub)
 
   def FProp(self, theta: NestedMap, inputs: NestedMap) -> NestedMap:
     p = self.params
@@ -310,7 +295,7 @@ class TransformerSoftmax(base_layer.BaseLayer):
     shapes = base_layer.ToShape(input_shapes)
     vec = _Require(p.name, shapes, 'vec', '[batch, time, model_dim]')
     _CheckVecShape(p.name, vec, p.model_dim)
-    subs = cls._SubParams(p)
+    subs = cls.ChildParams(p)
     flops = 0
     if p.final_norm:
       flops += normalization.LayerNorm.FPropMeta(subs.final_norm, vec).flops

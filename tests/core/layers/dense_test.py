@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.support import test_utils
 from lingvo_gpipe.core.layers import activations
 from lingvo_gpipe.core.layers import dense
+from tests.support import test_utils
 
 
 @pytest.mark.parametrize('shape,has_bias,act', [
@@ -49,6 +49,12 @@ def test_feed_forward_composes_two_dense_layers():
   manual = layer.outer.FPropDefaultTheta(layer.inner.FPropDefaultTheta(x))
   np.testing.assert_allclose(y.numpy(), manual.numpy())
   assert dense.FeedForward.NumParams(p) == 4 * 16 + 16 + 16 * 4 + 4
+  # The children of ChildParams, under the names checkpoints hold.
+  assert list(layer.children_layers) == ['inner', 'outer']
+  named = dense.FeedForward.Params().Set(name='ff', input_dim=4,
+                                         hidden_dim=16).Instantiate()
+  assert sorted(v.name for v in named.variables) == [
+      'ff.inner.b:0', 'ff.inner.w:0', 'ff.outer.b:0', 'ff.outer.w:0']
 
 
 def test_activation_layer():

@@ -13,12 +13,12 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from tests.support import test_utils
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
+from tests.support import test_utils
 
 D, HEADS, D_FF, VOCAB = 8, 2, 16, 11
 
@@ -160,6 +160,45 @@ def test_layer_errors():
         _Layer(), NestedMap(vec=[2, 5, 6], paddings=[2, 5]))
   with pytest.raises(ValueError, match="need the key 'vec'"):
     _Layer().Instantiate().FPropDefaultTheta(NestedMap(x=tf.zeros([2, 5, D])))
+
+
+def _CheckpointKeys(layer, tmp_path):
+  path = tf.train.Checkpoint(layer=layer).write(str(tmp_path / 'ckpt'))
+  return sorted(k.split('/.ATTRIBUTES')[0] for k, _ in
+                tf.train.list_variables(path) if k.startswith('layer/'))
+
+
+def test_children_variables_and_checkpoint_keys_stay_named(tmp_path):
+  # Checkpoints written before the layers declared children in ChildParams
+  # restore: these names are those of the children made in __init__.
+  layer = _Layer(name='tl', has_aux_atten=True).Instantiate()
+  assert list(layer.children_layers) == ['self_atten', 'aux_atten', 'ffn']
+  block = ['pre_norm.bias', 'pre_norm.scale'] + [
+      f'sub.{proj}.{v}' for proj in ('key', 'post', 'query', 'value')
+      for v in 'bw']
+  assert sorted(v.name for v in layer.variables) == sorted(
+      [f'tl.aux_atten.{n}:0' for n in block] +
+      [f'tl.self_atten.{n}:0' for n in block] +
+      [f'tl.ffn.{n}:0' for n in ('pre_norm.bias', 'pre_norm.scale',
+                                 'sub.sub_0.b', 'sub.sub_0.w', 'sub.sub_2.b',
+                                 'sub.sub_2.w')])
+  keys = _CheckpointKeys(layer, tmp_path)
+  assert keys[:2] == ['layer/aux_atten/pre_norm/_var_bias',
+                      'layer/aux_atten/pre_norm/_var_scale']
+  assert 'layer/ffn/sub/sub/2/_var_w' in keys
+  emb = transformer.TransformerEmbedding.Params().Set(
+      name='emb', vocab_size=VOCAB, model_dim=D).Instantiate()
+  assert [v.name for v in emb.variables] == ['emb.token_emb.emb:0']
+  assert list(emb.children_layers) == ['token_emb', 'dropout']
+  assert _CheckpointKeys(emb, tmp_path) == ['layer/token_emb/_var_emb']
+  softmax = transformer.TransformerSoftmax.Params().Set(
+      name='sm', model_dim=D, vocab_size=VOCAB).Instantiate()
+  assert _CheckpointKeys(softmax, tmp_path) == [
+      'layer/final_norm/_var_bias', 'layer/final_norm/_var_scale',
+      'layer/softmax/proj/_var_b', 'layer/softmax/proj/_var_w']
+  no_norm = transformer.TransformerSoftmax.Params().Set(
+      name='sm', model_dim=D, vocab_size=VOCAB, final_norm=False)
+  assert list(no_norm.Instantiate().children_layers) == ['softmax']
 
 
 # --- TransformerEmbedding ------------------------------------------------------

@@ -1,17 +1,19 @@
 """AmoebaNet: static counts match AMOEBANET.md, layers match their estimates,
 and the pipelined network equals its layers run in sequence per micro-batch."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
-from tests.support import test_utils
 from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks.image import amoebanet
 from tasks.image import amoebanet_ops as ops
+from tests.support import test_utils
 
 # (genotype, L, D): (paper, with aux head, without), 224×224, 1000 classes.
 _PAPER_COUNTS = {
@@ -187,6 +189,106 @@ def test_bad_params_raise_clear_errors():
   with pytest.raises(ValueError, match='even output_dim'):
     amoebanet.AmoebaNet.NumParams(_TinyParams(
         stem_type='imagenet', image_size=32).Set(num_filters=6))
+
+
+# Checkpoint compatibility: each composite declares its children in
+# ChildParams, and these pins hold its variables' names (which also seed
+# their initial values) and its checkpoint keys to those written before that
+# refactoring, so old checkpoints still restore. A change here breaks them.
+
+
+def _DigitsNetworkParams():
+  """params/image/digits.py AmoebaNetTiny's network, as a fixed config."""
+  return amoebanet.NetworkParams(
+      3, 16, num_partitions=2, num_micro_batches=4, genotype='D',
+      num_classes=10, image_size=8, input_channels=1, stem_type='basic',
+      stem_filters=16, drop_path_keep_prob=1.0, batch_norm_decay=0.99,
+      dense_dropout_keep_prob=0.9, input_shapes=[[64, 8, 8, 1]])
+
+
+def _PinnedCell(genotype, kind, prev_dim, reduce_prev):
+  return amoebanet.Cell.Params().Set(
+      name='cell', genotype=genotype, kind=kind, num_filters=4, cur_dim=6,
+      prev_dim=prev_dim, reduce_prev=reduce_prev, drop_path_keep_prob=0.5)
+
+
+# name: (Params, variables, NumParams, sha256[:16] of the manifest).
+_PINNED = {
+    'digits_network': (_DigitsNetworkParams, 299, 97082, 'dc002129cc35316d'),
+    'factorized_reduction': (
+        lambda: ops.FactorizedReduction.Params().Set(
+            name='fr', input_dim=3, output_dim=4),
+        6, 20, '8c0b8d26460989f7'),
+    'cell_D_normal_prev_reduced': (
+        lambda: _PinnedCell('D', 'normal', 5, True), 66, 204,
+        '74354b8891c1642a'),
+    'cell_D_reduction_no_prev': (
+        lambda: _PinnedCell('D', 'reduction', None, False), 50, 155,
+        '796a5619b71a3e0e'),
+    'cell_B_normal_prev_as_is': (
+        lambda: _PinnedCell('B', 'normal', 4, False), 49, 368,
+        'ad9662d1b019c38d'),
+    'cell_B_reduction_prev_projected': (
+        lambda: _PinnedCell('B', 'reduction', 5, False), 54, 481,
+        'e097958105fd9b28'),
+    'stem': (lambda: amoebanet.Stem.Params().Set(input_dim=1, num_filters=4),
+             5, 44, 'b60412bbc3cf950b'),
+    'aux_head': (
+        lambda: amoebanet.AuxHead.Params().Set(input_dim=6, input_size=7,
+                                               num_classes=5),
+        12, 18219, '800265aac0570650'),
+    'head': (lambda: amoebanet.Head.Params().Set(input_dim=6, num_classes=5),
+             2, 35, 'cfaf521df3390ced'),
+}
+
+
+def _Manifest(layer, tmp_path):
+  """'name shape' of each variable, then 'key shape' of each checkpoint entry."""
+  names = sorted(f'{v.name} {v.shape.as_list()}' for v in layer.variables)
+  path = tf.train.Checkpoint(net=layer).write(str(tmp_path / 'ckpt'))
+  keys = sorted(f'{k} {s}' for k, s in tf.train.list_variables(path)
+                if k != '_CHECKPOINTABLE_OBJECT_GRAPH')
+  return names + keys
+
+
+@pytest.mark.parametrize('case', sorted(_PINNED))
+def test_variable_names_and_checkpoint_keys_are_pinned(case, tmp_path):
+  make_params, num_vars, num_params, digest = _PINNED[case]
+  p = make_params()
+  layer = p.Instantiate()
+  manifest = _Manifest(layer, tmp_path)
+  assert len(layer.variables) == num_vars
+  assert p.cls.NumParams(p) == num_params
+  assert sum(v.shape.num_elements()
+             for v in layer.trainable_variables) == num_params
+  listing = '\n'.join(manifest)
+  assert hashlib.sha256(listing.encode()).hexdigest()[:16] == digest, listing
+
+
+def test_factorized_reduction_names_are_pinned(tmp_path):
+  # The pins above, spelled out for one layer.
+  layer = _PINNED['factorized_reduction'][0]().Instantiate()
+  assert _Manifest(layer, tmp_path) == [
+      'fr.bn.beta:0 [4]', 'fr.bn.gamma:0 [4]', 'fr.bn.moving_mean:0 [4]',
+      'fr.bn.moving_variance:0 [4]', 'fr.path1.w:0 [1, 1, 3, 2]',
+      'fr.path2.w:0 [1, 1, 3, 2]',
+      'net/bn/_var_beta/.ATTRIBUTES/VARIABLE_VALUE [4]',
+      'net/bn/_var_gamma/.ATTRIBUTES/VARIABLE_VALUE [4]',
+      'net/bn/_var_moving_mean/.ATTRIBUTES/VARIABLE_VALUE [4]',
+      'net/bn/_var_moving_variance/.ATTRIBUTES/VARIABLE_VALUE [4]',
+      'net/path1/_var_w/.ATTRIBUTES/VARIABLE_VALUE [1, 1, 3, 2]',
+      'net/path2/_var_w/.ATTRIBUTES/VARIABLE_VALUE [1, 1, 3, 2]']
+
+
+def test_children_are_declared_once_in_child_params():
+  p = _PinnedCell('B', 'normal', 4, False)
+  children = amoebanet.Cell.ChildParams(p)
+  assert children.prev_proj is None  # prev already has F channels
+  layer = p.Instantiate()
+  assert 'prev_proj' not in layer.children_layers
+  assert len(layer.ops) == len(children.ops) == 10
+  head = amoebanet.Head.Params().Set(input_dim=6, num_classes=5)
+  assert list(amoebanet.Head.ChildParams(head)) == ['net']
 
 
 def _LossAndGrads(fn, net, inputs):
