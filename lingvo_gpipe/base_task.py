@@ -10,7 +10,7 @@ or an eval set by its weight, without knowing the task.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import tensorflow as tf
 
@@ -25,6 +25,14 @@ class DecodeMetrics:
   `Update` takes one batch of `BaseTask.Decode` results as numpy arrays;
   `Result` returns name -> float.
   """
+
+  def UseInput(self, input_generator: Any) -> None:
+    """Sees the eval input generator once, before the first Update.
+
+    For what only the input knows, e.g. the vocabulary that turns ids back
+    into text. Default: nothing.
+    """
+    del input_generator
 
   def Update(self, decoded: NestedMap) -> None:
     raise TypeError(f'{type(self).__name__} must override Update.')

@@ -57,6 +57,8 @@ class EvalProgram:
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     decode_metrics = self.task.CreateDecodeMetrics()
+    if decode_metrics is not None:
+      decode_metrics.UseInput(self.input)
     dataset = self.input.Dataset(self.split, training=False)
     for i, batch in enumerate(dataset):
       if max_batches and i >= max_batches:

@@ -8,6 +8,14 @@ Host-side sequence metrics (BLEU, exact match) see token ids with padding and
 everything from EOS on stripped, and are computed over the whole corpus, not
 averaged per batch.
 
+Two BLEUs, named apart because only one compares with published results:
+`bleu_token_ids` (CorpusBleu) scores the model's own token ids (subword ids
+for text), so it moves with the vocabulary; `sacrebleu_detok`
+(DetokenizedBleu) scores the ids decoded back to text with sacrebleu, which
+tokenizes hypotheses and references itself (13a, mixed case): the field's
+standard, comparable with WMT's official results and other sacreBLEU figures
+(not with tokenized BLEU such as the Transformer paper's compound-split 28.4).
+
 Conventions: id 0 is padding; `paddings` are 1.0 where a position is padded;
 BLEU is reported on the 0-100 scale (a perfect match is 100).
 """
@@ -16,9 +24,11 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from absl import logging
 import numpy as np
+import sacrebleu
 import tensorflow as tf
 
 from lingvo_gpipe import base_task
@@ -26,6 +36,10 @@ from lingvo_gpipe.core.nested_map import NestedMap
 
 PAD_ID = 0
 EOS_ID = 1
+
+# Names of the two BLEU results of SequenceDecodeMetrics.
+TOKEN_BLEU = 'bleu_token_ids'
+DETOK_BLEU = 'sacrebleu_detok'
 
 
 # --- in-graph metrics --------------------------------------------------------
@@ -167,19 +181,64 @@ def CorpusBleu(hypotheses: Sequence[Sequence[int]],
   return 100.0 * brevity * math.exp(log_precision / max_order)
 
 
+def DetokenizedBleu(hypotheses: Sequence[str],
+                    references: Sequence[str]) -> float:
+  """sacrebleu's corpus BLEU in [0, 100] of detokenized text, one reference.
+
+  sacrebleu's defaults (signature nrefs:1|case:mixed|eff:no|tok:13a|
+  smooth:exp): the figure WMT and most recent papers report, which
+  token-id BLEU is not (it depends on the vocabulary). 0 for an empty
+  corpus.
+  """
+  return _SacreBleu(hypotheses, references)[0]
+
+
+def _SacreBleu(hypotheses: Sequence[str],
+               references: Sequence[str]) -> tuple[float, str]:
+  """(DetokenizedBleu, sacrebleu's signature of how it was computed)."""
+  if len(hypotheses) != len(references):
+    raise ValueError(f'DetokenizedBleu: {len(hypotheses)} hypotheses but '
+                     f'{len(references)} references; give one reference each.')
+  if not hypotheses:
+    return 0.0, ''
+  bleu = sacrebleu.metrics.BLEU()
+  score = bleu.corpus_score(list(hypotheses), [list(references)]).score
+  return float(score), str(bleu.get_signature())
+
+
 class SequenceDecodeMetrics(base_task.DecodeMetrics):
   """Corpus BLEU and sequence accuracy (exact match) of decoded token ids.
 
   `Update` takes NestedMap(hyp_ids [b, H], ref_ids [b, T]) as numpy arrays;
   each row is cut at its first EOS or padding id (StripIds). Result:
-  {'bleu': CorpusBleu in [0, 100], 'sequence_accuracy': fraction of exact
-  matches in [0, 1], 'num_sequences': count}.
+    bleu_token_ids: CorpusBleu of the token ids, in [0, 100]; tracks
+      training, but is not comparable with published BLEU.
+    sacrebleu_detok: DetokenizedBleu of the ids decoded to text, in [0,
+      100]; only with a detokenizer (`detokenize`, or the `vocab` of the
+      eval input, see UseInput), e.g. not for synthetic symbol tasks.
+    sequence_accuracy: fraction of exact matches, in [0, 1].
+    num_sequences: count.
+  References are the eval batches' labels: a reference the input truncated
+  to its static length is scored truncated.
   """
 
-  def __init__(self, eos_id: int = EOS_ID, pad_id: int = PAD_ID):
+  def __init__(self, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+               detokenize: Optional[Callable[[Sequence[int]], str]] = None):
+    """detokenize: token ids (EOS and padding stripped) -> text; None: none."""
     self._eos_id, self._pad_id = eos_id, pad_id
+    self._detokenize = detokenize
     self._hyps: list[list[int]] = []
     self._refs: list[list[int]] = []
+
+  def UseInput(self, input_generator: Any) -> None:
+    """Detokenizes with the input's vocabulary (`vocab.Decode`), if it has one.
+
+    Text inputs (tasks.text.text_input.TfdsTextInput) do; a `detokenize`
+    given to the constructor wins.
+    """
+    vocab = getattr(input_generator, 'vocab', None)
+    if self._detokenize is None and vocab is not None:
+      self._detokenize = vocab.Decode
 
   def Update(self, decoded: NestedMap) -> None:
     hyp_ids, ref_ids = np.asarray(decoded.hyp_ids), np.asarray(decoded.ref_ids)
@@ -193,6 +252,15 @@ class SequenceDecodeMetrics(base_task.DecodeMetrics):
   def Result(self) -> dict[str, float]:
     n = len(self._hyps)
     exact = sum(h == r for h, r in zip(self._hyps, self._refs))
-    return {'bleu': CorpusBleu(self._hyps, self._refs),
-            'sequence_accuracy': exact / n if n else 0.0,
-            'num_sequences': float(n)}
+    results = {TOKEN_BLEU: CorpusBleu(self._hyps, self._refs),
+               'sequence_accuracy': exact / n if n else 0.0,
+               'num_sequences': float(n)}
+    if self._detokenize is not None:
+      results[DETOK_BLEU], signature = _SacreBleu(
+          [self._detokenize(h) for h in self._hyps],
+          [self._detokenize(r) for r in self._refs])
+      logging.log_first_n(
+          logging.INFO, '%s is sacrebleu BLEU (%s) of detokenized text; %s is '
+          'BLEU of token ids, not comparable with published results.', 1,
+          DETOK_BLEU, signature, TOKEN_BLEU)
+    return results

@@ -52,6 +52,7 @@ THIRD_PARTY_PACKAGES = {
     'absl': 'absl-py',
     'numpy': 'numpy',
     'pytest': 'pytest',
+    'sacrebleu': 'sacrebleu',
     'sklearn': 'scikit-learn',
     'tensorboard': 'tensorboard',
     'tensorflow': 'tensorflow',

@@ -11,6 +11,15 @@ stacked variables `wmt14_ende.network.pipeline.layers_1.body.*` (encoder) and
 `.../pipeline/layers/1/body/...`) instead of one `layers_<j>` per block.
 Checkpoints written before Repeat restore with
 `--params_override='task.network.stack_layers=False'`.
+
+Eval (split 'test', newstest2014) reports two BLEUs: `sacrebleu_detok`,
+sacrebleu's BLEU of the decoded German text, the figure to set beside WMT's
+official results and other sacreBLEU scores (tokenized, compound-split BLEU
+such as the Transformer paper's 28.4 runs higher); and `bleu_token_ids`,
+BLEU of the subword ids, which follows training but depends on the
+vocabulary. Both score a reference longer than max_tgt_len - 1 subwords
+truncated. The subword vocabulary (tasks/mt/input_generator.py says why it
+is tfds's deprecated SubwordTextEncoder) is learned from the training split.
 """
 
 from lingvo_gpipe import model_params

@@ -3,6 +3,16 @@
 Invariant: every example is NestedMap(ids, labels, paddings) of static length
 max_len: ids = [SOS] + tokens, labels = tokens + [EOS] (ids shifted left by
 one), int32, with float32 paddings (1.0 = padded); one sentence per example.
+
+Sentences are encoded by tasks.text.vocab.SubwordVocab, which wraps the
+deprecated `tfds.deprecated.text.SubwordTextEncoder`. Its maintained
+successors are SentencePiece (the `sentencepiece` package, or TensorFlow
+Text's SentencepieceTokenizer) and TensorFlow Text's WordpieceTokenizer.
+It stays for now: no dependency beyond tensorflow-datasets, a vocabulary
+learned from the training split offline and reproducibly, and ids (hence
+checkpoints and saved `.subwords` files) that a new tokenizer would change.
+Perplexity per subword depends on the vocabulary, like BLEU of subword ids
+(tasks/metrics.py): compare it only across runs with the same one.
 """
 
 from __future__ import annotations

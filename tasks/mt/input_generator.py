@@ -5,6 +5,20 @@ tgt=NestedMap(ids, labels, paddings)) with static lengths (src [max_src_len],
 tgt [max_tgt_len]), int32 ids and labels, float32 paddings (1.0 = padded):
 src.ids = source tokens + [EOS]; tgt.ids = [SOS] + target tokens;
 tgt.labels = target tokens + [EOS] (tgt.ids shifted left by one).
+
+WMT text is encoded by tasks.text.vocab.SubwordVocab, which wraps tfds's
+`tfds.deprecated.text.SubwordTextEncoder`: deprecated (tfds keeps it under
+`deprecated` and no longer develops it). Its maintained successors are
+SentencePiece (the `sentencepiece` package trains and applies a model;
+TensorFlow Text's SentencepieceTokenizer runs one in the graph) and
+TensorFlow Text's WordpieceTokenizer. Translation needs an invertible one,
+as detokenized BLEU (tasks/metrics.py, `sacrebleu_detok`) decodes ids back
+to text: SentencePiece is, BERT-style WordPiece is not. The project keeps
+the tfds encoder for now: it needs nothing beyond tensorflow-datasets, it
+is invertible, it learns the vocabulary from the training split offline
+and reproducibly (the same vocabulary in every process), and any other
+tokenizer changes every id, so trained checkpoints and saved `.subwords`
+vocabularies would not carry over.
 """
 
 from __future__ import annotations

@@ -4,10 +4,12 @@ import math
 
 import numpy as np
 import pytest
+import sacrebleu
 import tensorflow as tf
 
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics
+from tasks.text import vocab as vocab_lib
 
 
 def test_smoothed_xent():
@@ -150,6 +152,72 @@ def test_sequence_decode_metrics():
   assert result['num_sequences'] == 3.0
   hyps = [[5, 6, 7, 8], [5, 5], [9, 9, 9, 9]]
   refs = [[5, 6, 7, 8], [5, 6], [9, 9, 9, 9]]
-  assert result['bleu'] == pytest.approx(metrics.CorpusBleu(hyps, refs))
-  assert 0 < result['bleu'] < 100
+  assert result['bleu_token_ids'] == pytest.approx(
+      metrics.CorpusBleu(hyps, refs))
+  assert 0 < result['bleu_token_ids'] < 100
+  assert 'sacrebleu_detok' not in result  # no detokenizer: ids only
   assert metrics.SequenceDecodeMetrics().Result()['sequence_accuracy'] == 0.0
+
+
+def test_detokenized_bleu_of_identical_text_is_100():
+  text = ['Das Haus ist klein.', 'Ich sehe den Hund, der das Haus sieht!']
+  assert metrics.DetokenizedBleu(text, text) == pytest.approx(100.0)
+
+
+def test_detokenized_bleu_is_sacrebleus_corpus_bleu():
+  hyps = ['the cat sat on a mat.', 'It rained all day, and we stayed in.']
+  refs = ['the cat sat on the mat.', 'It rained all day; we stayed inside.']
+  direct = sacrebleu.corpus_bleu(hyps, [refs]).score
+  assert metrics.DetokenizedBleu(hyps, refs) == pytest.approx(direct)
+  # sacrebleu's one-sentence example: p = 6/7, 4/6, 2/5, 1/4 and BP = 1
+  # (13a splits off the final '.').
+  assert metrics.DetokenizedBleu(hyps[:1], refs[:1]) == pytest.approx(
+      100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4)**0.25)
+  assert metrics.DetokenizedBleu([], []) == 0.0
+  with pytest.raises(ValueError, match='2 hypotheses but 1 references'):
+    metrics.DetokenizedBleu(hyps, refs[:1])
+
+
+def _Decoded(vocab, hyps, refs, length=12):
+  """NestedMap(hyp_ids, ref_ids) of texts: ids + EOS, padded to `length`."""
+
+  def Ids(texts):
+    rows = [vocab.Encode(t) + [vocab_lib.EOS_ID] for t in texts]
+    return np.array([r + [vocab_lib.PAD_ID] * (length - len(r)) for r in rows])
+
+  return NestedMap(hyp_ids=Ids(hyps), ref_ids=Ids(refs))
+
+
+def test_sequence_decode_metrics_report_detokenized_bleu_beside_token_bleu():
+  refs = ['the house is small.', 'I see the dog, which sees the house.']
+  hyps = ['the house is big.', 'I see the dog, which sees the house.']
+  vocab = vocab_lib.SubwordVocab.Build(refs * 5, target_size=300)
+
+  class TextInput:  # what UseInput reads of a text input generator
+    pass
+
+  text_input = TextInput()
+  text_input.vocab = vocab
+  m = metrics.SequenceDecodeMetrics()
+  m.UseInput(text_input)
+  m.Update(_Decoded(vocab, hyps, refs, length=40))
+  result = m.Result()
+  assert result['sacrebleu_detok'] == pytest.approx(
+      sacrebleu.corpus_bleu(hyps, [refs]).score)
+  assert 0 < result['sacrebleu_detok'] < 100
+  assert 0 < result['bleu_token_ids'] < 100
+  # Identical text: both are 100.
+  m = metrics.SequenceDecodeMetrics(detokenize=vocab.Decode)
+  m.Update(_Decoded(vocab, refs, refs, length=40))
+  assert m.Result()['sacrebleu_detok'] == pytest.approx(100.0)
+  assert m.Result()['bleu_token_ids'] == pytest.approx(100.0)
+  # An input without a vocabulary (synthetic symbols) gives token BLEU only;
+  # a detokenizer given to the constructor wins over the input's vocabulary.
+  m = metrics.SequenceDecodeMetrics()
+  m.UseInput(object())
+  assert 'sacrebleu_detok' not in m.Result()
+  m = metrics.SequenceDecodeMetrics(
+      detokenize=lambda ids: 'the same text for any ids')
+  m.UseInput(text_input)
+  m.Update(_Decoded(vocab, hyps, refs, length=40))
+  assert m.Result()['sacrebleu_detok'] == pytest.approx(100.0)
