@@ -4,19 +4,28 @@ Invariant: a task is a layer whose only child that holds weights is
 `network` (usually a PipeliningLayer), and whose `ComputeMetrics(theta,
 batch)` returns a NestedMap of name -> (value, weight) with a scalar 'loss':
 the trainer minimizes metrics.loss[0] and averages every metric over steps
-or an eval set by its weight, without knowing the task.
+or an eval set by its weight, without knowing the task. And a task says where
+its pipelines are (`PipelinePaths`): the run's K, M and devices go to exactly
+those PipeliningLayers, and a task that builds one anywhere else is refused,
+so no pipeline silently keeps its config's layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Optional
 
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core.gpipe import pipelined_network
+from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.nested_map import NestedMap
+
+# One part of a pipeline path: a field name with optional [index]es.
+_PATH_PART = re.compile(r'([A-Za-z_]\w*)((?:\[\d+\])*)$')
 
 
 class DecodeMetrics:
@@ -51,9 +60,62 @@ class BaseTask(base_layer.BaseLayer):
              'PipeliningLayer to train it with GPipe.')
     return p
 
+  @classmethod
+  def PipelinePaths(cls, p) -> list[str]:
+    """Where the task's PipeliningLayers are: paths of their Params under `p`.
+
+    Dotted field names with optional list indices ('network.pipeline',
+    'network.stacks[1]'); a layer builds each child under its field's name,
+    so the same path leads from the task to the built layer and from its
+    theta to the layer's theta. The trainer's K, M and device flags apply to
+    every pipeline listed, and the task refuses, when built, a PipeliningLayer
+    not listed. Default: the network if it is a PipeliningLayer, its
+    `pipeline` if it is a PipelinedNetwork, else none; a task with a pipeline
+    placed deeper, or several, overrides this.
+    """
+    network = p.network
+    cls_of = getattr(network, 'cls', None)
+    if isinstance(cls_of, type):
+      if issubclass(cls_of, pipelining_layer.PipeliningLayer):
+        return ['network']
+      if issubclass(cls_of, pipelined_network.PipelinedNetwork):
+        return ['network.pipeline']
+    return []
+
   def __init__(self, params):
     super().__init__(params)
     self.CreateChild('network', self.params.network)
+    self._CheckPipelines()
+
+  def Pipelines(self) -> list[pipelining_layer.PipeliningLayer]:
+    """The built PipeliningLayers at PipelinePaths, in that order."""
+    return [FollowPath(self, path) for path in
+            self.PipelinePaths(self.params)]
+
+  def _CheckPipelines(self) -> None:
+    """Refuses a declared path with no PipeliningLayer, and an undeclared one."""
+    declared = []
+    for path in self.PipelinePaths(self.params):
+      try:
+        layer = FollowPath(self, path)
+      except (AttributeError, IndexError, KeyError, TypeError):
+        layer = None
+      if not isinstance(layer, pipelining_layer.PipeliningLayer):
+        raise hyperparams.ConfigError(
+            f'{self.path}: {type(self).__name__}.PipelinePaths lists '
+            f'{path!r}, but the task has no PipeliningLayer there (found '
+            f'{type(layer).__name__}); list only the paths of its '
+            'PipeliningLayers.')
+      declared.append(layer)
+    undeclared = [layer.path for layer in _AllPipelines(self)
+                  if not any(layer is d for d in declared)]
+    if undeclared:
+      raise hyperparams.ConfigError(
+          f'{self.path}: {type(self).__name__}.PipelinePaths '
+          f'({self.PipelinePaths(self.params)}) does not list the '
+          f'PipeliningLayer(s) {", ".join(undeclared)}, so the run\'s K, M '
+          'and devices would not reach them; override PipelinePaths to list '
+          'every pipeline the task builds.')
 
   def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
     """name -> (value, weight) scalars, including 'loss' (the training loss).
@@ -79,6 +141,37 @@ class BaseTask(base_layer.BaseLayer):
   def CreateDecodeMetrics(self) -> Optional[DecodeMetrics]:
     """A fresh host-side metrics accumulator for one eval pass; None: none."""
     return None
+
+
+def FollowPath(root: Any, path: str) -> Any:
+  """The object at a PipelinePaths path: attributes of a layer, keys of a theta.
+
+  'network.stacks[1]' is root.network.stacks[1] for a layer, and
+  root['network']['stacks'][1] for a (nested-map) theta.
+  """
+  for part in path.split('.'):
+    match = _PATH_PART.match(part)
+    if match is None:
+      raise hyperparams.ConfigError(
+          f'Pipeline path {path!r}: {part!r} is not a field name with optional '
+          "[index]es, e.g. 'network.pipeline' or 'network.stacks[1]'.")
+    name = match.group(1)
+    root = root[name] if isinstance(root, dict) else getattr(root, name)
+    for index in re.findall(r'\[(\d+)\]', match.group(2)):
+      root = root[int(index)]
+  return root
+
+
+def _AllPipelines(layer: base_layer.BaseLayer
+                  ) -> list[pipelining_layer.PipeliningLayer]:
+  """Every PipeliningLayer in `layer`'s tree (for the check that all are declared)."""
+  found = []
+  for child in layer.children_layers.Flatten():
+    if isinstance(child, pipelining_layer.PipeliningLayer):
+      found.append(child)
+    if isinstance(child, base_layer.BaseLayer):
+      found += _AllPipelines(child)
+  return found
 
 
 def WeightedMean(values: tf.Tensor, weights: tf.Tensor) -> tuple[tf.Tensor,

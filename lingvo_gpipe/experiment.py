@@ -4,7 +4,10 @@ Invariant: the resolved Params say everything about a run: they are what
 `--print_params` prints and what DIR/params.txt holds, and
 `--params_file=DIR/params.txt` with the same model reproduces the run.
 Settings apply in a fixed order, later ones winning: the registered config,
-`--params_file`, `--params_override`, then the shortcut flags.
+`--params_file`, `--params_override`, then the shortcut flags. The shortcut
+flags' K and M, and the run's devices, go to every pipeline the task declares
+(BaseTask.PipelinePaths) and only there; Params holding a pipeline the task
+does not declare are refused, never silently left at the config's layout.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 from lingvo_gpipe import model_registry
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core.gpipe import pipelining_layer
 
 
 @dataclasses.dataclass
@@ -29,20 +33,82 @@ class Settings:
   data_dir: Optional[str] = None
 
 
-def PipelineTemplate(params: hyperparams.Params) -> Optional[hyperparams.Params]:
-  """The PipeliningLayer Params inside `params.task.network`, or None.
+def Pipelines(params: hyperparams.Params) -> list[tuple[str, hyperparams.Params]]:
+  """(path, Params) of each pipeline the task declares (BaseTask.PipelinePaths).
 
-  A network is either a PipeliningLayer itself or a PipelinedNetwork with the
-  template at `network.pipeline`; either way this is the node to set
-  num_partitions, num_micro_batches and devices on.
+  These are the nodes the run's num_partitions, num_micro_batches and
+  devices are set on. `path` is the full Params path, e.g.
+  'task.network.pipeline'.
+
+  Raises:
+    hyperparams.ConfigError: a declared path holds no PipeliningLayer
+      Params, or PipeliningLayer Params sit where the task declares none
+      (the flags would not reach them).
   """
-  network = params.task.network
-  if 'num_micro_batches' in network and 'num_partitions' in network:
-    return network
-  if 'pipeline' in network and isinstance(network.pipeline,
-                                               hyperparams.Params):
-    return network.pipeline
-  return None
+  task = params.task
+  task_cls = getattr(task, 'cls', None)
+  declare = getattr(task_cls, 'PipelinePaths', None)
+  paths = list(declare(task)) if declare is not None else []
+  task_name = getattr(task_cls, '__name__', 'The task')
+  found = []
+  for path in paths:
+    node = _Get(task, path)
+    if not _IsPipeline(node):
+      raise hyperparams.ConfigError(
+          f'task.{path}: {task_name}.PipelinePaths lists it, but it '
+          f'holds {_Describe(node)}, not PipeliningLayer Params; list only '
+          'the paths of the task\'s pipelines.')
+    found.append((f'task.{path}', node))
+  undeclared = [path for path, node in _AllParams(task, 'task')
+                if _IsPipeline(node) and not any(node is f for _, f in found)]
+  if undeclared:
+    raise hyperparams.ConfigError(
+        f'{", ".join(undeclared)}: PipeliningLayer Params that '
+        f'{task_name}.PipelinePaths does not list '
+        f'({[f"task.{p}" for p in paths]}), so --num_partitions, '
+        '--num_micro_batches and the devices would not reach them; override '
+        'PipelinePaths to list them.')
+  return found
+
+
+def PipelineTemplate(params: hyperparams.Params) -> Optional[hyperparams.Params]:
+  """The task's one declared pipeline's Params, or None if it declares none.
+
+  Raises:
+    hyperparams.ConfigError: the task declares several (use Pipelines).
+  """
+  found = Pipelines(params)
+  if len(found) > 1:
+    raise hyperparams.ConfigError(
+        f'The task has {len(found)} pipelines ({", ".join(p for p, _ in found)}), '
+        'not one; set each through experiment.Pipelines.')
+  return found[0][1] if found else None
+
+
+def _Describe(node: Any) -> str:
+  cls = getattr(node, 'cls', None) if isinstance(node, hyperparams.Params) else None
+  if isinstance(cls, type):
+    return f'Params of {cls.__name__}'
+  return 'nothing' if node is None else type(node).__name__
+
+
+def _IsPipeline(node: Any) -> bool:
+  cls = getattr(node, 'cls', None) if isinstance(node, hyperparams.Params) else None
+  return isinstance(cls, type) and issubclass(cls, pipelining_layer.PipeliningLayer)
+
+
+def _AllParams(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+  """(path, Params) of every Params in a tree, parents first."""
+  if isinstance(value, hyperparams.Params):
+    yield path, value
+    for name, child in value.IterParams():
+      yield from _AllParams(child, f'{path}.{name}')
+  elif isinstance(value, (list, tuple)):
+    for i, child in enumerate(value):
+      yield from _AllParams(child, f'{path}[{i}]')
+  elif isinstance(value, dict):
+    for key, child in value.items():
+      yield from _AllParams(child, f'{path}[{key!r}]')
 
 
 def Resolve(settings: Settings) -> hyperparams.Params:
@@ -63,20 +129,23 @@ def Resolve(settings: Settings) -> hyperparams.Params:
     params.train.max_steps = settings.max_steps
   if settings.data_dir is not None:
     params.input.data_dir = settings.data_dir
-  for flag, field in (('num_partitions', 'num_partitions'),
-                      ('num_micro_batches', 'num_micro_batches')):
+  for flag in ('num_partitions', 'num_micro_batches'):
     value = getattr(settings, flag)
     if value is None:
       continue
     _Positive(f'--{flag}', value)
-    template = PipelineTemplate(params)
-    if template is None:
-      raise hyperparams.ConfigError(f'--{flag}: model {settings.model!r} has no pipeline '
-                                    '(task.network is neither a PipeliningLayer nor has a '
-                                    '`pipeline` field); set its fields with --params_override.')
-    template.Set(**{field: value})
-    if field == 'num_micro_batches':
-      template.micro_batch_size = None
+    pipelines = Pipelines(params)
+    if not pipelines:
+      raise hyperparams.ConfigError(
+          f'--{flag}: model {settings.model!r} has no pipeline (its task '
+          'declares none: BaseTask.PipelinePaths); set its fields with '
+          '--params_override.')
+    for path, template in pipelines:
+      if flag == 'num_partitions':
+        _CheckCellCount(path, template, value)
+        template.num_partitions = value
+      else:
+        template.Set(num_micro_batches=value, micro_batch_size=None)
   Validate(params)
   return params
 
@@ -122,19 +191,20 @@ def Validate(params: hyperparams.Params) -> None:
 
 def CheckMicroBatches(params: hyperparams.Params, num_replicas: int = 1) -> None:
   """Refuses more micro-batches than a replica's share of the mini-batch has examples."""
-  template = PipelineTemplate(params)
   batch = _Get(params, 'input.batch_size')
-  if template is None or batch is None or template.micro_batch_size is not None:
-    return
-  per_replica = batch // max(1, num_replicas)
-  if template.num_micro_batches > per_replica:
-    where = (f'each of {num_replicas} replicas gets {per_replica} of the '
-             f'{batch}' if num_replicas > 1 else f'input.batch_size is {batch}')
-    raise hyperparams.ParamsError(
-        f'num_micro_batches={template.num_micro_batches} (--num_micro_batches) '
-        f'cannot split a batch of {per_replica} examples ({where}): every '
-        'micro-batch needs at least one example. Use at most '
-        f'{per_replica} micro-batches or a larger input.batch_size.')
+  for path, template in Pipelines(params):
+    if batch is None or template.micro_batch_size is not None:
+      continue
+    per_replica = batch // max(1, num_replicas)
+    if template.num_micro_batches > per_replica:
+      where = (f'each of {num_replicas} replicas gets {per_replica} of the '
+               f'{batch}' if num_replicas > 1 else f'input.batch_size is {batch}')
+      raise hyperparams.ParamsError(
+          f'{path}.num_micro_batches={template.num_micro_batches} '
+          f'(--num_micro_batches) cannot split a batch of {per_replica} '
+          f'examples ({where}): every micro-batch needs at least one example. '
+          f'Use at most {per_replica} micro-batches or a larger '
+          'input.batch_size.')
 
 
 def _Get(params: hyperparams.Params, path: str) -> Any:
@@ -161,20 +231,48 @@ def _Numbers(value: Any, path: str = '') -> Iterator[tuple[str, float]]:
 
 
 def NumPartitions(params: hyperparams.Params) -> int:
-  """K, the number of pipeline cells (1 for a network without a pipeline)."""
-  template = PipelineTemplate(params)
-  if template is None:
-    return 1
-  if template.cell_tpl is not None:
-    return len(template.cell_tpl)
-  return template.num_partitions
+  """K, the number of cells of every pipeline (1 for a task without one).
+
+  Raises:
+    hyperparams.ConfigError: the task's pipelines have different K (cell k
+      of each goes on device k, so they must agree).
+  """
+  counts = {path: (len(t.cell_tpl) if t.cell_tpl is not None else
+                   t.num_partitions) for path, t in Pipelines(params)}
+  if len(set(counts.values())) > 1:
+    raise hyperparams.ConfigError(
+        'The pipelines have different numbers of cells ('
+        + ', '.join(f'{path}: {k}' for path, k in counts.items()) +
+        '); cell k of each runs on device k, so give them one K '
+        '(--num_partitions).')
+  return next(iter(counts.values()), 1)
 
 
 def SetDevices(params: hyperparams.Params, devices: list[str]) -> None:
-  """Places pipeline cell k on devices[k]; no-op for a network without a pipeline."""
-  template = PipelineTemplate(params)
-  if template is not None:
+  """Places cell k of every pipeline on devices[k]; no-op without a pipeline."""
+  for _, template in Pipelines(params):
     template.devices = list(devices)
+
+
+def SetTpuBackend(params: hyperparams.Params) -> None:
+  """Puts every pipeline's cells on TPU logical cores (placement_backend='tpu')."""
+  for _, template in Pipelines(params):
+    template.placement_backend = 'tpu'
+
+
+def _CheckCellCount(path: str, template: hyperparams.Params, k: int) -> None:
+  """Refuses --num_partitions=k for a pipeline whose cut fixes another K."""
+  if template.cell_tpl is not None and k != len(template.cell_tpl):
+    raise hyperparams.ConfigError(
+        f'--num_partitions={k} cannot apply to {path}: it is cut by hand into '
+        f'{len(template.cell_tpl)} cells (cell_tpl); valid: '
+        f'--num_partitions={len(template.cell_tpl)}, or none.')
+  if template.balance is not None and k != len(template.balance):
+    raise hyperparams.ConfigError(
+        f'--num_partitions={k} cannot apply to {path}: its balance '
+        f'{list(template.balance)} cuts {len(template.balance)} cells; valid: '
+        f'--num_partitions={len(template.balance)}, or also '
+        f"--params_override='{path}.balance=None'.")
 
 
 def _Positive(flag: str, value: int) -> None:

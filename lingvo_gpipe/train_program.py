@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from lingvo_gpipe import base_task
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import hyperparams
@@ -43,15 +44,36 @@ class TrainingInterrupted(Exception):
   """Training was stopped by Ctrl-C or SIGTERM between two steps."""
 
 
-def FindPipelines(layer: base_layer.BaseLayer) -> list[pipelining_layer.PipeliningLayer]:
-  """Every PipeliningLayer in `layer`'s tree, in child order."""
-  if isinstance(layer, pipelining_layer.PipeliningLayer):
-    return [layer]
-  found = []
-  for child in layer.children_layers.Flatten():
-    if isinstance(child, base_layer.BaseLayer):
-      found += FindPipelines(child)
-  return found
+def FindPipelines(task: base_task.BaseTask) -> list[pipelining_layer.PipeliningLayer]:
+  """The task's pipelines: those it declares (BaseTask.Pipelines)."""
+  return task.Pipelines()
+
+
+def MakeCheckpointer(params: hyperparams.Params, logdir: str,
+                     task: base_layer.BaseLayer,
+                     global_step: Optional[tf.Variable] = None,
+                     optimizer: Optional[optimizer_lib.Optimizer] = None,
+                     iterator: Optional[Any] = None
+                     ) -> checkpoint_lib.Checkpointer:
+  """The one definition of what a checkpoint of a run holds, by name.
+
+  `global_step`, `task` (its weights and moving averages) and `optimizer`
+  (its slots and iteration count), plus the input position (`input`, keyed by
+  params.input's text: it holds only for the input settings it was saved
+  under) when train.checkpoint_input is set. The trainer passes all of them;
+  an evaluator passes only the task (and restores with partial=True).
+  """
+  if global_step is None:
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                              name='global_step')
+  objects = dict(global_step=global_step, task=task)
+  if optimizer is not None:
+    objects['optimizer'] = optimizer
+  keyed = ({'input': (iterator, params.input.ToText())}
+           if iterator is not None and params.train.checkpoint_input else None)
+  return checkpoint_lib.Checkpointer(
+      logdir, objects, max_to_keep=params.train.max_checkpoints_to_keep,
+      keyed=keyed)
 
 
 class TrainProgram:
@@ -88,14 +110,9 @@ class TrainProgram:
     with tf.device('/device:CPU:0'):
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name='global_step')
-    objects = dict(global_step=self.global_step, task=self.task,
-                   optimizer=self.optimizer)
-    # The input position holds only for the input settings it was saved
-    # under (another batch size or shuffle buffer is another pipeline).
-    keyed = ({'input': (self._iterator, params.input.ToText())}
-             if p.checkpoint_input else None)
-    self.checkpointer = checkpoint_lib.Checkpointer(
-        logdir, objects, max_to_keep=p.max_checkpoints_to_keep, keyed=keyed)
+    self.checkpointer = MakeCheckpointer(params, logdir, self.task,
+                                         self.global_step, self.optimizer,
+                                         self._iterator)
     self.writer = (tf.summary.create_file_writer(
         os.path.join(logdir, TRAIN_SUBDIR)) if model.is_chief else
                    tf.summary.create_noop_writer())
@@ -266,7 +283,7 @@ class TrainProgram:
   def _MemoryScalars(self) -> dict[str, Optional[float]]:
     """Peak bytes per device where the device has its own allocator, else the process's."""
     values = {}
-    for pipe in FindPipelines(self.task):
+    for pipe in self.task.Pipelines():
       for k in range(len(pipe.cells)):
         values[f'memory/{pipe.path}/cell_{k}_peak_bytes'] = pipe.placement.PeakMemory(k)
     values['memory/process_peak_bytes'] = placement.AllocatorPeak('CPU:0')
@@ -276,7 +293,7 @@ class TrainProgram:
     """The params, each pipeline's partition report and schedule: once per run."""
     with self.writer.as_default():
       summary.Text('params', self.params.ToText(), step)
-      for pipe in FindPipelines(self.task):
+      for pipe in self.task.Pipelines():
         report = pipe.Report()
         summary.Text(f'pipeline/report/{pipe.path}', report_lib.FormatTable(report), step)
         summary.Schedule(pipe.Schedule(report.num_micro_batches or 1), step)

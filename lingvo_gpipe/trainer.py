@@ -16,7 +16,9 @@ Layouts: the K cells on local devices (default), on TensorFlow workers
 (--worker_hosts), and R data-parallel replicas of the pipeline in this process
 (--num_replicas), one per process (--replica_hosts, --replica_index) or on
 TPU cores (--tpu); lingvo_gpipe.tools.local_cluster starts local workers or
-replica processes.
+replica processes. lingvo_gpipe/layout.py computes the layout from these
+flags; --num_partitions, --num_micro_batches and the devices go to every
+pipeline the task declares (BaseTask.PipelinePaths).
 
 What lands in DIR: params.txt (the resolved Params; --params_file takes it
 back), checkpoints/, train/ and eval_<split>/ event files for TensorBoard.
@@ -47,6 +49,7 @@ import tensorflow as tf
 
 from lingvo_gpipe import eval_program
 from lingvo_gpipe import experiment
+from lingvo_gpipe import layout as layout_lib
 from lingvo_gpipe import logdir as logdir_lib
 from lingvo_gpipe import model_registry
 from lingvo_gpipe import run_errors
@@ -61,7 +64,6 @@ ExitStatus = run_errors.ExitStatus
 UsageError = run_errors.UsageError
 
 MODES = ('train', 'eval', 'train_and_eval')
-DEVICES = ('auto', 'cpu', 'gpu')
 TPU_CONNECT_TIMEOUT_SECS = 60.0
 
 
@@ -143,7 +145,17 @@ def WorkerHosts() -> list[str]:
   return cluster.ParseHosts(_WORKER_HOSTS.value) if _WORKER_HOSTS.value else []
 
 
-def ResolveParams() -> hyperparams.Params:
+def LayoutSettings() -> layout_lib.Settings:
+  """The layout flags' values, for layout.Compute."""
+  return layout_lib.Settings(
+      device=_DEVICE.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
+      worker_hosts=tuple(WorkerHosts()), num_replicas=_NUM_REPLICAS.value,
+      replica_hosts=tuple(cluster.ParseHosts(_REPLICA_HOSTS.value)
+                          if _REPLICA_HOSTS.value else ()),
+      replica_index=_REPLICA_INDEX.value, tpu=_TPU.value)
+
+
+def ResolveParams(settings: layout_lib.Settings) -> hyperparams.Params:
   """The run's Params from the flags."""
   if not _MODEL.value:
     raise UsageError('--model is required, e.g. --model=image.digits.'
@@ -151,8 +163,8 @@ def ResolveParams() -> hyperparams.Params:
   hyperparams.AllowImportRoots(
       [r.strip() for r in _PARAMS_IMPORT_ROOTS.value.split(',') if r.strip()])
   num_partitions = _NUM_PARTITIONS.value
-  if num_partitions is None and WorkerHosts():
-    num_partitions = len(WorkerHosts())  # one pipeline stage per worker
+  if num_partitions is None:
+    num_partitions = layout_lib.DefaultNumCells(settings)
   return experiment.Resolve(experiment.Settings(
       model=_MODEL.value, params_file=_PARAMS_FILE.value,
       params_override=_OVERRIDE.value, max_steps=_MAX_STEPS.value,
@@ -160,68 +172,18 @@ def ResolveParams() -> hyperparams.Params:
       num_micro_batches=_NUM_MICRO_BATCHES.value, data_dir=_DATA_DIR.value))
 
 
-def CheckLayout() -> None:
-  """Refuses flag combinations that describe no single layout of the job."""
-  if _DEVICE.value not in DEVICES:
-    raise UsageError(f'--device={_DEVICE.value!r}; valid: {", ".join(DEVICES)}.')
-  if _NUM_REPLICAS.value < 1:
-    raise UsageError(f'--num_replicas must be >= 1, got {_NUM_REPLICAS.value}.')
-  if not (math.isfinite(_EVAL_TIMEOUT.value) and _EVAL_TIMEOUT.value >= 0):
-    raise UsageError(f'--eval_timeout_secs={_EVAL_TIMEOUT.value}: must be a '
-                     'finite number of seconds >= 0.')
-  chosen = [name for name, value in (('--worker_hosts', _WORKER_HOSTS.value),
-                                     ('--replica_hosts', _REPLICA_HOSTS.value),
-                                     ('--tpu', _TPU.value)) if value]
-  if len(chosen) > 1:
-    raise UsageError(f'{" and ".join(chosen)} cannot be combined: stages on '
-                     'workers, replicas in processes and TPU cores are three '
-                     'separate layouts.')
-  if _REPLICA_HOSTS.value and _NUM_REPLICAS.value != 1:
-    raise UsageError('--num_replicas: with --replica_hosts every process is '
-                     'one replica (R = the number of hosts).')
-  if _WORKER_HOSTS.value and _NUM_REPLICAS.value != 1:
-    # MirroredStrategy refuses remote devices in eager TF2 ("in-graph
-    # multi-worker training"); measured, not assumed.
-    raise UsageError('--num_replicas with --worker_hosts: TensorFlow 2 cannot '
-                     'mirror replicas over worker processes in one program. '
-                     'Run one replica per process with --replica_hosts (each '
-                     'process its stages on its own devices) instead.')
+def ApplyLayout(params: hyperparams.Params, layout: layout_lib.Layout) -> None:
+  """Carries `layout` out: splits the CPU if asked, places every pipeline of `params`.
 
-
-def PlaceCells(params: hyperparams.Params) -> list[list[str]]:
-  """Chooses each replica's cell devices: R groups of K (workers, GPUs or CPUs).
-
-  Replica r's cell k runs on device r*K + k of the chosen kind; with fewer
-  devices than R*K they are used round robin. Under --replica_hosts the
-  devices are this process's own; with --worker_hosts there is one replica.
-  Sets replica 0's devices on `params`.
+  The pipelines get replica 0's devices (MakeReplicas gives each replica its
+  own), or the TPU backend. Must run before TensorFlow runs any op.
   """
-  k = experiment.NumPartitions(params)
-  num_replicas = _NUM_REPLICAS.value
-  total = k * num_replicas
-  hosts = WorkerHosts()
-  gpus = tf.config.list_physical_devices('GPU')
-  if hosts:
-    devices = cluster.WorkerDevices(
-        len(hosts), 'GPU' if _DEVICE.value == 'gpu' else 'CPU')
-  elif _DEVICE.value == 'gpu' or (_DEVICE.value == 'auto' and
-                                  len(gpus) >= total):
-    if len(gpus) < total:
-      raise UsageError(f'--device=gpu: {num_replicas} replica(s) of {k} cells '
-                       f'need {total} GPUs but this machine has {len(gpus)} GPUs. '
-                       'Use fewer --num_partitions or --num_replicas, or '
-                       '--device=cpu.')
-    devices = [f'/device:GPU:{i}' for i in range(total)]
+  if layout.cpu_devices:
+    placement.ConfigureCpuDevices(layout.cpu_devices)
+  if layout.kind == layout_lib.TPU:
+    experiment.SetTpuBackend(params)
   else:
-    num_cpus = _NUM_CPU_DEVICES.value or total
-    if num_cpus < 1:
-      raise UsageError(f'--num_cpu_devices must be >= 1, got {num_cpus}.')
-    placement.ConfigureCpuDevices(num_cpus)
-    devices = [f'/device:CPU:{i}' for i in range(num_cpus)]
-  flat = [devices[i % len(devices)] for i in range(total)]
-  groups = [flat[r * k:(r + 1) * k] for r in range(num_replicas)]
-  experiment.SetDevices(params, groups[0])
-  return groups
+    experiment.SetDevices(params, list(layout.devices))
 
 
 def MakeReplicas(params: hyperparams.Params, groups: list[list[str]],
@@ -240,36 +202,36 @@ def MakeReplicas(params: hyperparams.Params, groups: list[list[str]],
   return replicas_lib.Local(per_replica, [group[0] for group in groups])
 
 
-def MakeStrategy(params: hyperparams.Params
-                 ) -> Optional[tf.distribute.Strategy]:
-  """The multi-process or TPU strategy the flags ask for; None for local replicas.
+def MakeStrategy(layout: layout_lib.Layout) -> Optional[tf.distribute.Strategy]:
+  """The multi-process or TPU strategy `layout` needs; None for local replicas.
 
   Must run before TensorFlow runs any op.
   """
-  if _REPLICA_HOSTS.value:
-    hosts = cluster.ParseHosts(_REPLICA_HOSTS.value)
+  settings = layout.settings
+  if layout.kind == layout_lib.PROCESSES:
     try:
-      return replicas_lib.MakeMultiWorkerStrategy(hosts, _REPLICA_INDEX.value)
+      return replicas_lib.MakeMultiWorkerStrategy(list(settings.replica_hosts),
+                                                  settings.replica_index)
     except replicas_lib.ReplicaIndexError as e:
-      raise UsageError(f'--replica_index={_REPLICA_INDEX.value} is invalid: '
+      raise UsageError(f'--replica_index={settings.replica_index} is invalid: '
                        f'{e} Give each process of --replica_hosts its own '
                        'index.') from e
-  if _TPU.value:
-    replicas = None if _NUM_REPLICAS.value == 1 else _NUM_REPLICAS.value
-    if _TPU.value.startswith('grpc://'):
+  if layout.kind == layout_lib.TPU:
+    tpu = settings.tpu
+    if tpu.startswith('grpc://'):
       # TensorFlow waits forever for an address where nothing listens.
       try:
-        cluster.WaitForListening([_TPU.value[len('grpc://'):]],
+        cluster.WaitForListening([tpu[len('grpc://'):]],
                                  TPU_CONNECT_TIMEOUT_SECS)
       except TimeoutError as e:
-        raise UsageError(f'--tpu={_TPU.value!r}: nothing listens there '
+        raise UsageError(f'--tpu={tpu!r}: nothing listens there '
                          f'(waited {TPU_CONNECT_TIMEOUT_SECS:.0f} s).') from e
     try:
-      return placement.MakeTpuStrategy(
-          _TPU.value, experiment.NumPartitions(params), replicas)
+      return placement.MakeTpuStrategy(tpu, layout.num_cells,
+                                       layout.tpu_replicas)
     except (ValueError, OSError, RuntimeError, tf.errors.OpError) as e:
       # OSError: the name did not resolve (e.g. no GCE metadata server).
-      raise UsageError(f'--tpu={_TPU.value!r}: cannot connect to or lay out '
+      raise UsageError(f'--tpu={tpu!r}: cannot connect to or lay out '
                        f'the TPU: {e}') from e
   return None
 
@@ -310,8 +272,7 @@ def Run(params: hyperparams.Params, logdir: str, mode: str,
                            role=f'evaluator of split {split!r}')
     task = params.task.Instantiate()
     evaluator = eval_program.EvalProgram(params, logdir, task, split)
-    checkpointer = checkpoint_lib.Checkpointer(
-        logdir, dict(task=task, global_step=tf.Variable(0, dtype=tf.int64)))
+    checkpointer = train_program.MakeCheckpointer(params, logdir, task)
     for path in evaluator.NewCheckpoints(logdir, _EVAL_TIMEOUT.value):
       try:
         checkpointer.Restore(path, partial=True)
@@ -362,37 +323,44 @@ def main(argv):
       return
     if _MODE.value not in MODES:
       raise UsageError(f'--mode={_MODE.value!r}; valid: {", ".join(MODES)}.')
-    CheckLayout()
-    params = ResolveParams()
-    groups = [] if _TPU.value else PlaceCells(params)
-    if _TPU.value:
-      template = experiment.PipelineTemplate(params)
-      if template is not None:
-        template.placement_backend = 'tpu'
+    settings = LayoutSettings()
+    layout_lib.Check(settings)
+    if not (math.isfinite(_EVAL_TIMEOUT.value) and _EVAL_TIMEOUT.value >= 0):
+      raise UsageError(f'--eval_timeout_secs={_EVAL_TIMEOUT.value}: must be a '
+                       'finite number of seconds >= 0.')
+    params = ResolveParams(settings)
+    num_gpus = 0 if settings.tpu else len(
+        tf.config.list_physical_devices('GPU'))
+    layout = layout_lib.Compute(settings, experiment.NumPartitions(params),
+                                num_gpus)
+    ApplyLayout(params, layout)
     if _PRINT_PARAMS.value:
       print(params.ToText(), end='')
       return
     if not _LOGDIR.value:
       raise UsageError('--logdir is required: where checkpoints, params.txt '
                        'and summaries go.')
-    if _MODE.value == 'eval' and (_REPLICA_HOSTS.value or _TPU.value):
+    if _MODE.value == 'eval' and layout.kind in (layout_lib.PROCESSES,
+                                                 layout_lib.TPU):
       raise UsageError('--mode=eval runs in one process on its own devices; '
                        'drop --replica_hosts / --tpu for the evaluator.')
     # SIGTERM stops a run as Ctrl-C does: between steps, with a message.
     signal.signal(signal.SIGTERM, _RaiseKeyboardInterrupt)
     cluster.CheckTimeout(_WORKER_TIMEOUT.value, '--worker_timeout_secs')
-    if WorkerHosts():
+    hosts = list(settings.worker_hosts)
+    if hosts:
       # TensorFlow waits forever for a worker that does not answer: bound the
       # connection, then probe the workers for the whole run (the watchdog
       # exits with WORKER_LOST even while a step is blocked on a lost one).
-      cluster.ConnectToWorkers(WorkerHosts(), _WORKER_TIMEOUT.value,
+      cluster.ConnectToWorkers(hosts, _WORKER_TIMEOUT.value,
                                '--worker_timeout_secs')
       cluster.WorkerWatchdog(
-          WorkerHosts(), _WORKER_TIMEOUT.value,
+          hosts, _WORKER_TIMEOUT.value,
           cluster.ExitProcessOnLost(ExitStatus.WORKER_LOST),
           '--worker_timeout_secs').Start()
-    strategy = MakeStrategy(params)
-    Run(params, _LOGDIR.value, _MODE.value, groups, strategy)
+    strategy = MakeStrategy(layout)
+    Run(params, _LOGDIR.value, _MODE.value,
+        [list(group) for group in layout.groups], strategy)
   except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
     report = run_errors.Report(e)
     if report is None:  # a bug: its traceback, and a status of its own

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from lingvo_gpipe import experiment
 from lingvo_gpipe import train_program
@@ -88,6 +89,24 @@ def test_find_pipelines():
   task = program_params.task.Instantiate()
   pipes = train_program.FindPipelines(task)
   assert [p.path for p in pipes] == [task.network.pipeline.path]
+
+
+def test_a_checkpoint_holds_what_make_checkpointer_defines(tmp_path):
+  """The trainer's checkpoint: global step, task, optimizer and input position;
+  an evaluator's checkpointer (the same function, the task only) restores the
+  trained weights and step from it."""
+  program = _Program(tmp_path)
+  program.Run(until_step=3)
+  path = program.checkpointer.latest
+  saved = {key.split('/')[0] for key, _ in tf.train.list_variables(path)}
+  assert {'global_step', 'task', 'optimizer', 'input'} <= saved, saved
+  params = program.params
+  task = params.task.Instantiate()
+  step = tf.Variable(0, dtype=tf.int64)
+  evaluator = train_program.MakeCheckpointer(params, str(tmp_path), task, step)
+  assert evaluator.Restore(partial=True) == path and int(step.numpy()) == 3
+  for a, b in zip(_Weights(program), [v.numpy() for v in task.trainable_variables]):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_step_keeps_activations_on_the_cells_devices(tmp_path):

@@ -30,12 +30,14 @@ through the decoder's:
 
 The loss is computed by MtTask from the merged logits against tgt.labels.
 Greedy decoding (an eval-only path) runs the same layers without the
-pipeline, one after another on one device set, with the pipeline's own theta.
+pipeline, one after another on the whole batch, with the pipeline's own
+theta, each layer on its cell's device (where its weights are).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import tensorflow as tf
 
@@ -201,18 +203,32 @@ def NetworkInputs(batch: NestedMap) -> NestedMap:
                                  paddings=batch.tgt.paddings))
 
 
-def SequentialLayers(layer: base_layer.BaseLayer,
-                     theta: NestedMap) -> list[tuple[Any, Any]]:
-  """(layer, theta) of each layer a PipeliningLayer/Sequential runs, in turn."""
+def SequentialLayers(layer: base_layer.BaseLayer, theta: NestedMap,
+                     scope: Callable[[], Any] = contextlib.nullcontext
+                     ) -> list[tuple[Any, Any, Callable[[], Any]]]:
+  """(layer, theta, scope) of each layer a network runs, in turn.
+
+  A PipeliningLayer's layers come with their cell's placement scope
+  (PipeliningLayer.SequentialLayers), a Sequential's with its own; run each
+  as `with scope(): layer.FProp(theta, x)` (RunLayers).
+  """
   if isinstance(layer, pipelined_network.PipelinedNetwork):
-    return SequentialLayers(layer.pipeline, theta.pipeline)
+    return SequentialLayers(layer.pipeline, theta.pipeline, scope)
   if isinstance(layer, pipelining_layer.PipeliningLayer):
-    return [pair for k, cell in enumerate(layer.cells)
-            for pair in SequentialLayers(cell, layer.CellTheta(theta, k))]
-  if isinstance(layer, (combinators.Sequential, pipelining_layer.Cell)):
-    return [pair for sub, sub_theta in zip(layer.sub, theta.sub)
-            for pair in SequentialLayers(sub, sub_theta)]
-  return [(layer, theta)]
+    return [triple for sub, sub_theta, sub_scope in layer.SequentialLayers(theta)
+            for triple in SequentialLayers(sub, sub_theta, sub_scope)]
+  if isinstance(layer, combinators.Sequential):
+    return [triple for sub, sub_theta in zip(layer.sub, theta.sub)
+            for triple in SequentialLayers(sub, sub_theta, scope)]
+  return [(layer, theta, scope)]
+
+
+def RunLayers(layers: list[tuple[Any, Any, Callable[[], Any]]], x: Any) -> Any:
+  """Runs (layer, theta, scope) triples in turn, each inside its scope."""
+  for layer, layer_theta, scope in layers:
+    with scope():
+      x = layer.FProp(layer_theta, x)
+  return x
 
 
 class MtTask(base_task.BaseTask):
@@ -267,11 +283,13 @@ class MtTask(base_task.BaseTask):
     layers run once, then each step runs EncoderToDecoder and the decoder
     layers on the whole fixed-length target buffer [SOS, y_1, ..., 0, ...]
     (causal attention makes position t depend on y_≤t only) and reads
-    position t's logits; the loop ends when every row has emitted EOS.
+    position t's logits; the loop ends when every row has emitted EOS. Each
+    layer runs in its pipeline cell's scope, where its weights are: only the
+    activations cross devices, never the weights.
     """
     p = self.params
     layers = SequentialLayers(self.network, theta.network)
-    starts = [i for i, (layer, _) in enumerate(layers)
+    starts = [i for i, (layer, _, _) in enumerate(layers)
               if isinstance(layer, EncoderToDecoder)]
     if len(starts) != 1:
       raise ValueError(f'{self.path}: greedy decoding needs exactly one '
@@ -283,9 +301,8 @@ class MtTask(base_task.BaseTask):
     batch_size = ids.shape[0] if ids.shape[0] is not None else tf.shape(ids)[0]
 
     with base_layer.Context(training=False):
-      source = NestedMap(ids=ids, paddings=src.paddings)
-      for layer, layer_theta in encoder:
-        source = layer.FProp(layer_theta, source)
+      source = RunLayers(encoder, NestedMap(ids=ids, paddings=src.paddings))
+      last_scope = decoder[-1][2]
 
       def Write(buffer, position, values):
         # one_hot of an index past the end is all zeros: nothing written.
@@ -296,10 +313,10 @@ class MtTask(base_task.BaseTask):
         x = source.copy()
         x.tgt = NestedMap(ids=targets,
                           paddings=tf.zeros(tf.shape(targets), tf.float32))
-        for layer, layer_theta in decoder:
-          x = layer.FProp(layer_theta, x)
-        next_ids = tf.argmax(tf.gather(x.logits, t, axis=1), axis=-1,
-                             output_type=tf.int32)
+        x = RunLayers(decoder, x)
+        with last_scope():  # where the logits are: only ids leave it
+          next_ids = tf.argmax(tf.gather(x.logits, t, axis=1), axis=-1,
+                               output_type=tf.int32)
         next_ids = tf.where(done, tf.zeros_like(next_ids), next_ids)
         return (t + 1, Write(targets, t + 1, next_ids), Write(hyp, t, next_ids),
                 tf.logical_or(done, tf.equal(next_ids, p.eos_id)))

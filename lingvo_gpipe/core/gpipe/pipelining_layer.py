@@ -398,6 +398,27 @@ class PipeliningLayer(base_layer.BaseLayer):
         self.layers[j].PieceTheta(theta.layers[j], i)
         for j, i in self._members[k]])
 
+  def SequentialLayers(self, theta: NestedMap) -> list[tuple[Any, NestedMap, Any]]:
+    """(layer, its theta, scope) of each layer FProp runs, in order.
+
+    For running the layers one at a time on the whole batch outside the
+    pipeline (inference loops such as step-by-step decoding): run
+    `layer.FProp(theta, x)` inside `scope()`, its cell's placement scope, so
+    it runs where its weights are; outside it, every call would copy them to
+    the default device. A Repeat cut between cells appears once per piece;
+    with cell_tpl each cell is one layer.
+    """
+    out = []
+    for k, cell in enumerate(self.cells):
+      cell_theta = self.CellTheta(theta, k)
+      scope = lambda k=k: self.placement.CellScope(k)
+      if self.params.cell_tpl is not None:
+        out.append((cell, cell_theta, scope))
+      else:
+        out += [(layer, layer_theta, scope)
+                for layer, layer_theta in zip(cell.sub, cell_theta.sub)]
+    return out
+
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     p = self.params
     # The first layer gets FProp(theta, *inputs), as in a Sequential: one

@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from tests.support import test_utils
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.layers import activations
@@ -22,6 +21,7 @@ from lingvo_gpipe.core.layers import dropout
 from lingvo_gpipe.core.layers import normalization
 from lingvo_gpipe.core.layers import pooling
 from lingvo_gpipe.core.layers import repeat
+from tests.support import test_utils
 
 PipeliningLayer = pipelining_layer.PipeliningLayer
 
@@ -613,3 +613,26 @@ def test_a_checkpoint_restores_across_a_repeat_cut(tmp_path):
   np.testing.assert_array_equal(
       whole.layers[1].vars.body[0].w.numpy(),
       np.concatenate([p.w.numpy() for p in cut.layers[1].vars.body]))
+
+
+def test_sequential_layers_run_in_turn_where_their_weights_are():
+  """SequentialLayers: run one at a time, each in its scope, the layers give
+  FProp's output, each computed on its cell's device (a cut Repeat's pieces
+  each on its own), so no weight is copied to the caller's device."""
+  pipe = _RepeatPipeline(3, 1, 'unrolled')
+  assert len(pipe.layers[1].piece_sizes) >= 2
+  x = tf.random.stateless_normal([5, 6], [3, 4])
+  y = x
+  index = lambda d: tf.DeviceSpec.from_string(d).device_index
+  triples = pipe.SequentialLayers(pipe.theta)
+  assert len(triples) == sum(len(cell.sub) for cell in pipe.cells)
+  on = set()
+  for layer, theta, scope in triples:
+    weights = {index(v.device) for v in tf.nest.flatten(theta)}
+    assert len(weights) == 1, layer.path
+    with scope():
+      y = layer.FProp(theta, y)
+    assert {index(y.device)} == weights, layer.path
+    on |= weights
+  assert on == {0, 1, 2}
+  np.testing.assert_allclose(y, pipe.FProp(pipe.theta, x), rtol=1e-6)

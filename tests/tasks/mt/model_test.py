@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
-from tests.support import test_utils
 from lingvo_gpipe.core.layers import combinators
 from lingvo_gpipe.core.nested_map import NestedMap
 from tasks import metrics
 from tasks.mt import model
+from tests.support import test_utils
 
 SRC_VOCAB, TGT_VOCAB, D = 11, 13, 16
 B, S, T = 4, 5, 6
@@ -55,14 +55,14 @@ def test_keys_flow_through_the_flat_layer_list():
   layers = model.SequentialLayers(task.network, task.theta.network)
   assert [l.name for l in task.network.pipeline.params.layers] == [
       'src_emb', 'enc_0', 'enc_1', 'enc_dec', 'dec_0', 'dec_1', 'softmax']
-  assert [type(l).__name__ for l, _ in layers] == [
+  assert [type(l).__name__ for l, _, _ in layers] == [
       'TransformerEmbedding', 'TransformerLayer', 'TransformerLayer',
       'EncoderToDecoder', 'TransformerLayer', 'TransformerLayer',
       'TransformerSoftmax']
   batch = _Batch()
   x = model.NetworkInputs(batch)
   keys = []
-  for layer, theta in layers:
+  for layer, theta, _ in layers:
     x = layer.FProp(theta, x)
     keys.append(sorted(x))
   assert keys[0] == keys[1] == keys[2] == ['paddings', 'tgt', 'vec']
@@ -80,7 +80,7 @@ def test_stacked_blocks_compute_what_listed_blocks_do():
   assert [l.name for l in stacked.network.pipeline.params.layers] == [
       'src_emb', 'enc', 'enc_dec', 'dec', 'softmax']
   layers = model.SequentialLayers(stacked.network, stacked.theta.network)
-  assert [type(l).__name__ for l, _ in layers] == [
+  assert [type(l).__name__ for l, _, _ in layers] == [
       'TransformerEmbedding', 'Repeat', 'EncoderToDecoder', 'Repeat',
       'TransformerSoftmax']
   # Give the listed blocks the stacked blocks' weights (iteration i of each
@@ -101,9 +101,8 @@ def test_stacked_blocks_compute_what_listed_blocks_do():
   x = model.NetworkInputs(_Batch())
   out = [x, x]
   for k, task in enumerate((listed, stacked)):
-    for layer, theta in model.SequentialLayers(task.network,
-                                               task.theta.network):
-      out[k] = layer.FProp(theta, out[k])
+    out[k] = model.RunLayers(
+        model.SequentialLayers(task.network, task.theta.network), out[k])
   np.testing.assert_allclose(out[0].logits, out[1].logits, rtol=1e-5,
                              atol=1e-5)
 
@@ -244,3 +243,46 @@ def test_params_round_trip_and_errors():
     _Task(max_decode_len=0)
   with pytest.raises(ValueError, match='dropout is 1.0'):
     _Network(dropout=1.0).Instantiate()
+
+
+def test_greedy_decoding_runs_each_layer_on_its_cell_s_device():
+  """Every op a layer makes while decoding is on the device of its pipeline
+  cell, in the encoder and in every decode step (the while loop's body):
+  none on the default device, CPU:0, which holds no cell; an op there would
+  copy the layer's weights to it at every step (with remote stages, over the
+  network)."""
+  devices = ['/device:CPU:1', '/device:CPU:2']
+  task = _Task(_Network(dropout=0.0, num_partitions=2, devices=devices),
+               max_decode_len=3)
+  index = lambda d: tf.DeviceSpec.from_string(d).device_index
+  made = {}  # layer path -> device indices of the ops its FProp made
+  for layer, theta, _ in model.SequentialLayers(task.network,
+                                                task.theta.network):
+
+    def Recording(theta, x, fprop=layer.FProp, path=layer.path):
+      graph = tf.compat.v1.get_default_graph()
+      before = len(graph.get_operations())
+      out = fprop(theta, x)
+      made.setdefault(path, set()).update(
+          index(op.device) if op.device else None
+          for op in graph.get_operations()[before:]
+          # Weight reads go where their variable is whatever the scope (the
+          # placer puts an op with a resource input there); their values
+          # then go where the ops using them are, which the scope sets.
+          if op.type != 'Placeholder' and
+          not any(t.dtype == tf.resource for t in op.inputs))
+      return out
+
+    layer.FProp = Recording
+    made[layer.path] = set()
+    cell_device = {index(v.device) for v in tf.nest.flatten(theta)}
+    assert len(cell_device) == 1
+    made[layer.path + ' expected'] = cell_device
+  batch = _Batch()
+  tf.function(lambda b: task.Decode(task.theta, b)).get_concrete_function(batch)
+  paths = [p for p in made if not p.endswith(' expected')]
+  assert len(paths) == 7
+  for path in paths:
+    assert made[path], f'{path} made no op'
+    assert made[path] == made[path + ' expected'], path
+  assert set().union(*(made[p] for p in paths)) == {1, 2}
