@@ -147,9 +147,9 @@ class PipeliningLayer(base_layer.BaseLayer):
              'and graph do not grow with M; fill-drain with recompute always '
              'only, loop_executor.py).')
     p.Define('clocks_per_iteration', 1, "executor='loop': clocks run per "
-             'loop iteration; more cuts the per-iteration cost that '
-             'dominates small cells and grows the graph as many times '
-             '(bench/results/executor_step_d64.md).')
+             'loop iteration; grows the graph as many times and, with '
+             'small cells packing their weights (pack_weights), no longer '
+             'shortens their step (loop_executor.py).')
     p.Define('skip_bubbles', True, "executor='loop': at a bubble clock a "
              'cell does nothing (a tf.cond) instead of computing on a '
              'one-row spare batch; faster wherever a cell does real work '
