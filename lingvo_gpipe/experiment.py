@@ -59,7 +59,7 @@ def Pipelines(params: hyperparams.Params) -> list[tuple[str, hyperparams.Params]
           f'holds {_Describe(node)}, not PipeliningLayer Params; list only '
           'the paths of the task\'s pipelines.')
     found.append((f'task.{path}', node))
-  undeclared = [path for path, node in _AllParams(task, 'task')
+  undeclared = [path for path, node in _Walk(task, 'task')
                 if _IsPipeline(node) and not any(node is f for _, f in found)]
   if undeclared:
     raise hyperparams.ConfigError(
@@ -97,18 +97,20 @@ def _IsPipeline(node: Any) -> bool:
   return isinstance(cls, type) and issubclass(cls, pipelining_layer.PipeliningLayer)
 
 
-def _AllParams(value: Any, path: str) -> Iterator[tuple[str, Any]]:
-  """(path, Params) of every Params in a tree, parents first."""
+def _Walk(value: Any, path: str = '') -> Iterator[tuple[str, Any]]:
+  """(path, value) of every node of a Params tree (lists, dicts too), parents first."""
+  yield path, value
   if isinstance(value, hyperparams.Params):
-    yield path, value
-    for name, child in value.IterParams():
-      yield from _AllParams(child, f'{path}.{name}')
+    children = ((f'{path}.{name}' if path else name, child)
+                for name, child in value.IterParams())
   elif isinstance(value, (list, tuple)):
-    for i, child in enumerate(value):
-      yield from _AllParams(child, f'{path}[{i}]')
+    children = ((f'{path}[{i}]', child) for i, child in enumerate(value))
   elif isinstance(value, dict):
-    for key, child in value.items():
-      yield from _AllParams(child, f'{path}[{key!r}]')
+    children = ((f'{path}[{key!r}]', child) for key, child in value.items())
+  else:
+    return
+  for child_path, child in children:
+    yield from _Walk(child, child_path)
 
 
 def Resolve(settings: Settings) -> hyperparams.Params:
@@ -215,19 +217,10 @@ def _Get(params: hyperparams.Params, path: str) -> Any:
     return None
 
 
-def _Numbers(value: Any, path: str = '') -> Iterator[tuple[str, float]]:
+def _Numbers(value: Any) -> Iterator[tuple[str, float]]:
   """(path, value) of every float in a Params tree (ints are always finite)."""
-  if isinstance(value, hyperparams.Params):
-    for name, child in value.IterParams():
-      yield from _Numbers(child, f'{path}.{name}' if path else name)
-  elif isinstance(value, (list, tuple)):
-    for i, child in enumerate(value):
-      yield from _Numbers(child, f'{path}[{i}]')
-  elif isinstance(value, dict):
-    for key, child in value.items():
-      yield from _Numbers(child, f'{path}[{key!r}]')
-  elif isinstance(value, float):
-    yield path, value
+  return ((path, node) for path, node in _Walk(value)
+          if isinstance(node, float))
 
 
 def NumPartitions(params: hyperparams.Params) -> int:
