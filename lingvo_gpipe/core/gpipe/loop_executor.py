@@ -19,10 +19,11 @@ what a micro-batch does: with Transformer blocks on 2-example micro-batches
 (K=8) the step took 0.69x the time at M=8 and 0.88x at M=32
 (bench/results/executor_step_loop_spare_row_vs_loop_transformer_d32_k8.md),
 and at K=128, M=32, where 80% of the clocks are bubbles, 60 s against 369 s
-(bench/results/transformer_l_1663.md). On cells of a few Dense(64) the
-branch costs more than it saves (1.09x at M=8, 1.15x at M=64,
-executor_step_loop_spare_row_vs_loop_dense_d64_k4.md),
-so `skip_bubbles=False` keeps the older way: the cell computes on the spare
+(bench/results/transformer_l_1663.md). On cells of a few Dense(64) too,
+now that they carry packed weights (0.57x at M=8, 0.73x at M=64,
+executor_step_loop_spare_row_vs_loop_dense_d64_k4.md; unpacked, the
+branch cost more than it saved there, 1.09x and 1.15x).
+`skip_bubbles=False` keeps the older way: the cell computes on the spare
 row, whose output gradient is zero, so it adds nothing to the sums
 (computing on a real micro-batch and masking its gradient was measured
 slower; an empty batch breaks layers that reshape, such as AmoebaNet's;
@@ -60,11 +61,12 @@ nodes at every clock; unpacked, 16 × Dense(64) in 4 cells ran 10k nodes a
 step at M=8, 6k of them control flow, most for its 32 weights and 32 sums.
 Packed it runs 5.2k, and each cell's clock reads its micro-batch indices
 from one table (`_Clock`). Against the same loop unpacked, two variants
-alternating in one process: 16 × Dense(64), K=4, 0.56× the step at M=8 and
-0.55× at M=64; narrow Transformer blocks (d 32, K=4) 0.82× at M=8 and
-0.76× at M=32. Against the unrolled executor the tiny stack's step is
-still 1.6× and 1.36× (it was 3.4× and 2.3×); a packed cell's clock still
-runs some 60 nodes, a third of them control flow, and a bubble's `cond`
+alternating in one process: 16 × Dense(64), K=4, 0.51× the step at M=8 and
+0.64× at M=64; narrow Transformer blocks (d 32, K=4) 0.84× at M=8 and
+0.74× at M=32. Against the unrolled executor the tiny stack's step is
+still 1.50× and 1.29× (it was 3.4× and 2.3×), while the narrow
+Transformer's is 0.78× and 0.68× (it was 0.99× and 0.98×): a packed
+cell's clock still runs some 60 nodes, a third of them control flow
 (bench/results/executor_step_*.md).
 
 `clocks_per_iteration` clocks run in one iteration: each loop iteration

@@ -152,16 +152,16 @@ class PipeliningLayer(base_layer.BaseLayer):
              'shortens their step (loop_executor.py).')
     p.Define('skip_bubbles', True, "executor='loop': at a bubble clock a "
              'cell does nothing (a tf.cond) instead of computing on a '
-             'one-row spare batch; faster wherever a cell does real work '
+             'one-row spare batch; faster in every case measured '
              '(Transformer blocks, K=8: 0.69x the step at M=8; K=128, M=32: '
-             '0.16x), 9-15% slower on cells of a few Dense(64) '
+             '0.16x; 16 × Dense(64), K=4: 0.57-0.73x) '
              '(bench/results/executor_step_loop_spare_row_vs_loop_*.md).')
     p.Define('pack_weights', True, "executor='loop': a cell in this "
              'process whose weights hold at most 2^20 elements carries them, '
              'and their gradient sums, through the loops as one tensor per '
              'dtype, not one loop variable each (packed_weights.py): the '
-             'step 0.55x as long on 16 × Dense(64), K=4, 0.76-0.82x on narrow '
-             'Transformer blocks (bench/results/executor_step_loop_unpacked_'
+             'step 0.51-0.64x as long on 16 × Dense(64), K=4, 0.74-0.84x on '
+             'narrow Transformer blocks (bench/results/executor_step_loop_unpacked_'
              'vs_loop_*.md). False: one each.')
     p.Define('jit_compile', False, "XLA compiles each cell's forward and "
              'backward (recomputation and gradients), each run on its '
