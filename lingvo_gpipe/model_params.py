@@ -81,6 +81,10 @@ class ModelParams:
              'step (bench/results/transformer_l_1663.md).')
     p.Define('eval_max_batches', 0,
              'Batches of the eval split per evaluation; 0: the whole split.')
+    p.Define('warm_start', [],
+             'Sources of a new run\'s first weights: WarmStartParams(), one per '
+             'checkpoint, applied in order (lingvo_gpipe/warm_start.py). Only a '
+             'run whose logdir has no checkpoint of its own starts from them.')
     return p
 
   def Input(self) -> hyperparams.Params:
@@ -101,6 +105,45 @@ class ModelParams:
     p.Define('train', self.Train(), 'Training loop settings.')
     p.Define('input', self.Input(), 'Input generator settings.')
     return p
+
+
+class WarmStartSource:
+  """The class of a warm-start source's Params; nothing instantiates it.
+
+  It exists so that a source is InstantiableParams with a class: text and
+  overrides can then create one from nothing (`train.warm_start=[Params(...)];
+  train.warm_start[0].cls=@lingvo_gpipe.model_params.WarmStartSource`).
+  """
+
+  @classmethod
+  def Params(cls) -> hyperparams.InstantiableParams:
+    """One source checkpoint and how its variables map onto this model's."""
+    p = hyperparams.InstantiableParams(cls)
+    p.Define('checkpoint', None,
+             'A checkpoint prefix (.../checkpoints/ckpt-400), or a logdir or '
+             'its checkpoints/ directory (its newest checkpoint), written by '
+             'this trainer for any model, K, M or placement.')
+    p.Define('rules', [('(.*)', r'\1')],
+             'Ordered (regex, replacement) pairs. A source variable takes the '
+             'first rule whose regex matches its whole name and is loaded into '
+             'the variable named by re.Match.expand(replacement) '
+             "(r'\1' is group 1). Names on both sides are layer paths under "
+             "'task', e.g. 'task/network/pipeline/layers_6/net/sub_3/w'. "
+             'Source variables no rule matches are not loaded.')
+    p.Define('exclude', [],
+             'Regexes (whole-name matches) of this model\'s variables to leave '
+             'at their initializers, e.g. a classifier whose class count '
+             'differs.')
+    p.Define('allow_unmatched', False,
+             'Accept rules that load nothing into this model and exclude '
+             'patterns that match none of its variables; otherwise either is '
+             'an error (usually a typo).')
+    return p
+
+
+def WarmStartParams(checkpoint: str | None = None, **fields) -> hyperparams.InstantiableParams:
+  """A train.warm_start entry: WarmStartSource.Params() with these fields set."""
+  return WarmStartSource.Params().Set(checkpoint=checkpoint, **fields)
 
 
 def LrScheduleParams() -> hyperparams.Params:

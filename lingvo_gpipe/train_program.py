@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from lingvo_gpipe import base_task
+from lingvo_gpipe import warm_start
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import hyperparams
@@ -125,14 +126,28 @@ class TrainProgram:
   def Restore(self) -> int:
     """Resumes from the newest checkpoint that restores; returns the global step.
 
+    With no checkpoint of its own, a run warm-starts from train.warm_start
+    (if any) instead; a resumed run never reads those sources again.
+
     Raises:
       checkpoint.CheckpointMismatchError: the logdir holds another model.
       checkpoint.CheckpointDamagedError: no checkpoint in it restores.
+      hyperparams.ConfigError: a warm start that does not fit this model.
     """
-    self.checkpointer.Resume()
+    if self.checkpointer.Resume() is None and self.params.train.warm_start:
+      self.WarmStart()
     self.replicas.SyncFromFirst(
         [[t, o] for t, o in zip(self.replicas.tasks, self._optimizers)])
     return self.step
+
+  def WarmStart(self) -> warm_start.Plan:
+    """Loads replica 0's weights from train.warm_start; logs and summarizes what."""
+    plan = warm_start.Apply(self.params.train.warm_start, self.task)
+    logging.info('%s', warm_start.LogText(plan))
+    with self.writer.as_default():
+      summary.Text('warm_start', plan.ToText(), self.step)
+    self.writer.flush()
+    return plan
 
   # --- the traced step ----------------------------------------------------------
 

@@ -171,7 +171,9 @@ class DigitsInput(base_input_generator.BaseInputGenerator):
   [8, 8, 1] float32 with pixels scaled from 0..16 to [0, 1]; labels int32.
   With `augment`, training images are shifted by up to shift_pixels pixels at
   random (zeros fill in); no flips, which would change digits. Needs no
-  download, so `data_dir` is ignored.
+  download, so `data_dir` is ignored. With `classes`, only those digits are
+  kept, relabeled by their position in it (classes=[5, 6, 7, 8, 9]: digit 5
+  is label 0), for a classifier of len(classes) outputs.
   """
 
   @classmethod
@@ -179,14 +181,36 @@ class DigitsInput(base_input_generator.BaseInputGenerator):
     p = super().Params()
     p.Define('augment', False, 'Randomly shift training images.')
     p.Define('shift_pixels', 1, 'Largest random shift, in pixels.')
+    p.Define('classes', None, 'Digits to keep, e.g. [5, 6, 7, 8, 9], '
+             'relabeled 0..len-1 in this order; None: all ten, as they are.')
     return p
 
-  num_classes = 10
   image_shape = (8, 8, 1)
+
+  def __init__(self, params: hyperparams.InstantiableParams):
+    super().__init__(params)
+    classes = self.params.classes
+    if classes is not None and (
+        not isinstance(classes, (list, tuple)) or not classes or
+        len(set(classes)) != len(classes) or
+        not all(isinstance(c, int) and 0 <= c <= 9 for c in classes)):
+      raise hyperparams.ConfigError(
+          f'{self.params.name}: classes={classes!r}; a list of distinct digits '
+          '0..9 (e.g. [5, 6, 7, 8, 9]), or None for all ten.')
+
+  @property
+  def num_classes(self) -> int:
+    classes = self.params.classes
+    return 10 if classes is None else len(classes)
 
   def _Examples(self, split: str, training: bool) -> tf.data.Dataset:
     p = self.params
     images, labels = _DigitsSplit(split)
+    if p.classes is not None:
+      keep = np.isin(labels, p.classes)
+      relabel = np.full(10, -1, np.int32)
+      relabel[list(p.classes)] = np.arange(len(p.classes), dtype=np.int32)
+      images, labels = images[keep], relabel[labels[keep]]
     ds = tf.data.Dataset.from_tensor_slices(
         NestedMap(image=images, label=labels))
     if not (training and p.augment):

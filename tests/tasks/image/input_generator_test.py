@@ -211,3 +211,19 @@ def test_digits_training_batches_are_static():
   assert ds.element_spec.label.dtype == tf.int32
   with pytest.raises(ValueError, match="'train' and 'test'"):
     gen.Dataset('validation', training=False)
+
+
+def test_digits_classes_keeps_those_digits_relabeled_in_order():
+  everything = _Digits('test', False)
+  high = _Digits('test', False, classes=[5, 6, 7, 8, 9])
+  expected = [(x, y - 5) for x, y in everything if y >= 5]
+  assert len(high) == len(expected) > 0
+  assert all(np.array_equal(a, b) and la == lb
+             for (a, la), (b, lb) in zip(high, expected))
+  swapped = _Digits('test', False, classes=[9, 0])
+  assert sorted({y for _, y in swapped}) == [0, 1]
+  assert input_generator.DigitsInput.Params().Set(
+      classes=[0, 1, 2, 3, 4]).Instantiate().num_classes == 5
+  for bad in ([], [3, 3], [10], 'five'):
+    with pytest.raises(ValueError, match=r'classes=.*distinct digits'):
+      input_generator.DigitsInput.Params().Set(classes=bad).Instantiate()
