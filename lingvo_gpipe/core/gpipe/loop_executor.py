@@ -41,8 +41,9 @@ on its own device. Read before a loop, a weight enters it on the loop's own
 device (the client's) and crosses to the cell's at every clock: with the
 cells on capped workers the client held every weight (55 MB at 16
 Transformer layers, bench/memory.py) and each worker received its weights
-anew at every clock; reading them inside, capped workers fit 19 and 38
-layers at K=1 and 2 where they fitted 16 and 33
+anew at every clock; reading them inside, capped workers fit 18-19 and
+37-38 layers at K=1 and 2 (the edge moves from run to run) where they
+fitted 16 and 33
 (bench/results/memory_loop.md). In one process the
 crossing passes a reference and the weights stay loop invariants (`_Runner`
 says what reading inside cost there).
