@@ -41,7 +41,6 @@ import tensorflow as tf
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import hyperparams
-from lingvo_gpipe.core import stacked_variable
 
 ROOT = 'task'
 _VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
@@ -158,10 +157,11 @@ def _Section(title: str, items: list[str], limit: Optional[int]) -> list[str]:
 def TargetVariables(task: base_layer.BaseLayer) -> dict[str, Any]:
   """This model's variables by rule name (`task/<layer path>/<variable>`).
 
-  A Repeat's stacked weight is one variable, however the pipeline cut it.
+  A Repeat's stacked weight is one variable, however the pipeline cut it
+  (BaseLayer.StoredVars), as in the checkpoint.
   """
   names = {}
-  for path, var in task.vars.FlattenItems():
+  for path, var in task.StoredVars().FlattenItems():
     name = re.sub(r'\[(\d+)\]', r'_\1', path).replace('.', '/')
     names[f'{ROOT}/{name}'] = var
   return names
@@ -420,16 +420,6 @@ def _CheckMatched(plan: SourcePlan, rules, excludes, exclude_hits,
 # --- loading ------------------------------------------------------------------------
 
 
-def Assign(var: Any, value: np.ndarray) -> None:
-  """Assigns `value` to a variable, or to a stacked variable's pieces in order."""
-  if isinstance(var, stacked_variable.StackedVariable):
-    for piece, part in zip(var.pieces,
-                           np.split(value, np.cumsum(var.sizes)[:-1], axis=0)):
-      piece.assign(part)
-  else:
-    var.assign(value)
-
-
 def Apply(sources: Sequence[hyperparams.Params],
           task: base_layer.BaseLayer) -> Plan:
   """Loads `task`'s variables from `sources` (train.warm_start); returns the plan.
@@ -442,8 +432,9 @@ def Apply(sources: Sequence[hyperparams.Params],
   for load in plan.loads:
     if load.checkpoint not in readers:
       readers[load.checkpoint] = tf.train.load_checkpoint(load.checkpoint)
-    Assign(targets[load.target],
-           readers[load.checkpoint].get_tensor(load.source.key))
+    # A stacked variable assigns each piece its rows.
+    targets[load.target].assign(
+        readers[load.checkpoint].get_tensor(load.source.key))
   return plan
 
 

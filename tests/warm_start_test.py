@@ -18,6 +18,9 @@ from lingvo_gpipe import warm_start
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import stacked_variable
 from lingvo_gpipe.core import summary
+from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
+from lingvo_gpipe.core.layers import dense
+from lingvo_gpipe.core.layers import repeat
 
 _TOY = 'example.toy.ToyRegression'
 _DEVICES = ['/device:CPU:0', '/device:CPU:1']
@@ -241,6 +244,37 @@ def test_a_stacked_weight_is_loaded_whole_into_its_pieces():
   pieces = [tf.Variable(tf.zeros([1, 2])), tf.Variable(tf.zeros([2, 2]))]
   stacked = stacked_variable.StackedVariable('repeat.w', pieces)
   value = np.arange(6, dtype=np.float32).reshape(3, 2)
-  warm_start.Assign(stacked, value)
+  stacked.assign(value)
   np.testing.assert_array_equal(pieces[0].numpy(), value[:1])
   np.testing.assert_array_equal(pieces[1].numpy(), value[1:])
+
+
+def _RepeatPipeline(k):
+  return PipeliningLayer.Params().Set(
+      name='pipeline', num_partitions=k, num_micro_batches=2,
+      devices=_DEVICES[:k], layers=[
+          dense.Dense.Params().Set(name='fc', input_dim=4, output_dim=4),
+          repeat.Repeat.Params().Set(name='blocks', num=4, sub=(
+              dense.Dense.Params().Set(input_dim=4, output_dim=4)))]
+  ).Instantiate()
+
+
+def test_a_repeat_cut_across_cells_is_loaded_from_an_uncut_one(tmp_path):
+  source, target = _RepeatPipeline(1), _RepeatPipeline(2)
+  path = tf.train.Checkpoint(task=source).write(str(tmp_path / 'ckpt'))
+  plan = warm_start.Apply([model_params.WarmStartParams(path)], target)
+  assert not plan.uninitialized
+  # Names as the checkpoint has them: the Repeat's weight is one [4, 4, 4].
+  assert sorted(load.target for load in plan.loads) == [
+      'task/layers_0/b', 'task/layers_0/w', 'task/layers_1/body/b',
+      'task/layers_1/body/w']
+  for got, want in zip(target.StoredVars().Flatten(),
+                       source.StoredVars().Flatten()):
+    np.testing.assert_array_equal(_Whole(got), _Whole(want))
+
+
+def _Whole(var):
+  """A variable's value; a stacked one's pieces joined."""
+  if isinstance(var, stacked_variable.StackedVariable):
+    return tf.concat(var.pieces, 0)
+  return tf.convert_to_tensor(var)

@@ -505,16 +505,26 @@ class BaseLayer(tf.Module):
 
   # --- theta -----------------------------------------------------------------
 
+  def _Nested(self, of: Callable[['BaseLayer'], NestedMap]) -> NestedMap:
+    """This layer's variables, and `of(child)` under each child's name."""
+    result = NestedMap(self._variables_by_name)
+    for name, child in self._children_by_name.items():
+      result[name] = ([of(c) for c in child] if isinstance(child, list)
+                      else of(child))
+    return result
+
   @property
   def vars(self) -> NestedMap:
     """This layer's and its children's variables, nested like theta."""
-    result = NestedMap(self._variables_by_name)
-    for name, child in self._children_by_name.items():
-      if isinstance(child, list):
-        result[name] = [c.vars for c in child]
-      else:
-        result[name] = child.vars
-    return result
+    return self._Nested(lambda child: child.vars)
+
+  def StoredVars(self) -> NestedMap:
+    """The variables as a checkpoint stores them, nested like the layers.
+
+    As `vars`, but a Repeat's stacked weight is one StackedVariable, where
+    its `vars` (and theta) hold one entry per piece the pipeline cut.
+    """
+    return self._Nested(lambda child: child.StoredVars())
 
   @property
   def theta(self) -> NestedMap:

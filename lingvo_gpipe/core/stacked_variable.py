@@ -47,6 +47,21 @@ class StackedVariable(trackable.Trackable):
     return tf.TensorShape([sum(self.sizes)]).concatenate(
         self.pieces[0].shape[1:])
 
+  @property
+  def dtype(self) -> tf.DType:
+    return self.pieces[0].dtype
+
+  def assign(self, value: Any) -> Any:
+    """Assigns the logical [N, ...] `value`: each piece its iterations' rows."""
+    value = tf.convert_to_tensor(value, tf.as_dtype(self.dtype).base_dtype)
+    if value.shape.rank is not None and value.shape[0] != sum(self.sizes):
+      raise ValueError(
+          f'{self.name}: the value holds {value.shape[0]} iterations of '
+          f'this weight, the model has {sum(self.sizes)} (Repeat.num '
+          'differs).')
+    parts = tf.split(value, self.sizes, axis=0)
+    return tf.group([p.assign(v) for p, v in zip(self.pieces, parts)])
+
   def Map(self, fn: Callable[[Any, int], Any], name: str) -> 'StackedVariable':
     """A stacked variable of the same cut whose piece i is fn(piece i, i)."""
     return StackedVariable(name, [fn(p, i) for i, p in enumerate(self.pieces)])
@@ -59,14 +74,7 @@ class StackedVariable(trackable.Trackable):
     return {trackable.VARIABLE_VALUE_KEY: value}
 
   def _restore_from_tensors(self, restored_tensors):
-    value = restored_tensors[trackable.VARIABLE_VALUE_KEY]
-    if value.shape.rank is not None and value.shape[0] != sum(self.sizes):
-      raise ValueError(
-          f'{self.name}: the checkpoint holds {value.shape[0]} iterations of '
-          f'this weight, the model has {sum(self.sizes)} (Repeat.num '
-          'differs).')
-    parts = tf.split(value, self.sizes, axis=0)
-    return tf.group([p.assign(v) for p, v in zip(self.pieces, parts)])
+    return self.assign(restored_tensors[trackable.VARIABLE_VALUE_KEY])
 
   def __repr__(self) -> str:
     return (f'StackedVariable({self.name}, {self.shape}, pieces '
