@@ -20,7 +20,6 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from lingvo_gpipe import base_task
 from lingvo_gpipe import warm_start
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
@@ -29,7 +28,6 @@ from lingvo_gpipe.core import lr_schedule
 from lingvo_gpipe.core import optimizer as optimizer_lib
 from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core import summary
-from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.nested_map import NestedMap
@@ -43,11 +41,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class TrainingInterrupted(Exception):
   """Training was stopped by Ctrl-C or SIGTERM between two steps."""
-
-
-def FindPipelines(task: base_task.BaseTask) -> list[pipelining_layer.PipeliningLayer]:
-  """The task's pipelines: those it declares (BaseTask.Pipelines)."""
-  return task.Pipelines()
 
 
 def MakeCheckpointer(params: hyperparams.Params, logdir: str,

@@ -120,7 +120,7 @@ def test_every_declared_pipeline_gets_k_m_and_devices(registered):
   assert experiment.NumPartitions(params) == 2
   experiment.SetDevices(params, ['/device:CPU:1', '/device:CPU:2'])
   task = params.task.Instantiate()
-  built = train_program.FindPipelines(task)
+  built = task.Pipelines()
   assert [pipe.path for pipe in built] == ['two/network/body/pipeline',
                                            'two/network/head']
   for pipe in built:

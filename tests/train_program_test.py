@@ -87,7 +87,7 @@ def test_find_pipelines():
   program_params = experiment.Resolve(experiment.Settings(model=_TOY))
   experiment.SetDevices(program_params, ['/device:CPU:0', '/device:CPU:1'])
   task = program_params.task.Instantiate()
-  pipes = train_program.FindPipelines(task)
+  pipes = task.Pipelines()
   assert [p.path for p in pipes] == [task.network.pipeline.path]
 
 

@@ -80,7 +80,7 @@ def test_two_replicas_of_two_stages_make_the_one_big_batch_update(tmp_path):
 def test_each_replica_s_cells_sit_on_its_own_device_group(tmp_path):
   two = _Program(tmp_path, [_CPUS[:2], _CPUS[2:]])
   for index, group in enumerate([_CPUS[:2], _CPUS[2:]]):
-    pipe = train_program.FindPipelines(two.replicas.tasks[index])[0]
+    pipe = two.replicas.tasks[index].Pipelines()[0]
     for k, cell in enumerate(pipe.cells):
       devices = {tf.DeviceSpec.from_string(v.device).device_index
                  for v in cell.variables}
