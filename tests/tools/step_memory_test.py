@@ -17,11 +17,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 @pytest.mark.heavy  # about 20 s: three TensorFlow processes start
-@pytest.mark.parametrize('executor', ['unrolled', 'loop'])
-def test_cells_on_two_workers_leave_the_client_only_the_input(executor):
+@pytest.mark.parametrize('executor,recompute', [
+    ('unrolled', 'always'), ('loop', 'always'), ('loop', 'never')])
+def test_cells_on_two_workers_leave_the_client_only_the_input(executor,
+                                                              recompute):
   # The loop executor once read the weights before its loops, and a tensor
   # a loop captures enters it on the loop's device: the client held every
-  # weight and sent it to the workers at every clock.
+  # weight and sent it to the workers at every clock. Kept activations
+  # (recompute never) stay on their cell's worker too.
   hosts, workers = cluster.StartLocalWorkers(2)
   try:
     # 4 Dense(1024): 16 MiB of weights, 16 MiB of gradients; the input is
@@ -30,7 +33,7 @@ def test_cells_on_two_workers_leave_the_client_only_the_input(executor):
         [sys.executable, '-m', 'lingvo_gpipe.tools.step_memory',
          '--stack=dense', '--num_layers=4', '--dim=1024', '--batch=64',
          '--num_micro_batches=2', f'--worker_hosts={",".join(hosts)}',
-         f'--executor={executor}'],
+         f'--executor={executor}', f'--recompute={recompute}'],
         cwd=_REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
                             PYTHONPATH=_REPO),
         capture_output=True, text=True, timeout=120, check=False)

@@ -144,8 +144,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     p.Define('executor', 'unrolled', "How the schedule becomes a graph: "
              "'unrolled' (a copy of each cell per micro-batch; every recompute "
              "mode and schedule) or 'loop' (two loops over clocks: build time "
-             'and graph do not grow with M; fill-drain with recompute always '
-             'only, loop_executor.py).')
+             'and graph do not grow with M; fill-drain, every recompute '
+             'mode, input_grads_first with recompute always only, '
+             'loop_executor.py).')
     p.Define('clocks_per_iteration', 1, "executor='loop': clocks run per "
              'loop iteration; grows the graph as many times and, with '
              'small cells packing their weights (pack_weights), no longer '

@@ -36,6 +36,7 @@ import tensorflow as tf
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import grad_order
+from lingvo_gpipe.core.gpipe import kept_forward
 from lingvo_gpipe.core.nested_map import NestedMap
 
 RECOMPUTE_MODES = ('always', 'except_last', 'never')
@@ -76,7 +77,7 @@ def _CellName(cell: Any) -> str:
           type(cell).__name__)
 
 
-def _Index(micro_batch: Any) -> tf.Tensor:
+def Index(micro_batch: Any) -> tf.Tensor:
   """The micro-batch index as an int64 tensor: one trace serves every index."""
   return tf.cast(micro_batch, tf.int64)
 
@@ -102,7 +103,7 @@ class CellRunner:
     self._stats_layers: list[list[Any]] = []
     if jit_compile:
       name = _CellName(cell)
-      self.compiled_forward = _Compiled(self._CompiledForward,
+      self.compiled_forward = _Compiled(self._ForwardAndStats,
                                         f'{name}_xla_forward')
       self.compiled_backward = _Compiled(self._CompiledBackward,
                                          f'{name}_xla_backward')
@@ -130,9 +131,10 @@ class CellRunner:
                             stats_collector=stats):
       return self.cell.FProp(theta, x)
 
-  def _CompiledForward(self, theta: NestedMap, micro_batch: tf.Tensor,
+  def _ForwardAndStats(self, theta: NestedMap, micro_batch: tf.Tensor,
                        x: Any) -> tuple[Any, list]:
-    """(outputs, the statistics recorded): the body XLA compiles."""
+    """(outputs, the statistics recorded): the body XLA compiles, and the
+    function a kept forward splits."""
     scratch = base_layer.StatsCollector()
     y = self._FProp(theta, micro_batch, x, record=True, collector=scratch)
     layers = [layer for layer, _ in scratch.records]
@@ -150,7 +152,7 @@ class CellRunner:
     if not self.jit_compile:
       return self._FProp(self.theta, micro_batch, x, record=True,
                          collector=collector)
-    y, stats = self.compiled_forward(self.theta, _Index(micro_batch), x)
+    y, stats = self.compiled_forward(self.theta, Index(micro_batch), x)
     for layer, record in zip(self._stats_layers[0], stats):
       (collector or self._collector).Add(layer, record)
     return y
@@ -170,6 +172,20 @@ class CellRunner:
       _Watched(tape, self.theta, x)
       y = self._RunForward(micro_batch, x, None)
     return y, tape
+
+  def KeptForward(self, x_spec: Any) -> kept_forward.KeptForward:
+    """This cell's forward split from its backward, for activations kept
+    where no tape can hold them (kept_forward.py).
+
+    Its arguments are (theta, the micro-batch index as int64, x like
+    `x_spec`); it returns (outputs, [statistics in the order the cell
+    records them]); with jit_compile both halves are XLA-compiled.
+    """
+    theta_spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype), self.theta)
+    return kept_forward.KeptForward(
+        self.compiled_forward if self.jit_compile else self._ForwardAndStats,
+        [theta_spec, tf.TensorSpec([], tf.int64), x_spec])
 
   def Specs(self, x_spec: Any) -> tuple[Any, list[tuple[Any, Any]]]:
     """What the cell returns and records for inputs like `x_spec`.
@@ -234,7 +250,7 @@ class CellRunner:
     """
     created = []
     if kept is None and self.jit_compile:
-      grads = self.compiled_backward(self.theta, _Index(micro_batch), x, dy)
+      grads = self.compiled_backward(self.theta, Index(micro_batch), x, dy)
     else:
       tape, y = kept if kept is not None else self._Recomputed(
           self.theta, micro_batch, x)

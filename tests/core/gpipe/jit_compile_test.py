@@ -132,10 +132,12 @@ def test_compiled_cells_compute_what_uncompiled_and_sequential_ones_do(
   assert not _CompiledCalls(_Step(plain, x))
 
 
+@pytest.mark.parametrize('executor', _EXECUTORS)
 @pytest.mark.parametrize('recompute', ['except_last', 'never'])
-def test_kept_forwards_are_differentiated_by_compiled_gradients(recompute):
+def test_kept_forwards_are_differentiated_by_compiled_gradients(recompute,
+                                                                executor):
   x = _Batch()
-  jit = _Pipeline(_Dense(4), 'unrolled', jit_compile=True, recompute=recompute)
+  jit = _Pipeline(_Dense(4), executor, jit_compile=True, recompute=recompute)
   step = _Step(jit, x)
   _AssertClose(step(), _Step(jit, x, reference=True)())
   # TensorFlow's gradient of a compiled call: a compiled backward function.
@@ -152,12 +154,11 @@ def test_dropout_repeats_under_recompute_with_the_same_seeds(executor):
   jit = _Pipeline(_Dense(2, keep_prob=0.5), executor, jit_compile=True)
   result = _Step(jit, x)()
   _AssertClose(result, _XlaReference(jit, x)())
-  if executor == 'unrolled':
-    kept = _Pipeline(_Dense(2, keep_prob=0.5), executor, jit_compile=True,
-                     recompute='never')
-    _AssertClose(result, _Step(kept, x)())  # the forward's own masks
-    no_dropout = _Pipeline(_Dense(2), executor, jit_compile=True)
-    assert not np.allclose(result[0], _Step(no_dropout, x)()[0])  # it drops
+  kept = _Pipeline(_Dense(2, keep_prob=0.5), executor, jit_compile=True,
+                   recompute='never')
+  _AssertClose(result, _Step(kept, x)())  # the forward's own masks
+  no_dropout = _Pipeline(_Dense(2), executor, jit_compile=True)
+  assert not np.allclose(result[0], _Step(no_dropout, x)()[0])  # it drops
 
 
 @pytest.mark.parametrize('executor', _EXECUTORS)
@@ -221,8 +222,6 @@ def test_eager_calls_compute_the_same():
     (dict(input_grads_first=True), 'use input_grads_first=False with '
      'jit_compile=True'),
     (dict(jit_compile='yes'), "jit_compile must be True or False, got 'yes'"),
-    (dict(executor='loop', recompute='never'), "recompute='never' needs "
-     "executor='unrolled'"),
 ])
 def test_what_cannot_run_compiled_is_refused_by_name(kwargs, message):
   params = dict(executor='unrolled', jit_compile=True)

@@ -82,13 +82,15 @@ def _LossAndGrads(pipe, inputs, reference=False):
 
 @pytest.mark.parametrize('k,m,batch', [(1, 1, 4), (2, 3, 7), (4, 5, 13),
                                        (4, 2, 6)])
-@pytest.mark.parametrize('input_grads_first', [False, True])
+@pytest.mark.parametrize('recompute,input_grads_first', [
+    ('always', False), ('always', True), ('never', False),
+    ('except_last', False)])
 @pytest.mark.parametrize('skip_bubbles', [True, False])
-def test_loss_and_gradients_equal_the_sequential_model(k, m, batch,
+def test_loss_and_gradients_equal_the_sequential_model(k, m, batch, recompute,
                                                        input_grads_first,
                                                        skip_bubbles):
   pipe = _Pipeline(_Layers(), k, m, input_grads_first=input_grads_first,
-                   skip_bubbles=skip_bubbles)
+                   skip_bubbles=skip_bubbles, recompute=recompute)
   inputs = _Inputs(batch)  # ragged micro-batches, an int leaf, dropout
   loss, grads, lengths = _LossAndGrads(pipe, inputs)()
   ref_loss, ref_grads, _ = _LossAndGrads(pipe, inputs, reference=True)()
@@ -133,10 +135,11 @@ class _Counting(base_layer.BaseLayer):
     del stats_list
 
 
-@pytest.mark.parametrize('skip_bubbles,pack_weights', [
-    (True, True), (False, True), (True, False)])
+@pytest.mark.parametrize('skip_bubbles,pack_weights,recompute', [
+    (True, True, 'always'), (False, True, 'always'), (True, False, 'always'),
+    (True, True, 'never'), (False, False, 'except_last')])
 def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does(
-    skip_bubbles, pack_weights):
+    skip_bubbles, pack_weights, recompute):
   layers = []
   for i in range(3):
     layers += [dense.Dense.Params().Set(name=f'fc{i}', input_dim=4,
@@ -149,7 +152,7 @@ def test_batch_norm_moves_its_averages_as_the_unrolled_executor_does(
     pipe = PipeliningLayer.Params().Set(
         name='pipe', layers=layers, num_partitions=3, num_micro_batches=4,
         devices=_DEVICES, executor=executor, skip_bubbles=skip_bubbles,
-        pack_weights=pack_weights).Instantiate()
+        pack_weights=pack_weights, recompute=recompute).Instantiate()
 
     @tf.function
     def Step():
@@ -184,15 +187,19 @@ class _RowCounter(base_layer.BaseLayer):
       return tf.identity(x)
 
 
-@pytest.mark.parametrize('skip_bubbles', [True, False])
-def test_bubble_clocks_are_skipped(skip_bubbles):
+@pytest.mark.parametrize('skip_bubbles,recompute,recomputed', [
+    (True, 'always', 10), (False, 'always', 10), (True, 'never', 0),
+    (False, 'never', 0), (True, 'except_last', 8)])
+def test_bubble_clocks_are_skipped_and_kept_micro_batches_not_recomputed(
+    skip_bubbles, recompute, recomputed):
   # K=3, M=4: 6 clocks, so each cell has 2 bubble clocks in each loop.
   layers = []
   for i in range(3):
     layers += [dense.Dense.Params().Set(name=f'fc{i}', input_dim=4,
                                         output_dim=4),
                _RowCounter.Params().Set(name=f'count{i}')]
-  pipe = _Pipeline(layers, 3, 4, skip_bubbles=skip_bubbles)
+  pipe = _Pipeline(layers, 3, 4, skip_bubbles=skip_bubbles,
+                   recompute=recompute)
   x = tf.ones([10, 4])
 
   @tf.function
@@ -203,9 +210,12 @@ def test_bubble_clocks_are_skipped(skip_bubbles):
 
   Step()
   rows = [pipe.layers[2 * i + 1].rows.numpy() for i in range(3)]
-  # The forward and the recomputation each see the 10 rows once; a cell
-  # that computes its bubbles adds one spare row per bubble clock and loop.
-  assert rows == ([20] * 3 if skip_bubbles else [24] * 3), rows
+  # The forward sees the 10 rows (micro-batches of 3, 3, 2, 2) once, the
+  # recomputation those not kept; a cell that computes its bubbles adds one
+  # spare row per bubble clock and loop (in the backward only where it
+  # recomputes: a kept bubble is not run again).
+  bubbles = 0 if skip_bubbles else 2 * (2 if recomputed else 1)
+  assert rows == [10 + recomputed + bubbles] * 3, rows
 
 
 def test_skip_bubbles_must_be_a_bool():
@@ -243,7 +253,8 @@ def test_the_graph_does_not_grow_with_the_micro_batches():
 
 
 @pytest.mark.parametrize('kwargs,layers,message', [
-    (dict(recompute='never'), None, "recompute='never' needs "
+    (dict(recompute='never', input_grads_first=True), None,
+     "input_grads_first with recompute='never' needs recompute='always' or "
      "executor='unrolled'"),
     (dict(batch_dim=1), None, 'not batch_dim=1'),
     (dict(clocks_per_iteration=0), None, 'clocks_per_iteration must be >= 1'),

@@ -50,3 +50,24 @@ def test_the_loop_executor_keeps_one_partial_gradient_at_a_time():
   # gradients over the unrolled executor's peak.
   assert loop <= unrolled + 48, (loop, unrolled)
   assert plain / loop >= 3.0, (plain, loop)
+
+
+@pytest.mark.heavy
+def test_the_loop_executor_keeps_activations_as_the_unrolled_one_does():
+  # recompute never in the loop executor: each micro-batch's residuals wait
+  # in arrays between its two loops (kept_forward.py), as many as the
+  # unrolled executor's tapes keep.
+  always = _PeakMiB('--num_micro_batches=8', '--executor=loop')
+  never = _PeakMiB('--num_micro_batches=8', '--executor=loop',
+                   '--recompute=never')
+  unrolled_never = _PeakMiB('--num_micro_batches=8', '--recompute=never')
+  except_last = _PeakMiB('--num_micro_batches=8', '--executor=loop',
+                         '--recompute=except_last')
+  print(f'peak MiB, loop executor: recompute always {always:.0f}, never '
+        f'{never:.0f}, except_last {except_last:.0f}; unrolled never '
+        f'{unrolled_never:.0f}')
+  assert never / always >= 3.0, (never, always)  # really kept, not recomputed
+  assert never <= unrolled_never + 48, (never, unrolled_never)
+  # except_last keeps one micro-batch's activations (24 MiB) through the
+  # backward loop: the arrays a loop reads live until it ends.
+  assert except_last <= always + 24 + 16, (except_last, always)

@@ -544,10 +544,10 @@ def _RepeatStack():
           block.Copy().Set(name='last')]
 
 
-def _RepeatPipeline(k, m, executor):
+def _RepeatPipeline(k, m, executor, recompute='always'):
   return PipeliningLayer.Params().Set(
       name='pipe', layers=_RepeatStack(), num_partitions=k,
-      num_micro_batches=m, executor=executor,
+      num_micro_batches=m, executor=executor, recompute=recompute,
       devices=[f'/device:CPU:{i}' for i in range(k)]).Instantiate()
 
 
@@ -569,9 +569,10 @@ def _LogicalGrads(pipe, grads):
   return out
 
 
-@pytest.mark.parametrize('executor', ['unrolled', 'loop'])
-def test_a_repeat_cut_across_cells_equals_it_whole(executor):
-  cut = _RepeatPipeline(3, 3, executor)
+@pytest.mark.parametrize('executor,recompute', [
+    ('unrolled', 'always'), ('loop', 'always'), ('loop', 'never')])
+def test_a_repeat_cut_across_cells_equals_it_whole(executor, recompute):
+  cut = _RepeatPipeline(3, 3, executor, recompute)
   whole = _RepeatPipeline(1, 1, 'unrolled')
   # 7 units of equal cost (first, 5 iterations, last) in 3 cells: the
   # Repeat is cut, and each piece's weights live on its cell's device.
