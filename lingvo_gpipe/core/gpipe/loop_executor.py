@@ -117,13 +117,13 @@ from one loop to the other, so each cell's forward is traced once and split
 from its backward (kept_forward.py): in the forward loop the cell also
 returns the tensors its gradient reads, written into arrays on its device,
 one slot per micro-batch, and the backward loop reads them where it would
-have recomputed. With 24 × Dense(512), batch 4096, K=1, M=8 the step's
-peak was 236 MiB with recompute 'never' against 216 for the unrolled
-executor and 66 with 'always' (tests/core/gpipe/memory_test.py); under
-'except_last' 90 MiB, the last micro-batch's activations held through the
-backward loop (the arrays a loop reads live until it ends), where the
-unrolled executor frees them after that micro-batch's backward (58). The
-forward's own inputs (weights, the cell's input) are not stored: the
+have recomputed, then overwrites the slot it read with an empty tensor,
+freeing it (an array a loop only reads lives until the loop ends: under
+'except_last' the last micro-batch's activations stayed through the whole
+backward, a 90 MiB peak where recompute 'always' had 66; freed, 66). With
+24 × Dense(512), batch 4096, K=1, M=8, recompute 'never' peaked at 231 MiB
+against 216 for the unrolled executor (tests/core/gpipe/memory_test.py).
+The forward's own inputs (weights, the cell's input) are not stored: the
 backward is given them again. Input gradients first (`input_grads_first`)
 needs recompute 'always' here: a kept backward is one function call whose
 ops cannot be ordered from outside.
@@ -385,11 +385,26 @@ class LoopExecutor:
                                     s.dtype), x_spec)
       with self._placement.CellScope(k):
         self._kept[k] = runner.KeptForward(x_spec)
+        # Shapes left open: the backward loop overwrites a slot it has read
+        # with an empty tensor (_Consumed), slot M+1 where it read the spare.
         residuals.append([
-            tf.TensorArray(s.dtype, size=self._m + 1, infer_shape=False,
-                           clear_after_read=False, element_shape=s.shape)
+            tf.TensorArray(s.dtype, size=self._m + 2, infer_shape=False,
+                           clear_after_read=False)
             for s in self._kept[k].residual_specs])
     return residuals
+
+  def _Consumed(self, arrays: Sequence[tf.TensorArray], slot: tf.Tensor
+                ) -> list[tf.TensorArray]:
+    """`arrays` with `slot` overwritten by an empty tensor, freeing what it held.
+
+    An array a loop only reads lives until the loop ends (module
+    docstring). The spare slot M, which every bubble clock that computes
+    reads, is kept (the write goes to slot M+1).
+    A residual that is not a number (a nested loop's accumulator) is left.
+    """
+    slot = tf.where(slot < self._m, slot, self._m + 1)
+    return [a.write(slot, tf.zeros([0], a.dtype))
+            if a.dtype.is_numpy_compatible else a for a in arrays]
 
   def _Keeping(self, micro_batch: tf.Tensor, kept: Callable[[], Any],
                recomputed: Callable[[], Any]) -> Any:
@@ -517,8 +532,11 @@ class LoopExecutor:
         valid, lambda: self._Keeping(micro_batch, Kept, Recomputed), Bubble)
 
   def _CellBackward(self, k: int, micro_batch: tf.Tensor, slot: tf.Tensor,
-                    x: Any, dy: Any, sums: list) -> tuple[list, Any]:
-    """(cell k's running sums with this clock's gradients added, x's gradient)."""
+                    x: Any, dy: Any, sums: list,
+                    residuals: list[tf.TensorArray]
+                    ) -> tuple[list, Any, list[tf.TensorArray]]:
+    """(cell k's running sums with this clock's gradients added, x's
+    gradient, its residual arrays less what this clock used)."""
     valid = slot < self._m
 
     def Work():
@@ -527,30 +545,35 @@ class LoopExecutor:
       gated_x, gated_dy = accumulate.Gated([sums], self._Rows((x, dy)))
 
       def Recomputed():
-        return runner.Backward(micro_batch, gated_x, gated_dy, None,
-                               input_grad_first=self._split and k > 0)
+        g_theta, g_x = runner.Backward(micro_batch, gated_x, gated_dy, None,
+                                       input_grad_first=self._split and k > 0)
+        return g_theta, g_x, list(residuals)
 
       def Kept():
         kept = self._kept[k]
+        values = [a.read(slot) for a in residuals]
         grads = kept.Backward(
-            [runner.theta, recompute_lib.Index(micro_batch), gated_x],
-            [a.read(slot) for a in self._residuals[k]],
+            [runner.theta, recompute_lib.Index(micro_batch), gated_x], values,
             (gated_dy, tf.nest.map_structure(  # statistics: no gradient
                 lambda _: None, kept.structured_outputs[1])))
+        with tf.control_dependencies(
+            [g for g in tf.nest.flatten(grads) if g is not None]):
+          left = self._Consumed(residuals, slot)
         return (grads[:runner.num_theta], tf.nest.pack_sequence_as(
-            x, grads[runner.num_theta + 1:]))
+            x, grads[runner.num_theta + 1:]), left)
 
       def Summed(grads):
-        g_theta, g_x = grads()
+        g_theta, g_x, left = grads()
         g_x = tf.nest.map_structure(
             lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
-        return self._Summed(k, sums, g_theta, valid), g_x
+        return self._Summed(k, sums, g_theta, valid), g_x, left
 
       return self._Keeping(micro_batch, lambda: Summed(Kept),
                            lambda: Summed(Recomputed))
 
     def Bubble():
-      return list(sums), tf.nest.map_structure(tf.zeros_like, x)
+      return (list(sums), tf.nest.map_structure(tf.zeros_like, x),
+              list(residuals))
 
     return self._Bubble(valid, Work, Bubble)
 
@@ -586,8 +609,9 @@ class LoopExecutor:
             else tf.nest.flatten(runner.theta))])
     self._no_grad = [[False] * r.num_theta for r in self._runners]
 
-    def Body(done, grads_in, input_grads, sums):
+    def Body(done, grads_in, input_grads, sums, residuals):
       grads_in, sums = [list(g) for g in grads_in], [list(a) for a in sums]
+      residuals = [list(r) for r in residuals]
       # First cell first: each reads its output gradient before the cell
       # behind it writes this clock's.
       for t, k in ((self._clocks - 1 - done - u, k)
@@ -604,17 +628,17 @@ class LoopExecutor:
                       tf.nest.map_structure(_Spec, dy))
           dy_k = tf.nest.pack_sequence_as(out_spec, [
               a.read(slot) for a in grads_in[k]])
-          sums[k], g_x = self._CellBackward(k, micro_batch, slot, x, dy_k,
-                                            sums[k])
+          sums[k], g_x, residuals[k] = self._CellBackward(
+              k, micro_batch, slot, x, dy_k, sums[k], residuals[k])
         if k > 0:
           grads_in[k - 1] = self._Written(k - 1, grads_in[k - 1], slot, g_x)
         else:
           input_grads = self._Written(0, input_grads, slot, g_x)
-      return done + self._unroll, grads_in, input_grads, sums
+      return done + self._unroll, grads_in, input_grads, sums, residuals
 
-    _, _, input_grads, sums = tf.while_loop(
+    _, _, input_grads, sums, _ = tf.while_loop(
         lambda s, *_: s < self._clocks, Body,
-        (tf.constant(0), grads_in, input_grads, sums),
+        (tf.constant(0), grads_in, input_grads, sums, self._residuals),
         parallel_iterations=1)
     for k, pack in enumerate(self._packs):
       if pack is not None:
