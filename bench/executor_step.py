@@ -13,6 +13,8 @@ spare row (`loop_spare_row`, skip_bubbles=False).
       --rounds=4 --steps=4 --write_results
   python -m bench.executor_step --variants=loop_spare_row,loop \\
       --stack=transformer --dim=32 --micro_batches=8 --write_results
+  python -m bench.executor_step --recompute=never --stack=transformer \\
+      --dim=32 --micro_batches=8,32 --write_results
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 8, 'transformer: tokens a sequence.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 256, 'transformer: vocabulary.')
 _CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
                                "executor's clocks per loop iteration.")
+_RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
+                               ['always', 'except_last', 'never'],
+                               'Re-materialization, both variants.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per variant per round.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
@@ -79,7 +84,7 @@ def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
   for name in variants:
     layers, x, loss_fn = _Stack()
     model = common.BuildPipeline(
-        layers, _NUM_PARTITIONS.value, m, 'always', devices,
+        layers, _NUM_PARTITIONS.value, m, _RECOMPUTE.value, devices,
         clocks_per_iteration=_CLOCKS.value, **VARIANTS[name])
     steps[name] = (common.TrainStep(model, plain=False, loss_fn=loss_fn), x)
     for _ in range(3):  # trace, first step, warm-up
@@ -100,7 +105,10 @@ def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
 
 def _ResultsFile(variants: list[str]) -> str:
   clocks = f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else ''
-  if variants == ['unrolled', 'loop'] and _STACK.value == 'dense':
+  if _RECOMPUTE.value != 'always':
+    clocks += f'_recompute_{_RECOMPUTE.value}'
+  if (variants == ['unrolled', 'loop'] and _STACK.value == 'dense' and
+      _RECOMPUTE.value == 'always'):
     return f'executor_step_d{_DIM.value}{clocks}.md'
   return (f'executor_step_{"_vs_".join(variants)}_{_STACK.value}_d'
           f'{_DIM.value}_k{_NUM_PARTITIONS.value}{clocks}.md')
@@ -137,10 +145,10 @@ def main(argv):
       model = (f'Transformer LM: embedding, {_NUM_LAYERS.value} causal '
                f'blocks (d_model {_DIM.value}, one Repeat), softmax over '
                f'{_VOCAB.value}; batch {_BATCH.value} × {_SEQ_LEN.value} '
-               'tokens, recompute always')
+               f'tokens, recompute {_RECOMPUTE.value}')
     else:
       model = (f'{_NUM_LAYERS.value} × Dense({_DIM.value}), batch '
-               f'{_BATCH.value}, recompute always')
+               f'{_BATCH.value}, recompute {_RECOMPUTE.value}')
     config = {
         'model': model,
         'pipeline': f'K={_NUM_PARTITIONS.value} cells on as many logical '
