@@ -18,12 +18,13 @@ gradients alive at a time (accumulate.py); sinks keep every tensor on its
 cell's device (sinks.py); placement says which device that is
 (placement.py); microbatch.py cuts and joins the batch; boundary.py says
 what crosses from one cell to the next (what passes between two layers of a
-Sequential).
+Sequential). pipelined_loss.py runs the same parts with the loss inside the
+pipeline, from `Prepare`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
@@ -117,15 +118,11 @@ def RunPipeline(cells: Sequence[Any],
                      f'{schedule.num_micro_batches} micro-batches; the batch '
                      f'is cut into {len(sizes)}.')
   CheckJitCompile(jit_compile, schedule, placement)
-  cells, structures = boundary.Cells(cells, inputs, batch_dim)
-  inputs = boundary.Structure.Tensors(inputs)
-  weights = list(thetas)
-  thetas = [tf.nest.map_structure(tf.convert_to_tensor, t) for t in thetas]
-  collector = base_layer.StatsCollector()
-  forward_context = base_layer.CurrentContext()
-  runners = [recompute_lib.CellRunner(cell, theta, forward_context, collector,
-                                      jit_compile=jit_compile)
-             for cell, theta in zip(cells, thetas)]
+  prepared = Prepare(cells, thetas, inputs, placement, batch_dim, jit_compile)
+  structures, inputs, thetas = (prepared.structures, prepared.inputs,
+                                prepared.thetas)
+  weights, collector, runners = (prepared.weights, prepared.collector,
+                                 prepared.runners)
   if executor == 'loop':
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
                                          recompute, sizes, batch_dim,
@@ -136,10 +133,7 @@ def RunPipeline(cells: Sequence[Any],
     lowered = _Unrolled(executor_lib.Executor(schedule, runners, placement,
                                               recompute), sizes, batch_dim,
                         placement)
-  sinks = sinks_lib.Sinks()
-  for k, theta in enumerate(thetas):
-    sinks.Token(f'cell_{k}', tf.nest.flatten(theta), placement.CellScope(k))
-  sinks.Token('inputs', tf.nest.flatten(inputs), placement.CellScope(0))
+  sinks = prepared.sinks
   output_structure = []
 
   @tf.custom_gradient
@@ -166,17 +160,55 @@ def RunPipeline(cells: Sequence[Any],
     flat_out = Forward(*sinks.tokens)
   if not isinstance(flat_out, (list, tuple)):
     flat_out = [flat_out]
-  # BatchNorm statistics of all micro-batches move the moving averages once. A
-  # caller that installed its own collector (the trainer, which applies them
-  # only when the step's loss is finite) gets the records instead.
+  HandOverStatistics(collector)
+  return structures[-1].Rebuild(
+      tf.nest.pack_sequence_as(output_structure[0], list(flat_out)))
+
+
+class Prepared(NamedTuple):
+  """What every way to run the pipeline starts from."""
+  structures: list  # boundary.Structure per cell boundary
+  inputs: Any  # the first cell's inputs, tensors only
+  weights: list  # per cell, its theta as given (variables or tensors)
+  thetas: list  # per cell, its theta as tensors
+  collector: base_layer.StatsCollector  # statistics of the forwards
+  runners: list  # per cell, its recompute.CellRunner
+  sinks: sinks_lib.Sinks  # a token per cell's theta, then one for the inputs
+
+
+def Prepare(cells: Sequence[Any], thetas: Sequence[NestedMap], inputs: Any,
+            placement: placement_lib.Placement, batch_dim: int,
+            jit_compile: bool) -> Prepared:
+  """Cells, runners and gradient sinks for running `cells` on `inputs`."""
+  cells, structures = boundary.Cells(cells, inputs, batch_dim)
+  inputs = boundary.Structure.Tensors(inputs)
+  weights = list(thetas)
+  thetas = [tf.nest.map_structure(tf.convert_to_tensor, t) for t in thetas]
+  collector = base_layer.StatsCollector()
+  forward_context = base_layer.CurrentContext()
+  runners = [recompute_lib.CellRunner(cell, theta, forward_context, collector,
+                                      jit_compile=jit_compile)
+             for cell, theta in zip(cells, thetas)]
+  sinks = sinks_lib.Sinks()
+  for k, theta in enumerate(thetas):
+    sinks.Token(f'cell_{k}', tf.nest.flatten(theta), placement.CellScope(k))
+  sinks.Token('inputs', tf.nest.flatten(inputs), placement.CellScope(0))
+  return Prepared(structures, inputs, weights, thetas, collector, runners,
+                  sinks)
+
+
+def HandOverStatistics(collector: base_layer.StatsCollector) -> None:
+  """Statistics of all micro-batches (BatchNorm's) move the averages once.
+
+  A caller that installed its own collector (the trainer, which applies them
+  only when the step's loss is finite) gets the records instead.
+  """
   outer = base_layer.CurrentContext().stats_collector
   if outer is not None:
     for layer, stats in collector.records:
       outer.Add(layer, stats)
   else:
     collector.ApplyAll()
-  return structures[-1].Rebuild(
-      tf.nest.pack_sequence_as(output_structure[0], list(flat_out)))
 
 
 def CheckJitCompile(jit_compile: bool, schedule: schedule_lib.Schedule,

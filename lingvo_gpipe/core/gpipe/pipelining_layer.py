@@ -28,6 +28,7 @@ from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import partition
 from lingvo_gpipe.core.gpipe import pipeline
+from lingvo_gpipe.core.gpipe import pipelined_loss
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import profile
 from lingvo_gpipe.core.gpipe import recompute
@@ -438,6 +439,29 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 skip_bubbles=p.skip_bubbles,
                                 pack_weights=p.pack_weights,
                                 jit_compile=p.jit_compile)
+
+  def FPropLoss(self, theta: NestedMap, inputs: Any, targets: Any,
+                loss_fn: pipelined_loss.LossFn) -> NestedMap:
+    """The batch's metrics, with the loss computed inside the pipeline.
+
+    `loss_fn(outputs, targets)` runs on each micro-batch's outputs (and
+    its slice of `targets`, cut like `inputs`) on the last cell, right after
+    that micro-batch's forward, and returns NestedMap name -> (value,
+    weight) with a 'loss'; the result combines them by weight, and a
+    caller's GradientTape around this call gets the gradients of the loss
+    (pipelined_loss.py). `inputs` is FProp's single argument (a tuple for
+    several).
+    """
+    p = self.params
+    sizes = self.MicroBatchSizes(inputs)
+    self._traced_input_shapes = tuple(tf.nest.map_structure(
+        lambda t: None if t is None else t.shape, (inputs,)))
+    thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
+    return pipelined_loss.RunPipelineLoss(
+        self.cells, thetas, inputs, targets, loss_fn, sizes, self.placement,
+        recompute=p.recompute, batch_dim=p.batch_dim,
+        schedule=self.Schedule(len(sizes)), executor=p.executor,
+        jit_compile=p.jit_compile)
 
   def Schedule(self, num_micro_batches: int) -> schedule_lib.Schedule:
     """The order in which each cell runs its tasks for M micro-batches.
