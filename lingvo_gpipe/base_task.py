@@ -7,7 +7,10 @@ the trainer minimizes metrics.loss[0] and averages every metric over steps
 or an eval set by its weight, without knowing the task. And a task says where
 its pipelines are (`PipelinePaths`): the run's K, M and devices go to exactly
 those PipeliningLayers, and a task that builds one anywhere else is refused,
-so no pipeline silently keeps its config's layout.
+so no pipeline silently keeps its config's layout. A task that splits its
+metrics from its network (NetworkInputs, OutputMetrics) can compute them per
+micro-batch inside the pipeline (`loss_inside_pipeline`) with the same
+numbers.
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ class BaseTask(base_layer.BaseLayer):
     p = super().Params()
     p.Define('network', hyperparams.REQUIRED, 'Params of the network; a '
              'PipeliningLayer to train it with GPipe.')
+    p.Define('loss_inside_pipeline', False, 'In training, compute each '
+             "micro-batch's metrics on the pipeline's last cell right after "
+             'its forward (PipeliningLayer.FPropLoss, pipelined_loss.py), as '
+             'schedules that interleave forwards and backwards need; the '
+             'same numbers. Needs a network that is a PipeliningLayer or '
+             'PipelinedNetwork and a task that defines NetworkInputs and '
+             'OutputMetrics.')
     return p
 
   @classmethod
@@ -86,6 +96,24 @@ class BaseTask(base_layer.BaseLayer):
     super().__init__(params)
     self.CreateChild('network', self.params.network)
     self._CheckPipelines()
+    if params.loss_inside_pipeline:
+      self._CheckLossInsidePipeline()
+
+  def _CheckLossInsidePipeline(self) -> None:
+    """Refuses loss_inside_pipeline where it cannot apply, naming why."""
+    if not hasattr(self.network, 'FPropLoss'):
+      raise hyperparams.ConfigError(
+          f'{self.path}: loss_inside_pipeline=True needs a network that is a '
+          'PipeliningLayer or PipelinedNetwork (it has FPropLoss); this '
+          f'network is a {type(self.network).__name__}.')
+    cls = type(self)
+    if (cls.NetworkInputs is BaseTask.NetworkInputs or
+        cls.OutputMetrics is BaseTask.OutputMetrics):
+      raise hyperparams.ConfigError(
+          f'{self.path}: loss_inside_pipeline=True needs {cls.__name__} to '
+          'define NetworkInputs(batch) and OutputMetrics(outputs, batch), '
+          'its metrics split from the network; it computes them whole in '
+          'ComputeMetrics.')
 
   def Pipelines(self) -> list[pipelining_layer.PipeliningLayer]:
     """The built PipeliningLayers at PipelinePaths, in that order."""
@@ -117,12 +145,36 @@ class BaseTask(base_layer.BaseLayer):
           'and devices would not reach them; override PipelinePaths to list '
           'every pipeline the task builds.')
 
+  def NetworkInputs(self, batch: NestedMap) -> Any:
+    """What the network's FProp takes from `batch` (one argument)."""
+    raise TypeError(f'{type(self).__name__} must override NetworkInputs and '
+                    'OutputMetrics, or ComputeMetrics.')
+
+  def OutputMetrics(self, outputs: Any, batch: NestedMap) -> NestedMap:
+    """name -> (value, weight) of the network's `outputs` for `batch`.
+
+    Each value a mean weighted by its weight, so that micro-batches' metrics
+    combine by weight into the batch's (pipelined_loss.py); with
+    loss_inside_pipeline `outputs` and `batch` are one micro-batch's.
+    """
+    raise TypeError(f'{type(self).__name__} must override NetworkInputs and '
+                    'OutputMetrics, or ComputeMetrics.')
+
   def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
     """name -> (value, weight) scalars, including 'loss' (the training loss).
 
-    Runs in training or eval mode as the ExecutionContext says.
+    Runs in training or eval mode as the ExecutionContext says. Default:
+    OutputMetrics of the network's outputs on NetworkInputs; with
+    loss_inside_pipeline, in training, computed per micro-batch inside the
+    pipeline.
     """
-    raise TypeError(f'{type(self).__name__} must override ComputeMetrics.')
+    inputs = self.NetworkInputs(batch)
+    if (self.params.loss_inside_pipeline and
+        base_layer.CurrentContext().training):
+      return self.network.FPropLoss(theta.network, inputs, batch,
+                                    self.OutputMetrics)
+    return self.OutputMetrics(self.network.FProp(theta.network, inputs),
+                              batch)
 
   def FProp(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
     """ComputeMetrics where the network's output is (see OutputScope)."""

@@ -4,6 +4,8 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe import base_task
+from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -39,3 +41,50 @@ def test_weighted_mean():
   assert float(value) == 2.0 and float(weight) == 2.0
   value, weight = base_task.WeightedMean([1.0], [0.0])
   assert float(value) == 0.0 and float(weight) == 0.0
+
+
+class _SplitRegression(base_task.BaseTask):
+  """_Regression with its metrics split from the network."""
+
+  def NetworkInputs(self, batch):
+    return batch.x
+
+  def OutputMetrics(self, outputs, batch):
+    err = tf.reduce_mean(tf.square(outputs - batch.y), axis=-1)
+    return NestedMap(loss=base_task.WeightedMean(err, tf.ones_like(err)))
+
+
+def _Pipeline():
+  return pipelining_layer.PipeliningLayer.Params().Set(
+      layers=[dense.Dense.Params().Set(name=f'fc{i}', input_dim=3,
+                                       output_dim=3) for i in range(2)],
+      num_partitions=2, num_micro_batches=2,
+      devices=['/device:CPU:0', '/device:CPU:1'])
+
+
+def test_the_loss_inside_the_pipeline_runs_in_training_only():
+  task = _SplitRegression.Params().Set(
+      network=_Pipeline(), loss_inside_pipeline=True).Instantiate()
+  batch = NestedMap(x=tf.ones([4, 3]), y=tf.zeros([4, 3]))
+  seen = []
+  task.network.FPropLoss = lambda *args: seen.append('inside') or (
+      pipelining_layer.PipeliningLayer.FPropLoss(task.network, *args))
+  with base_layer.Context(training=True):
+    train_loss = task.FPropDefaultTheta(batch).loss[0]
+  assert seen == ['inside']
+  with base_layer.Context(training=False):
+    eval_loss = task.FPropDefaultTheta(batch).loss[0]
+  assert seen == ['inside']  # eval needs no backward: the plain forward
+  assert abs(float(train_loss) - float(eval_loss)) < 1e-6
+
+
+@pytest.mark.parametrize('task_cls,network,message', [
+    (_SplitRegression, dense.Dense.Params().Set(input_dim=3, output_dim=3),
+     'needs a network that is a PipeliningLayer or PipelinedNetwork'),
+    (_Regression, _Pipeline(), 'needs _Regression to define NetworkInputs'),
+])
+def test_the_loss_inside_the_pipeline_is_refused_where_it_cannot_apply(
+    task_cls, network, message):
+  with pytest.raises(ValueError, match=message):
+    task_cls.Params().Set(network=network,
+                          loss_inside_pipeline=True).Instantiate()

@@ -53,8 +53,10 @@ class MlpNetwork(pipelined_network.PipelinedNetwork):
 class RegressionTask(base_task.BaseTask):
   """loss = mean squared error of network(batch.x) against batch.y."""
 
-  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
-    prediction = self.network.FProp(theta.network, batch.x)
-    mse = tf.reduce_mean(tf.square(prediction - batch.y))
+  def NetworkInputs(self, batch: NestedMap) -> tf.Tensor:
+    return batch.x
+
+  def OutputMetrics(self, outputs: tf.Tensor, batch: NestedMap) -> NestedMap:
+    mse = tf.reduce_mean(tf.square(outputs - batch.y))
     count = tf.cast(tf.shape(batch.x)[0], tf.float32)
     return NestedMap(loss=(mse, count), mse=(mse, count))

@@ -70,12 +70,13 @@ class ImageClassifier(base_task.BaseTask):
                      f'got {type(outputs).__name__}'
                      f'{f" with keys {keys}" if keys is not None else ""}.')
 
-  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
-    """loss, xent, log_pplx, top{k}_accuracy [, aux_xent, weight_decay_loss]."""
+  def NetworkInputs(self, batch: NestedMap) -> Any:
+    return batch.image if self.params.network_input == 'image' else batch
+
+  def OutputMetrics(self, outputs: Any, batch: NestedMap) -> NestedMap:
+    """loss, xent, log_pplx, top{k}_accuracy [, aux_xent]: weight decay aside."""
     p = self.params
-    inputs = batch.image if p.network_input == 'image' else batch
-    logits, aux_logits = self._Logits(
-        self.network.FProp(theta.network, inputs))
+    logits, aux_logits = self._Logits(outputs)
     labels = batch.label
     out = metrics.ClassificationMetrics(logits, labels, p.label_smoothing,
                                         p.top_k)
@@ -84,11 +85,18 @@ class ImageClassifier(base_task.BaseTask):
       out.aux_xent = metrics.ClassificationMetrics(
           aux_logits, labels, p.label_smoothing, top_k=()).xent
       loss += p.aux_loss_weight * out.aux_xent[0]
+    out.loss = (loss, batch_size)
+    return out
+
+  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
+    """OutputMetrics, plus weight decay (of the whole network's weights)."""
+    p = self.params
+    out = super().ComputeMetrics(theta, batch)
     if p.weight_decay:
+      loss, batch_size = out.loss
       decay = p.weight_decay * self.L2Norm(theta.network)
       out.weight_decay_loss = (decay, batch_size)
-      loss += decay
-    out.loss = (loss, batch_size)
+      out.loss = (loss + decay, batch_size)
     return out
 
   @staticmethod

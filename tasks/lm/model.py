@@ -111,8 +111,9 @@ class LmTask(base_task.BaseTask):
              'always unsmoothed.')
     return p
 
-  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
-    out = self.network.FProp(theta.network,
-                             NestedMap(ids=batch.ids, paddings=batch.paddings))
-    return metrics.SequenceMetrics(out.logits, batch.labels, batch.paddings,
-                                   self.params.label_smoothing)
+  def NetworkInputs(self, batch: NestedMap) -> NestedMap:
+    return NestedMap(ids=batch.ids, paddings=batch.paddings)
+
+  def OutputMetrics(self, outputs: NestedMap, batch: NestedMap) -> NestedMap:
+    return metrics.SequenceMetrics(outputs.logits, batch.labels,
+                                   batch.paddings, self.params.label_smoothing)

@@ -258,9 +258,11 @@ class MtTask(base_task.BaseTask):
                        f'{params.max_decode_len}.')
     super().__init__(params)
 
-  def ComputeMetrics(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
-    out = self.network.FProp(theta.network, NetworkInputs(batch))
-    return metrics.SequenceMetrics(out.logits, batch.tgt.labels,
+  def NetworkInputs(self, batch: NestedMap) -> NestedMap:
+    return NetworkInputs(batch)
+
+  def OutputMetrics(self, outputs: NestedMap, batch: NestedMap) -> NestedMap:
+    return metrics.SequenceMetrics(outputs.logits, batch.tgt.labels,
                                    batch.tgt.paddings,
                                    self.params.label_smoothing)
 

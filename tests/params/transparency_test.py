@@ -1,4 +1,5 @@
-"""Every registered tiny config computes the same loss and gradients at any cut.
+"""Every registered tiny config computes the same loss and gradients at any cut,
+and with its loss inside the pipeline.
 
 GPipe's promise, checked on the models users run first: the config's task at
 K=1 (one cell) and at K=2 (the partitioner's cut), the same micro-batches,
@@ -28,8 +29,9 @@ def test_there_are_tiny_configs_to_check():
   assert len(_TinyModels()) >= 3, _TinyModels()
 
 
-def _LossAndGrads(name, num_partitions):
+def _LossAndGrads(name, num_partitions, loss_inside_pipeline=False):
   params = model_registry.GetParams(name)
+  params.task.loss_inside_pipeline = loss_inside_pipeline
   template = experiment.PipelineTemplate(params)
   template.Set(num_partitions=num_partitions, balance=None, devices=_DEVICES)
   batch = next(iter(params.input.Instantiate().Dataset('train',
@@ -64,4 +66,17 @@ def test_loss_and_gradients_do_not_depend_on_the_cut(name):
   assert sorted(grads_2) == sorted(grads_1)
   for key, g in grads_1.items():
     np.testing.assert_allclose(grads_2[key], g, rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+
+
+@pytest.mark.parametrize('name', _TinyModels())
+def test_the_loss_inside_the_pipeline_computes_the_same(name):
+  # Each micro-batch's metrics on the last cell, combined by weight
+  # (pipelined_loss.py), against the task's metrics of the whole batch.
+  loss, grads = _LossAndGrads(name, 2)
+  inside_loss, inside_grads = _LossAndGrads(name, 2, loss_inside_pipeline=True)
+  np.testing.assert_allclose(inside_loss, loss, rtol=1e-5)
+  assert sorted(inside_grads) == sorted(grads)
+  for key, g in grads.items():
+    np.testing.assert_allclose(inside_grads[key], g, rtol=1e-4, atol=1e-6,
                                err_msg=key)

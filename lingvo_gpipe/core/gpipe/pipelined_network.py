@@ -59,6 +59,11 @@ class PipelinedNetwork(base_layer.BaseLayer):
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     return self.pipeline.FProp(theta.pipeline, *inputs)
 
+  def FPropLoss(self, theta: NestedMap, inputs: Any, targets: Any,
+                loss_fn: Any) -> NestedMap:
+    """The pipeline's FPropLoss: the loss inside the pipeline."""
+    return self.pipeline.FPropLoss(theta.pipeline, inputs, targets, loss_fn)
+
   def OutputScope(self) -> contextlib.AbstractContextManager:
     return self.pipeline.OutputScope()
 
