@@ -98,6 +98,19 @@ class BaseTask(base_layer.BaseLayer):
     self._CheckPipelines()
     if params.loss_inside_pipeline:
       self._CheckLossInsidePipeline()
+    else:
+      self._CheckSchedules()
+
+  def _CheckSchedules(self) -> None:
+    """Refuses a schedule that needs the loss inside the pipeline, without it."""
+    for path, pipe in zip(self.PipelinePaths(self.params), self.Pipelines()):
+      if not pipe.Schedule(max(2, pipe.params.num_micro_batches)
+                           ).RunsAllForwardsFirst():
+        raise hyperparams.ConfigError(
+            f'{self.path}: {path}.schedule={pipe.params.schedule!r} starts a '
+            'backward before the last forward, so it trains only with the '
+            'loss inside the pipeline: set loss_inside_pipeline=True on the '
+            f"task, or {path}.schedule='gpipe'.")
 
   def _CheckLossInsidePipeline(self) -> None:
     """Refuses loss_inside_pipeline where it cannot apply, naming why."""

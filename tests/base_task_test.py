@@ -88,3 +88,19 @@ def test_the_loss_inside_the_pipeline_is_refused_where_it_cannot_apply(
   with pytest.raises(ValueError, match=message):
     task_cls.Params().Set(network=network,
                           loss_inside_pipeline=True).Instantiate()
+
+
+def test_a_schedule_that_needs_the_loss_inside_is_refused_without_it():
+  network = _Pipeline().Set(schedule='1f1b')
+  with pytest.raises(ValueError, match="network.schedule='1f1b' starts a "
+                     'backward before the last forward.*set '
+                     'loss_inside_pipeline=True'):
+    _SplitRegression.Params().Set(network=network).Instantiate()
+  task = _SplitRegression.Params().Set(
+      network=network, loss_inside_pipeline=True).Instantiate()
+  batch = NestedMap(x=tf.ones([4, 3]), y=tf.zeros([4, 3]))
+  with base_layer.Context(training=True):
+    with tf.GradientTape() as tape:
+      loss = task.FPropDefaultTheta(batch).loss[0]
+  grads = tape.gradient(loss, task.trainable_variables)
+  assert all(g is not None for g in grads)

@@ -84,6 +84,13 @@ _INPUT_GRADS_FIRST = flags.DEFINE_bool(
 _EXECUTOR = flags.DEFINE_enum('executor', 'unrolled',
                               list(pipeline.EXECUTORS),
                               "PipeliningLayer's executor.")
+_SCHEDULE = flags.DEFINE_enum('schedule', 'gpipe', list(pipeline.SCHEDULES),
+                              "PipeliningLayer's schedule; one other than "
+                              "'gpipe' needs --loss_inside_pipeline.")
+_LOSS_INSIDE = flags.DEFINE_bool(
+    'loss_inside_pipeline', False, "Compute the loss per micro-batch on the "
+    "last cell (PipeliningLayer.FPropLoss) instead of on the whole batch's "
+    'outputs under the tape.')
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
@@ -157,7 +164,7 @@ def Measure() -> dict:
       name='stack', layers=layers, num_partitions=k,
       num_micro_batches=_NUM_MICRO_BATCHES.value, recompute=_RECOMPUTE.value,
       input_grads_first=_INPUT_GRADS_FIRST.value, devices=devices,
-      executor=_EXECUTOR.value)
+      executor=_EXECUTOR.value, schedule=_SCHEDULE.value)
   model = p.Instantiate()
   variables = model.trainable_variables
 
@@ -167,15 +174,22 @@ def Measure() -> dict:
   def Step(x):
     with base_layer.Context(training=True):
       with tf.GradientTape() as tape:
-        if _PLAIN.value:
-          y = x
-          for k_, cell in enumerate(model.cells):
-            with tf.device(model.placement.Device(k_)):
-              y = cell.FProp(model.CellTheta(model.theta, k_), y)
+        if _LOSS_INSIDE.value and not _PLAIN.value:
+          # Each stack's loss is a mean over examples: weighted by rows,
+          # the micro-batches' losses combine into the batch's.
+          loss = model.FPropLoss(model.theta, x, None, lambda y, _: NestedMap(
+              loss=(loss_fn(y), tf.cast(tf.shape(tf.nest.flatten(y)[0])[0],
+                                        tf.float32)))).loss[0]
         else:
-          y = model.FPropDefaultTheta(x)
-        with model.OutputScope():
-          loss = loss_fn(y)
+          if _PLAIN.value:
+            y = x
+            for k_, cell in enumerate(model.cells):
+              with tf.device(model.placement.Device(k_)):
+                y = cell.FProp(model.CellTheta(model.theta, k_), y)
+          else:
+            y = model.FPropDefaultTheta(x)
+          with model.OutputScope():
+            loss = loss_fn(y)
       with model.OutputScope():
         grads = tape.gradient(loss, variables)
     sums = []
@@ -200,7 +214,8 @@ def Measure() -> dict:
               plain=_PLAIN.value, num_partitions=k,
               num_workers=len(devices) if _WORKER_HOSTS.value else 0,
               num_micro_batches=_NUM_MICRO_BATCHES.value,
-              recompute=_RECOMPUTE.value)
+              recompute=_RECOMPUTE.value, schedule=_SCHEDULE.value,
+              loss_inside_pipeline=_LOSS_INSIDE.value)
 
 
 def main(argv):

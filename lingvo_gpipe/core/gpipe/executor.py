@@ -62,18 +62,14 @@ class Executor:
   def _CheckTwoPasses(self) -> None:
     """Refuses a schedule that interleaves forwards and backwards in a cell."""
     s = self._schedule
-    for cell in range(s.num_cells):
-      order = s.CellOrder(cell)
-      first_backward = next((i for i, t in enumerate(order) if t.is_backward),
-                            len(order))
-      if any(not t.is_backward for t in order[first_backward:]):
-        raise ValueError(
-            f'Schedule {s.name}: cell {cell} starts a backward before its '
-            'last forward. Run as a layer under a caller\'s tape, every '
-            'forward runs in the forward pass and every backward in the '
-            'gradient, so only schedules that run all forwards first '
-            '(fill-drain) can; with the loss inside the pipeline '
-            '(PipeliningLayer.FPropLoss) any schedule runs.')
+    if not s.RunsAllForwardsFirst():
+      raise ValueError(
+          f'Schedule {s.name} starts a backward before the last forward. '
+          "Run as a layer under a caller's tape, every forward runs in the "
+          'forward pass and every backward in the gradient, so only '
+          'schedules that run all forwards first (fill-drain) can; with the '
+          'loss inside the pipeline (PipeliningLayer.FPropLoss) any '
+          'schedule runs.')
 
   def _CheckWeightGrads(self) -> None:
     s = self._schedule

@@ -47,11 +47,19 @@ from lingvo_gpipe.core.nested_map import NestedMap
 EXECUTORS = ('unrolled', 'loop')
 
 
+# PipeliningLayer's `schedule` names -> the schedule classes.
+SCHEDULES = {'gpipe': schedule_lib.FillDrain, '1f1b': schedule_lib.OneFOneB}
+
+
 def MakeSchedule(num_cells: int, num_micro_batches: int,
-                 input_grads_first: bool = False) -> schedule_lib.Schedule:
-  """The schedule a pipeline of these settings runs: fill-drain."""
-  return schedule_lib.FillDrain(num_cells, num_micro_batches,
-                                split_backward=input_grads_first)
+                 input_grads_first: bool = False,
+                 name: str = 'gpipe') -> schedule_lib.Schedule:
+  """The schedule a pipeline of these settings runs (default fill-drain)."""
+  if name not in SCHEDULES:
+    raise hyperparams.ConfigError(f'Unknown schedule {name!r}; valid: '
+                                  f'{", ".join(SCHEDULES)}.')
+  return SCHEDULES[name](num_cells, num_micro_batches,
+                         split_backward=input_grads_first)
 
 
 # The schedule is fixed in Python and never branches on tensor values, so

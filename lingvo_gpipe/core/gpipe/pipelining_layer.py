@@ -142,6 +142,14 @@ class PipeliningLayer(base_layer.BaseLayer):
              'worker stages, M=4: a 9% shorter step), but it holds all its '
              "layers' intermediate gradients of a micro-batch until then (a "
              'higher peak; bench/README.md). False: the memory-lean backward.')
+    p.Define('schedule', 'gpipe', "The order of each cell's tasks: "
+             "'gpipe' (fill-drain: all forwards, then all backwards) or "
+             "'1f1b' (one forward, one backward: cell k keeps at most "
+             'min(M, K-k) micro-batches where fill-drain keeps M, with the '
+             'same bubble; its backwards start before the last forward, so '
+             'it trains only with the loss inside the pipeline, FPropLoss '
+             '(task.loss_inside_pipeline=True), on the unrolled executor). '
+             'Eval runs the forwards alike.')
     p.Define('executor', 'unrolled', "How the schedule becomes a graph: "
              "'unrolled' (a copy of each cell per micro-batch; every recompute "
              "mode and schedule) or 'loop' (two loops over clocks: build time "
@@ -189,7 +197,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     # Refused here, at construction, rather than at the first FProp.
     pipeline.CheckJitCompile(
         p.jit_compile,
-        pipeline.MakeSchedule(len(self.balance), 1, p.input_grads_first),
+        pipeline.MakeSchedule(len(self.balance), 1, p.input_grads_first,
+                              p.schedule),
         self.placement)
     if p.cell_tpl is not None:
       # The user cut the model: its cells are its layers.
@@ -266,6 +275,7 @@ class PipeliningLayer(base_layer.BaseLayer):
     _CheckChoice(path, 'partition_method', p.partition_method,
                  partition.PARTITION_METHODS)
     _CheckChoice(path, 'executor', p.executor, pipeline.EXECUTORS)
+    _CheckChoice(path, 'schedule', p.schedule, tuple(pipeline.SCHEDULES))
     _CheckChoice(path, 'placement_backend', p.placement_backend,
                  PLACEMENT_BACKENDS)
     for field in ('input_grads_first', 'skip_bubbles', 'pack_weights',
@@ -431,9 +441,20 @@ class PipeliningLayer(base_layer.BaseLayer):
     self._traced_input_shapes = tuple(tf.nest.map_structure(
         lambda t: None if t is None else t.shape, inputs))
     thetas = [self.CellTheta(theta, k) for k in range(len(self.cells))]
+    schedule = self.Schedule(len(sizes))
+    if not schedule.RunsAllForwardsFirst():
+      if base_layer.CurrentContext().training:
+        raise hyperparams.ConfigError(
+            f"{self.path}: schedule={p.schedule!r} starts a backward before "
+            "the last forward, so a caller's tape around FProp cannot train "
+            'it: compute the loss inside the pipeline with FPropLoss (a '
+            'task: task.loss_inside_pipeline=True), or use '
+            "schedule='gpipe'.")
+      # Without training, only the forwards run: their order is fill-drain's.
+      schedule = pipeline.MakeSchedule(len(self.cells), len(sizes))
     return pipeline.RunPipeline(self.cells, thetas, x, sizes, self.placement,
                                 recompute=p.recompute, batch_dim=p.batch_dim,
-                                schedule=self.Schedule(len(sizes)),
+                                schedule=schedule,
                                 executor=p.executor,
                                 clocks_per_iteration=p.clocks_per_iteration,
                                 skip_bubbles=p.skip_bubbles,
@@ -470,7 +491,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     TensorBoard picture come from.
     """
     return pipeline.MakeSchedule(len(self.cells), num_micro_batches,
-                                 self.params.input_grads_first)
+                                 self.params.input_grads_first,
+                                 self.params.schedule)
 
   def OutputScope(self) -> contextlib.AbstractContextManager:
     """The last cell's scope: where the pipeline's outputs are."""
@@ -542,7 +564,7 @@ class PipeliningLayer(base_layer.BaseLayer):
     return NestedMap(
         num_cells=k, num_micro_batches=m, recompute=p.recompute,
         bubble_fraction=None if m is None else pipeline.MakeSchedule(
-            k, m, p.input_grads_first).TheoreticalBubble(),
+            k, m, p.input_grads_first, p.schedule).TheoreticalBubble(),
         process_peak_bytes=None, flops_unknown=flops_unknown, cells=cells)
 
   @staticmethod

@@ -11,7 +11,8 @@ and one task at a time per cell. A new schedule only gives new task lists.
 Tasks: 'F' a forward pass of one micro-batch; 'B' its backward pass
 (re-materialization included); or the backward split in two, 'Bx' (the
 gradient the previous cell waits for) then 'Bw' (the cell's weight
-gradients), as `input_grads_first` asks. GPipe's fill-drain comes first.
+gradients), as `input_grads_first` asks. GPipe's fill-drain comes first;
+1F1B holds fewer micro-batches per cell.
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ class Schedule:
   def CellOrder(self, cell: int) -> list[Task]:
     """The tasks cell `cell` runs, in the order it runs them."""
     raise TypeError(f'{type(self).__name__} must override CellOrder.')
+
+  def RunsAllForwardsFirst(self) -> bool:
+    """Whether every cell runs all its forwards before its first backward.
+
+    Only such a schedule runs under a caller's tape around the pipeline
+    (forwards in the forward pass, backwards in the gradient); any other
+    needs the loss inside the pipeline (pipelined_loss.py).
+    """
+    for cell in range(self.num_cells):
+      order = self.CellOrder(cell)
+      first = next((i for i, t in enumerate(order) if t.is_backward),
+                   len(order))
+      if any(not t.is_backward for t in order[first:]):
+        return False
+    return True
 
   def Timeline(self) -> list[tuple[int, Task]]:
     """(clock, task) of every task, each taking one clock, in time order.
@@ -115,7 +131,43 @@ class FillDrain(Schedule):
     return order
 
 
-SCHEDULES = {FillDrain.name: FillDrain}
+class OneFOneB(Schedule):
+  """1F1B (PipeDream-Flush, Megatron's default): one forward, one backward.
+
+  Cell k runs min(K-1-k, M) forwards to warm up, then alternates a forward
+  and the backward of its oldest kept micro-batch, then runs the backwards
+  left. Micro-batches are kept on cell k from forward to backward: at most
+  min(M, K-k) at a time, where fill-drain keeps all M; with equal task
+  times its bubble is fill-drain's, (K-1)/(M+K-1). Its backwards start
+  before the last forward, so it runs only with the loss inside the
+  pipeline (pipelined_loss.py).
+  """
+  name = '1f1b'
+
+  def __init__(self, num_cells: int, num_micro_batches: int,
+               split_backward: bool = False):
+    super().__init__(num_cells, num_micro_batches)
+    self.split_backward = split_backward
+
+  def _Backward(self, cell: int, micro_batch: int) -> list[Task]:
+    if self.split_backward:
+      return [Task(INPUT_GRAD, cell, micro_batch),
+              Task(WEIGHT_GRAD, cell, micro_batch)]
+    return [Task(BACKWARD, cell, micro_batch)]
+
+  def CellOrder(self, cell: int) -> list[Task]:
+    k, m = self.num_cells, self.num_micro_batches
+    warmup = min(k - 1 - cell, m)
+    order = [Task(FORWARD, cell, i) for i in range(warmup)]
+    for i in range(m - warmup):
+      order.append(Task(FORWARD, cell, warmup + i))
+      order += self._Backward(cell, i)
+    for i in range(m - warmup, m):
+      order += self._Backward(cell, i)
+    return order
+
+
+SCHEDULES = {FillDrain.name: FillDrain, OneFOneB.name: OneFOneB}
 
 
 def MakeSchedule(name: str, num_cells: int, num_micro_batches: int,

@@ -89,7 +89,7 @@ class _WeightGradLater(schedule.FillDrain):
 
 
 @pytest.mark.parametrize('sched,message', [
-    (_OneForwardOneBackward(2, 2), 'starts a backward before its last forward'),
+    (_OneForwardOneBackward(2, 2), 'starts a backward before the last forward'),
     (_WeightGradLater(2, 2), "lowers a 'Bw' only right after the 'Bx'"),
 ])
 def test_a_schedule_it_cannot_lower_is_refused_by_name(sched, message):

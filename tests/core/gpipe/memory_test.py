@@ -72,3 +72,18 @@ def test_the_loop_executor_keeps_activations_as_the_unrolled_one_does():
   # until its backward has used them (kept in the backward loop's arrays
   # until it ended, they added those 24 MiB: 90 against 66).
   assert except_last <= always + 12, (except_last, always)
+
+
+@pytest.mark.heavy
+def test_one_f_one_b_keeps_fewer_micro_batches_than_fill_drain():
+  # K=2 cells on this one device, M=8, recompute never: fill-drain keeps all
+  # 8 micro-batches' activations on each cell, 1F1B at most 2 on cell 0 and
+  # 1 on cell 1 (schedule.OneFOneB), so its peak must be under half.
+  flags = ('--num_micro_batches=8', '--num_partitions=2', '--recompute=never')
+  fill_drain = _PeakMiB(*flags)
+  fill_drain_inside = _PeakMiB(*flags, '--loss_inside_pipeline')
+  one_f_one_b = _PeakMiB(*flags, '--loss_inside_pipeline', '--schedule=1f1b')
+  print(f'peak MiB, K=2, M=8, recompute never: fill-drain {fill_drain:.0f} '
+        f'(loss inside {fill_drain_inside:.0f}), 1F1B {one_f_one_b:.0f}')
+  assert one_f_one_b <= 0.5 * min(fill_drain, fill_drain_inside), (
+      one_f_one_b, fill_drain, fill_drain_inside)

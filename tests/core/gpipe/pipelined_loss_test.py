@@ -10,7 +10,6 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipelined_loss
 from lingvo_gpipe.core.gpipe import pipelining_layer
-from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 from lingvo_gpipe.core.layers import activations
 from lingvo_gpipe.core.layers import conv
 from lingvo_gpipe.core.layers import dense
@@ -146,29 +145,12 @@ def test_input_grads_first_and_xla_cells_compute_the_same():
   _Check(_Mlp(), x, 2, 4, 'never', jit_compile=True)
 
 
-class _OneFOneB(schedule_lib.Schedule):
-  """1F1B: each cell alternates forwards and backwards once its first backward can run."""
-  name = '1f1b_for_tests'
-
-  def CellOrder(self, cell):
-    k, m = self.num_cells, self.num_micro_batches
-    warmup = min(k - 1 - cell, m)
-    order = [schedule_lib.Task(schedule_lib.FORWARD, cell, i)
-             for i in range(warmup)]
-    for i in range(m - warmup):
-      order += [schedule_lib.Task(schedule_lib.FORWARD, cell, warmup + i),
-                schedule_lib.Task(schedule_lib.BACKWARD, cell, i)]
-    order += [schedule_lib.Task(schedule_lib.BACKWARD, cell, i)
-              for i in range(m - warmup, m)]
-    return order
-
-
 @pytest.mark.parametrize('k,m', [(2, 4), (4, 3), (4, 8)])
-def test_a_schedule_that_interleaves_forwards_and_backwards_runs(k, m):
-  # A caller's tape around FProp cannot run it (the executor refuses it by
-  # name); with the loss inside, the executor lowers its order as it is.
-  pipe = _Pipeline(_Mlp(), k, m)
-  pipe.Schedule = lambda num_micro_batches: _OneFOneB(k, num_micro_batches)
+def test_one_f_one_b_runs_with_the_loss_inside_and_is_refused_without(k, m):
+  # A caller's tape around FProp cannot run it (refused by name); with the
+  # loss inside, the executor lowers its order as it is.
+  pipe = _Pipeline(_Mlp(), k, m, schedule='1f1b')
+  assert pipe.Schedule(m).name == '1f1b'
   x = tf.random.stateless_normal([10, 6], [7, k + m])
   targets = _Targets(10)
   metrics, grads = _Pipelined(pipe, x, targets)
@@ -176,10 +158,14 @@ def test_a_schedule_that_interleaves_forwards_and_backwards_runs(k, m):
   np.testing.assert_allclose(metrics.loss[0], loss, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match='starts a backward before its last '
-                     'forward'):
+  with pytest.raises(ValueError, match="schedule='1f1b' starts a backward "
+                     'before the last forward'):
     with base_layer.Context(training=True):
       pipe.FProp(pipe.theta, x)
+  # Without training only forwards run: FProp serves eval as before.
+  with base_layer.Context(training=False):
+    y = pipe.FProp(pipe.theta, x)
+  assert y.shape == x.shape
 
 
 def test_sparse_gradients_and_integer_inputs_pass_through():

@@ -385,6 +385,7 @@ def test_bad_params_raise_clear_errors(overrides, message):
      'None'),
     (dict(recompute='alway'), r"recompute='alway'.*Did you mean 'always'\?"),
     (dict(executor='loops'), r"executor='loops'.*Did you mean 'loop'\?"),
+    (dict(schedule='1fb1'), r"schedule='1fb1'.*Did you mean '1f1b'\?"),
     (dict(partition_method='tme'),
      r"partition_method='tme'.*Did you mean 'time'\?"),
     (dict(placement_backend='device'),

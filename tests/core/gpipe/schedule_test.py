@@ -105,3 +105,29 @@ def test_split_backward_memory_holds_internals_until_the_weight_gradient():
   result = schedule.Simulate(s, [1], [2], boundary_bytes=[10],
                              internal_bytes=[100], input_grad_times=[1])
   assert result.peak_bytes == [2 * 10 + 100]
+
+
+@pytest.mark.parametrize('k,m', [(1, 1), (2, 8), (4, 3), (4, 8), (8, 32)])
+def test_one_f_one_b_keeps_at_most_k_minus_i_micro_batches(k, m):
+  # Kept activations in micro-batches: 1 byte of internal activations each,
+  # no recompute. Fill-drain keeps M on every cell, 1F1B min(M, K-i) on cell i.
+  ones = [1.0] * k
+  one_f_one_b = schedule.Simulate(schedule.OneFOneB(k, m), ones, ones,
+                                  internal_bytes=ones, recompute=False)
+  fill_drain = schedule.Simulate(schedule.FillDrain(k, m), ones, ones,
+                                 internal_bytes=ones, recompute=False)
+  assert one_f_one_b.peak_bytes == [min(m, k - i) for i in range(k)]
+  assert fill_drain.peak_bytes == [m] * k
+  # With equal task times, the same bubble as GPipe's, (K-1)/(M+K-1).
+  bubble = (k - 1) / (m + k - 1)
+  assert one_f_one_b.bubble_fraction == pytest.approx(bubble)
+  assert fill_drain.bubble_fraction == pytest.approx(bubble)
+
+
+def test_one_f_one_b_orders_each_cell_as_published():
+  orders = [[f'{t.kind}{t.micro_batch}' for t in
+             schedule.OneFOneB(3, 4).CellOrder(c)] for c in range(3)]
+  assert orders[0] == ['F0', 'F1', 'F2', 'B0', 'F3', 'B1', 'B2', 'B3']
+  assert orders[2] == ['F0', 'B0', 'F1', 'B1', 'F2', 'B2', 'F3', 'B3']
+  split = schedule.OneFOneB(2, 2, split_backward=True).CellOrder(1)
+  assert [t.kind for t in split] == ['F', 'Bx', 'Bw', 'F', 'Bx', 'Bw']
