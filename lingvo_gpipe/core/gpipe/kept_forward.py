@@ -67,7 +67,8 @@ class KeptForward:
         residual_index[id(t)] = len(self.residual_specs)
         self._extra.append(len(self.residual_specs))
         self.residual_specs.append(tf.TensorSpec(t.shape, t.dtype))
-    # What the backward reads, in its order: ('input', i) or ('residual', r).
+    # What the backward reads, in its order: ('input', i), ('residual', r),
+    # or ('outer', tensor) for one it captured from outside the forward.
     self._backward_reads = []
     for t in self._backward.captured_inputs:
       if id(t) in inputs:
@@ -75,8 +76,7 @@ class KeptForward:
       elif id(t) in residual_index:
         self._backward_reads.append(('residual', residual_index[id(t)]))
       else:
-        raise ValueError(f'The backward of {traced.name} reads {t.name}, '
-                         'neither an input nor an output of its forward.')
+        self._backward_reads.append(('outer', t))
 
   def _FlatArgs(self, args: Sequence[Any]) -> list[tf.Tensor]:
     flat = [tf.convert_to_tensor(a) for a in
@@ -118,8 +118,9 @@ class KeptForward:
     grads = [tf.zeros(t.shape, t.dtype) if g is None else
              tf.convert_to_tensor(g)
              for t, g in zip(self._outputs, flat_grads) if _Trainable(t)]
-    reads = [flat_args[i] if kind == 'input' else residuals[i]
-             for kind, i in self._backward_reads]
+    reads = [flat_args[what] if kind == 'input' else
+             residuals[what] if kind == 'residual' else what
+             for kind, what in self._backward_reads]
     # pylint: disable=protected-access
     result = self._backward._call_flat(grads, reads)
     # pylint: enable=protected-access
