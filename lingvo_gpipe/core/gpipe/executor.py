@@ -119,13 +119,19 @@ class Executor:
       g_theta, g_x = self._runners[k].Backward(
           m, x, dy, kept,
           input_grad_first=task.kind == schedule_lib.INPUT_GRAD and k > 0)
-    return accumulate.AddGrads(running_sum, g_theta), g_x
+      # On the cell's device: summed elsewhere, every micro-batch's weight
+      # gradients would travel there (a capped worker ran out of memory).
+      return accumulate.AddGrads(running_sum, g_theta), g_x
 
   def _OutputGradient(self, k: int, m: int, g_x: Any) -> Any:
-    """Cell k+1's input gradient as cell k's output gradient: zeros for None."""
-    return tf.nest.map_structure(
-        lambda g, ref: tf.zeros_like(ref) if g is None else g,
-        g_x, self.cell_in[k + 1][m])
+    """Cell k+1's input gradient as cell k's output gradient: zeros for None.
+
+    Made on cell k+1's device, where the gradient was computed.
+    """
+    with self._placement.CellScope(k + 1):
+      return tf.nest.map_structure(
+          lambda g, ref: tf.zeros_like(ref) if g is None else g,
+          g_x, self.cell_in[k + 1][m])
 
   def RunForward(self, micro_inputs: Sequence[Any]) -> list[Any]:
     """Every forward task; returns the last cell's outputs per micro-batch."""

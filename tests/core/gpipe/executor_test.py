@@ -96,3 +96,26 @@ def test_a_schedule_it_cannot_lower_is_refused_by_name(sched, message):
   with pytest.raises(ValueError, match=message) as e:
     _Run(sched, 2, 2)
   assert sched.name in str(e.value)
+
+
+@pytest.mark.parametrize('one_pass', [False, True])
+def test_running_sums_are_made_on_their_cells_device(
+    one_pass):
+  # Made anywhere else, every micro-batch's weight gradients would travel
+  # to that device: with cells on capped workers one ran out of memory.
+  k, m = 2, 3
+  devices = [f'/device:CPU:{c}' for c in range(k)]
+  graph = tf.Graph()
+  with graph.as_default():
+    runners = [_RecordingRunner(c, []) for c in range(k)]
+    ex = executor.Executor(schedule.FillDrain(k, m), runners,
+                           placement.DevicePlacement(k, devices), 'always')
+    inputs = [tf.constant(float(i)) for i in range(m)]
+    if one_pass:
+      sums, _ = ex.Run(inputs, lambda mb, y: (None, tf.ones_like(y)))[1:]
+    else:
+      ex.RunForward(inputs)
+      sums, _ = ex.RunBackward([tf.constant(1.0)] * m)
+  for c in range(k):
+    assert sums[c][0].op.type == 'AddV2'  # the last of m - 1 additions
+    assert sums[c][0].device.endswith(f'CPU:{c}'), (c, sums[c][0].device)
