@@ -80,11 +80,14 @@ def _LossAndGrads(pipe, inputs, reference=False):
   return Step
 
 
-@pytest.mark.parametrize('k,m,batch', [(1, 1, 4), (2, 3, 7), (4, 5, 13),
-                                       (4, 2, 6)])
-@pytest.mark.parametrize('recompute,input_grads_first', [
-    ('always', False), ('always', True), ('never', False),
-    ('except_last', False)])
+_SHAPES = [(1, 1, 4), (2, 3, 7), (4, 5, 13), (4, 2, 6)]
+
+
+@pytest.mark.parametrize('k,m,batch,recompute,input_grads_first', [
+    shape + modes for shape in _SHAPES
+    for modes in (('always', False), ('always', True))] + [
+        shape + modes for shape in _SHAPES[1:3]
+        for modes in (('never', False), ('except_last', False))])
 @pytest.mark.parametrize('skip_bubbles', [True, False])
 def test_loss_and_gradients_equal_the_sequential_model(k, m, batch, recompute,
                                                        input_grads_first,
