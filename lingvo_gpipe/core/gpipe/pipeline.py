@@ -119,14 +119,9 @@ def RunPipeline(cells: Sequence[Any],
     raise hyperparams.ConfigError(f'Unknown executor {executor!r}; valid: '
                                   f'{", ".join(EXECUTORS)}.')
   num_cells = len(cells)
-  if schedule is None:
-    schedule = MakeSchedule(num_cells, len(sizes), input_grads_first)
-  if schedule.num_micro_batches != len(sizes):
-    raise ValueError(f'Schedule {schedule.name} has '
-                     f'{schedule.num_micro_batches} micro-batches; the batch '
-                     f'is cut into {len(sizes)}.')
-  CheckJitCompile(jit_compile, schedule, placement)
-  prepared = Prepare(cells, thetas, inputs, placement, batch_dim, jit_compile)
+  prepared = Prepare(cells, thetas, inputs, sizes, placement, batch_dim,
+                     jit_compile, schedule, input_grads_first)
+  schedule = prepared.schedule
   structures, inputs, thetas = (prepared.structures, prepared.inputs,
                                 prepared.thetas)
   weights, collector, runners = (prepared.weights, prepared.collector,
@@ -175,6 +170,7 @@ def RunPipeline(cells: Sequence[Any],
 
 class Prepared(NamedTuple):
   """What every way to run the pipeline starts from."""
+  schedule: schedule_lib.Schedule  # the task order, checked against sizes
   structures: list  # boundary.Structure per cell boundary
   inputs: Any  # the first cell's inputs, tensors only
   weights: list  # per cell, its theta as given (variables or tensors)
@@ -185,9 +181,23 @@ class Prepared(NamedTuple):
 
 
 def Prepare(cells: Sequence[Any], thetas: Sequence[NestedMap], inputs: Any,
-            placement: placement_lib.Placement, batch_dim: int,
-            jit_compile: bool) -> Prepared:
-  """Cells, runners and gradient sinks for running `cells` on `inputs`."""
+            sizes: Sequence[int], placement: placement_lib.Placement,
+            batch_dim: int, jit_compile: bool,
+            schedule: Optional[schedule_lib.Schedule] = None,
+            input_grads_first: bool = False) -> Prepared:
+  """The schedule, cells, runners and gradient sinks for running `cells` on `inputs`.
+
+  `schedule` defaults to MakeSchedule(K, M, input_grads_first); it must have
+  as many micro-batches as `sizes`, and what jit_compile cannot run is
+  refused by name.
+  """
+  if schedule is None:
+    schedule = MakeSchedule(len(cells), len(sizes), input_grads_first)
+  if schedule.num_micro_batches != len(sizes):
+    raise ValueError(f'Schedule {schedule.name} has '
+                     f'{schedule.num_micro_batches} micro-batches; the batch '
+                     f'is cut into {len(sizes)}.')
+  CheckJitCompile(jit_compile, schedule, placement)
   cells, structures = boundary.Cells(cells, inputs, batch_dim)
   inputs = boundary.Structure.Tensors(inputs)
   weights = list(thetas)
@@ -201,8 +211,8 @@ def Prepare(cells: Sequence[Any], thetas: Sequence[NestedMap], inputs: Any,
   for k, theta in enumerate(thetas):
     sinks.Token(f'cell_{k}', tf.nest.flatten(theta), placement.CellScope(k))
   sinks.Token('inputs', tf.nest.flatten(inputs), placement.CellScope(0))
-  return Prepared(structures, inputs, weights, thetas, collector, runners,
-                  sinks)
+  return Prepared(schedule, structures, inputs, weights, thetas, collector,
+                  runners, sinks)
 
 
 def HandOverStatistics(collector: base_layer.StatsCollector) -> None:

@@ -125,17 +125,10 @@ def RunPipelineLoss(cells: Sequence[Any],
         f"The loss inside the pipeline runs on executor='unrolled' only for "
         f"now, not executor={executor!r}.")
   num_cells = len(cells)
-  if schedule is None:
-    schedule = pipeline.MakeSchedule(num_cells, len(sizes))
-  if schedule.num_micro_batches != len(sizes):
-    raise ValueError(f'Schedule {schedule.name} has '
-                     f'{schedule.num_micro_batches} micro-batches; the batch '
-                     f'is cut into {len(sizes)}.')
-  pipeline.CheckJitCompile(jit_compile, schedule, placement)
-  prepared = pipeline.Prepare(cells, thetas, inputs, placement, batch_dim,
-                              jit_compile)
-  lowered = executor_lib.Executor(schedule, prepared.runners, placement,
-                                  recompute)
+  prepared = pipeline.Prepare(cells, thetas, inputs, sizes, placement,
+                              batch_dim, jit_compile, schedule)
+  lowered = executor_lib.Executor(prepared.schedule, prepared.runners,
+                                  placement, recompute)
   with placement.CellScope(0):
     micro_inputs = microbatch.Split(prepared.inputs, list(sizes), batch_dim)
   with placement.CellScope(num_cells - 1):
