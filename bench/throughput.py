@@ -1,6 +1,9 @@
 r"""Pipeline speed-up across worker processes: the thing GPipe exists for.
 
   python -m bench.throughput --write_results
+  python -m bench.throughput \
+      --schedules=gpipe,1f1b,interleaved_1f1b,zero_bubble_h1 \
+      --micro_batches=4,8 --write_results
 
 Two TensorFlow worker processes, each pinned to its own core, run one
 pipeline stage each (cell k on worker k, gradients accumulated and weights
@@ -39,6 +42,9 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipeline
+from lingvo_gpipe.core.gpipe import pipelined_loss
+from lingvo_gpipe.core.gpipe import schedule as schedule_lib
+from lingvo_gpipe.core.nested_map import NestedMap
 from lingvo_gpipe.tools import stacks
 
 _ROLE = flags.DEFINE_enum('role', 'driver', ['driver', 'baseline', 'pipeline'],
@@ -51,6 +57,14 @@ _MICRO_BATCHES = flags.DEFINE_list('micro_batches', ['1', '2', '4', '8'],
                                    'Values of M to time.')
 _RECOMPUTE = flags.DEFINE_list('recompute', ['always', 'never'],
                                 'Recompute modes of the pipeline to time.')
+_SCHEDULES = flags.DEFINE_list(
+    'schedules', ['gpipe'], 'Schedules to time (PipeliningLayer.schedule '
+    f'names: {", ".join(pipeline.SCHEDULES)}). Other than gpipe alone, '
+    'every schedule, gpipe included, computes the loss inside the pipeline '
+    '(pipelined_loss.py), so they differ by their order only.')
+_CELLS_PER_DEVICE = flags.DEFINE_integer(
+    'cells_per_device', 2, 'V of interleaved_1f1b: its 2·V cells (the same '
+    'layers, cut finer) go round the two workers V times.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps_per_round', 10, 'Steps timed per round.')
 _WORKER_HOSTS = flags.DEFINE_string('worker_hosts', None,
@@ -61,18 +75,30 @@ _WRITE = flags.DEFINE_bool('write_results', False,
 _LEARNING_RATE = 1e-4
 
 
-def _Model(devices):
-  """The Dense stack as a 2-cell PipeliningLayer on `devices`, built here."""
+def _Model(devices, cells_per_device=1):
+  """The Dense stack as a PipeliningLayer on 2 `devices`, built here: 2 cells,
+  or 2·V for the interleaved schedule."""
+  interleaved = dict(schedule='interleaved_1f1b',
+                     cells_per_device=cells_per_device)
   return common.BuildPipeline(stacks.DenseLayers(_NUM_LAYERS.value, _DIM.value),
-                              2, 1, 'always', devices)
+                              2, 1, 'always', devices,
+                              **(interleaved if cells_per_device > 1 else {}))
 
 
-def _UpdateStep(model, sizes, recompute='always'):
+def _MeanSquare(outputs, targets):
+  del targets
+  return NestedMap(loss=(tf.reduce_mean(outputs * outputs),
+                         tf.cast(tf.shape(outputs)[0], tf.float32)))
+
+
+def _UpdateStep(model, sizes, recompute='always', schedule=None):
   """A traced step: forward, backward, SGD update on each weight's device.
 
   sizes None runs the cells in sequence under one tape (the baseline);
   otherwise through the pipeline with those micro-batch sizes and recompute
-  mode. Returns the loss only, computed on the last cell's device.
+  mode; with a schedule's name, in its order with the loss inside the
+  pipeline (the same loss). Returns the loss only, computed on the last
+  cell's device.
   """
   variables = model.trainable_variables
   thetas = [model.CellTheta(model.theta, k) for k in range(len(model.cells))]
@@ -84,7 +110,15 @@ def _UpdateStep(model, sizes, recompute='always'):
   def Step():
     with base_layer.Context(training=True):
       with tf.GradientTape() as tape:
-        if sizes is None:
+        if schedule is not None:
+          loss = pipelined_loss.RunPipelineLoss(
+              model.cells, thetas, tf.convert_to_tensor(x), None, _MeanSquare,
+              sizes, model.placement, recompute=recompute,
+              schedule=pipeline.MakeSchedule(
+                  len(model.cells), len(sizes), True, schedule,
+                  model.params.cells_per_device)).loss[0]
+          y = None
+        elif sizes is None:
           y = tf.convert_to_tensor(x)
           for cell, theta in zip(model.cells, thetas):
             y = cell.FProp(theta, y)
@@ -92,8 +126,9 @@ def _UpdateStep(model, sizes, recompute='always'):
           y = pipeline.RunPipeline(model.cells, thetas, tf.convert_to_tensor(x),
                                    sizes, model.placement, recompute=recompute,
                                    input_grads_first=True)
-        with model.OutputScope():  # the last cell's device
-          loss = tf.reduce_mean(y * y)
+        if y is not None:
+          with model.OutputScope():  # the last cell's device
+            loss = tf.reduce_mean(y * y)
     with model.OutputScope():  # the loss's gradient ops, where y lives
       grads = tape.gradient(loss, variables)
     for grad, var in zip(grads, variables):
@@ -131,13 +166,22 @@ def RunPipeline():
   tf.config.threading.set_inter_op_parallelism_threads(2)
   devices = cluster.ConnectToWorkers(cluster.ParseHosts(_WORKER_HOSTS.value))
   model = _Model(devices)
-  _Serve({_Name(r, m): _UpdateStep(model, microbatch.MicroBatchSizes(
-      _BATCH.value, num_micro_batches=int(m)), r)
-          for r in _RECOMPUTE.value for m in _MICRO_BATCHES.value})
+  interleaved = (_Model(devices, _CELLS_PER_DEVICE.value)
+                 if 'interleaved_1f1b' in _SCHEDULES.value else None)
+  inside = _SCHEDULES.value != ['gpipe']
+  _Serve({_Name(s, r, m): _UpdateStep(
+      interleaved if s == 'interleaved_1f1b' else model,
+      microbatch.MicroBatchSizes(_BATCH.value, num_micro_batches=int(m)), r,
+      s if inside else None) for s, r, m in _Configs()})
 
 
-def _Name(recompute: str, micro_batches: str) -> str:
-  return f'{recompute}/{micro_batches}'
+def _Configs() -> list[tuple[str, str, str]]:
+  return [(s, r, m) for s in _SCHEDULES.value for r in _RECOMPUTE.value
+          for m in _MICRO_BATCHES.value]
+
+
+def _Name(schedule: str, recompute: str, micro_batches: str) -> str:
+  return f'{schedule}/{recompute}/{micro_batches}'
 
 
 class _Child:
@@ -169,7 +213,13 @@ def RunDriver():
   shape = [f'--num_layers={_NUM_LAYERS.value}', f'--dim={_DIM.value}',
            f'--batch={_BATCH.value}',
            f'--micro_batches={",".join(_MICRO_BATCHES.value)}',
-           f'--recompute={",".join(_RECOMPUTE.value)}']
+           f'--recompute={",".join(_RECOMPUTE.value)}',
+           f'--schedules={",".join(_SCHEDULES.value)}',
+           f'--cells_per_device={_CELLS_PER_DEVICE.value}']
+  for name in _SCHEDULES.value:
+    if name not in pipeline.SCHEDULES:
+      raise app.UsageError(f'--schedules: unknown schedule {name!r}; valid: '
+                           f'{", ".join(pipeline.SCHEDULES)}.')
   me = [sys.executable, '-m', 'bench.throughput']
   hosts, workers = cluster.StartLocalWorkers(2, pin=True)
   children = []
@@ -180,7 +230,7 @@ def RunDriver():
                     f'--worker_hosts={",".join(hosts)}'], env)
     children.append(piped.process)
     times = {name: [] for name in ['plain'] + [
-        _Name(r, m) for r in _RECOMPUTE.value for m in _MICRO_BATCHES.value]}
+        _Name(*config) for config in _Configs()]}
     run_steal, round_steal, steals = common.StolenCpu(), common.StolenCpu(), []
     for round_index in range(_ROUNDS.value):
       round_steal.Reset()
@@ -203,24 +253,41 @@ def RunDriver():
       continue
     speedups = [b / p for b, p in zip(times['plain'], values)]
     median, low, high = common.Spread(speedups)
-    recompute, m = name.split('/')
-    rows.append([m, recompute, f'{statistics.median(values) * 1e3:.0f}',
+    schedule, recompute, m = name.split('/')
+    v = _CELLS_PER_DEVICE.value if schedule == 'interleaved_1f1b' else 1
+    predicted = schedule_lib.Simulate(
+        pipeline.MakeSchedule(2 * v, int(m), True, schedule, v),
+        [1.0] * 2 * v, [2.0] * 2 * v, input_grad_times=[1.0] * 2 * v,
+        weight_grad_times=[1.0] * 2 * v)
+    rows.append([schedule, m, recompute,
+                 f'{predicted.bubble_fraction:.2f}',
+                 f'{statistics.median(values) * 1e3:.0f}',
                  f'{statistics.median(times["plain"]) * 1e3:.0f}',
                  f'{median:.2f}× ({low:.2f}–{high:.2f})'])
   body = common.MarkdownTable(
-      ['M', 'recompute', 'pipeline step (ms, median)',
+      ['schedule', 'M', 'recompute', 'predicted bubble',
+       'pipeline step (ms, median)',
        'one-core step (ms, median)',
        'speed-up, median (min–max) over rounds'], rows)
   print(body)
   if _WRITE.value:
     path = common.WriteResults(
-        'throughput.md', 'Pipeline speed-up across two worker processes',
-        'python -m bench.throughput --write_results', facts,
+        'throughput.md' if _SCHEDULES.value == ['gpipe'] else
+        'throughput_schedules.md',
+        'Pipeline speed-up across two worker processes',
+        ' '.join(['python -m bench.throughput'] + sys.argv[1:]), facts,
         {'layers': f'{_NUM_LAYERS.value} × Dense({_DIM.value}), relu, batch '
                    f'{_BATCH.value}, SGD update on each weight\'s device',
          'pipeline': 'K=2 cells, one per worker process, each pinned to its '
                      'own core (taskset); client inter-op 2; '
-                     'input_grads_first on',
+                     'input_grads_first on (zero_bubble_h1 always splits); '
+                     f'interleaved_1f1b: {2 * _CELLS_PER_DEVICE.value} cells, '
+                     'cell c on worker c mod 2',
+         'schedules': ', '.join(_SCHEDULES.value) + (
+             '; the loss inside the pipeline' if _SCHEDULES.value != [
+                 'gpipe'] else '') + '; predicted bubble: the simulator with '
+                     'equal forward, input-gradient and weight-gradient '
+                     'tasks',
          'baseline': 'one process pinned to core 0, 1 intra-op and 1 inter-op '
                      'thread, the same layers in sequence under one tape',
          'rounds': f'{_ROUNDS.value} alternating rounds of '

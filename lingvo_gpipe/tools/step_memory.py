@@ -87,6 +87,9 @@ _EXECUTOR = flags.DEFINE_enum('executor', 'unrolled',
 _SCHEDULE = flags.DEFINE_enum('schedule', 'gpipe', list(pipeline.SCHEDULES),
                               "PipeliningLayer's schedule; one other than "
                               "'gpipe' needs --loss_inside_pipeline.")
+_CELLS_PER_DEVICE = flags.DEFINE_integer(
+    'cells_per_device', 1, "PipeliningLayer's cells_per_device (V): with "
+    "--schedule=interleaved_1f1b, K·V cells, cell c on device c mod K.")
 _LOSS_INSIDE = flags.DEFINE_bool(
     'loss_inside_pipeline', False, "Compute the loss per micro-batch on the "
     "last cell (PipeliningLayer.FPropLoss) instead of on the whole batch's "
@@ -164,7 +167,8 @@ def Measure() -> dict:
       name='stack', layers=layers, num_partitions=k,
       num_micro_batches=_NUM_MICRO_BATCHES.value, recompute=_RECOMPUTE.value,
       input_grads_first=_INPUT_GRADS_FIRST.value, devices=devices,
-      executor=_EXECUTOR.value, schedule=_SCHEDULE.value)
+      executor=_EXECUTOR.value, schedule=_SCHEDULE.value,
+      cells_per_device=_CELLS_PER_DEVICE.value)
   model = p.Instantiate()
   variables = model.trainable_variables
 
@@ -215,6 +219,8 @@ def Measure() -> dict:
               num_workers=len(devices) if _WORKER_HOSTS.value else 0,
               num_micro_batches=_NUM_MICRO_BATCHES.value,
               recompute=_RECOMPUTE.value, schedule=_SCHEDULE.value,
+              cells_per_device=_CELLS_PER_DEVICE.value,
+              num_cells=len(model.cells),
               loss_inside_pipeline=_LOSS_INSIDE.value)
 
 

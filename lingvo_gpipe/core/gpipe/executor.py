@@ -1,8 +1,9 @@
 """The executor: lowers a Schedule into TensorFlow ops, one cell task at a time.
 
-Invariant: the order in which a cell runs its tasks is its `CellOrder` in the
-schedule and nothing else. Each task's inputs wait (a control dependency) for
-the previous task of the same cell: a forward for the previous forward's
+Invariant: the order in which a device runs its tasks is its `DeviceOrder` in
+the schedule and nothing else (a device is a cell, but in the interleaved
+schedule). Each task's inputs wait (a control dependency) for the previous
+task of the same device: a forward for the previous forward's
 outputs, a backward for the running sum of the cell's weight gradients
 (accumulate.py), so one micro-batch's partial gradients are alive at a time.
 Tasks are emitted in the order of the schedule's own timeline, on their
@@ -15,9 +16,13 @@ forward pass and every backward in its custom gradient, so it lowers
 schedules whose cells finish all their forwards before their first backward
 (fill-drain). With the loss inside the pipeline (Run, pipelined_loss.py)
 it runs every task in one pass, in any order the schedule gives (1F1B
-included). A weight-gradient task ('Bw') is lowered with the
-input-gradient task ('Bx') right before it, as one gradient computation whose
-weight-gradient ops wait for the input gradient (grad_order).
+included). A split backward is one gradient computation per micro-batch,
+built at its input-gradient task ('Bx'); its weight-gradient ops (those the
+input gradient does not need) wait for the input gradient (grad_order). A
+weight-gradient task ('Bw') right after its 'Bx' is that same computation;
+one the schedule runs later (ZB-H1) makes those ops also wait for the task
+before it in the cell's order, and adds them to the running sum then, so the
+held-back weight gradients fill the cell's idle time in the order given.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core.gpipe import accumulate
+from lingvo_gpipe.core.gpipe import grad_order
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
@@ -48,16 +54,20 @@ class Executor:
     self._recompute = recompute
     k, m = schedule.num_cells, schedule.num_micro_batches
     self._CheckWeightGrads()
+    self._orders = [schedule.DeviceOrder(d)
+                    for d in range(schedule.num_devices)]
     timeline = [task for _, task in schedule.Timeline()]
     self._forward = [t for t in timeline if not t.is_backward]
-    self._backward = [t for t in timeline if t.kind in (
-        schedule_lib.BACKWARD, schedule_lib.INPUT_GRAD)]
+    self._backward = [t for t in timeline if t.is_backward]
     # cell_in[k][m] / cell_out[k][m]: cell k's input / outputs for
     # micro-batch m. The inputs are the boundary activations kept for the
     # backward; outputs are dropped once the next cell has them.
     self.cell_in = [[None] * m for _ in range(k)]
     self.cell_out = [[None] * m for _ in range(k)]
     self._kept: dict[tuple[int, int], tuple[tf.GradientTape, Any]] = {}
+    # (cell, micro-batch) -> (weight gradients, the ops that compute them)
+    # of a 'Bx' whose 'Bw' comes later (ZB-H1).
+    self._delayed: dict[tuple[int, int], tuple[list, list]] = {}
 
   def _CheckTwoPasses(self) -> None:
     """Refuses a schedule that interleaves forwards and backwards in a cell."""
@@ -72,18 +82,31 @@ class Executor:
           'schedule runs.')
 
   def _CheckWeightGrads(self) -> None:
+    """Each cell runs a micro-batch's 'Bw' after its 'Bx', and both or none."""
     s = self._schedule
     for cell in range(s.num_cells):
-      order = s.CellOrder(cell)
-      kinds = [t.kind for t in order]
-      for i, kind in enumerate(kinds):
-        if kind == schedule_lib.WEIGHT_GRAD and not (
-            i > 0 and kinds[i - 1] == schedule_lib.INPUT_GRAD and
-            order[i - 1].micro_batch == order[i].micro_batch):
-          raise ValueError(
-              f'Schedule {s.name}: cell {cell} runs {order[i]} apart from its '
-              "input-gradient task; this executor lowers a 'Bw' only right "
-              "after the 'Bx' of the same micro-batch.")
+      seen = set()
+      for task in s.CellOrder(cell):
+        if task.kind == schedule_lib.INPUT_GRAD:
+          seen.add(task.micro_batch)
+        elif task.kind == schedule_lib.WEIGHT_GRAD:
+          if task.micro_batch not in seen:
+            raise ValueError(
+                f'Schedule {s.name}: cell {cell} runs {task} before the '
+                'input-gradient task of its micro-batch, whose gradient '
+                'computation it finishes.')
+          seen.discard(task.micro_batch)
+      if seen:
+        raise ValueError(
+            f'Schedule {s.name}: cell {cell} never runs the weight-gradient '
+            f'task of micro-batches {sorted(seen)}.')
+
+  def _Delayed(self, task: schedule_lib.Task) -> bool:
+    """Whether `task`, a 'Bx', is not followed at once by its own 'Bw'."""
+    order = self._orders[self._schedule.Device(task.cell)]
+    i = order.index(task)
+    return not (i + 1 < len(order) and order[i + 1] == schedule_lib.Task(
+        schedule_lib.WEIGHT_GRAD, task.cell, task.micro_batch))
 
   def _Forward(self, task: schedule_lib.Task, received: Any,
                after: Any) -> Any:
@@ -105,9 +128,12 @@ class Executor:
     """Runs backward task `task` from its output gradient `dy`.
 
     Returns (the cell's running sum with this micro-batch's weight gradients
-    added, the gradient of the cell's input: None where it gets none).
+    added, the gradient of the cell's input: None where it gets none). A
+    'Bx' whose 'Bw' comes later returns the running sum as it was: its weight
+    gradients are held until `_WeightGrad`.
     """
     k, m = task.cell, task.micro_batch
+    delayed = task.kind == schedule_lib.INPUT_GRAD and self._Delayed(task)
     with self._placement.CellScope(k):
       # Recompute only once this micro-batch's output gradient is there and
       # the previous one's gradients are summed: one at a time.
@@ -116,12 +142,27 @@ class Executor:
       kept = self._kept.pop((k, m), None)
       if kept is not None:
         x = self.cell_in[k][m]  # the tensor the forward's tape watched
-      g_theta, g_x = self._runners[k].Backward(
-          m, x, dy, kept,
-          input_grad_first=task.kind == schedule_lib.INPUT_GRAD and k > 0)
+      with grad_order.Capture(delayed) as created:
+        g_theta, g_x = self._runners[k].Backward(
+            m, x, dy, kept, input_grad_first=(
+                task.kind == schedule_lib.INPUT_GRAD and (k > 0 or delayed)))
+      if delayed:
+        # The ops the input gradient does not need: the weight gradients'.
+        self._delayed[(k, m)] = (g_theta,
+                                 grad_order.Independent(created, g_x))
+        return running_sum, g_x
       # On the cell's device: summed elsewhere, every micro-batch's weight
       # gradients would travel there (a capped worker ran out of memory).
       return accumulate.AddGrads(running_sum, g_theta), g_x
+
+  def _WeightGrad(self, task: schedule_lib.Task, running_sum: Any,
+                  after: Any) -> list:
+    """Runs a delayed 'Bw': its ops wait for `after`, then join the sum."""
+    k, m = task.cell, task.micro_batch
+    g_theta, ops = self._delayed.pop((k, m))
+    grad_order.Wait(ops, after)
+    with self._placement.CellScope(k):
+      return accumulate.AddGrads(running_sum, g_theta)
 
   def _OutputGradient(self, k: int, m: int, g_x: Any) -> Any:
     """Cell k+1's input gradient as cell k's output gradient: zeros for None.
@@ -137,11 +178,11 @@ class Executor:
     """Every forward task; returns the last cell's outputs per micro-batch."""
     self._CheckTwoPasses()
     s = self._schedule
-    previous: list[Optional[Any]] = [None] * s.num_cells
+    previous: list[Optional[Any]] = [None] * s.num_devices
     for task in self._forward:
-      k, m = task.cell, task.micro_batch
+      k, m, d = task.cell, task.micro_batch, s.Device(task.cell)
       received = micro_inputs[m] if k == 0 else self.cell_out[k - 1][m]
-      previous[k] = self._Forward(task, received, previous[k])
+      previous[d] = self._Forward(task, received, previous[d])
     return self.cell_out[s.num_cells - 1]
 
   def RunBackward(self, micro_dys: Sequence[Any]
@@ -158,10 +199,17 @@ class Executor:
     dys[s.num_cells - 1] = list(micro_dys)
     dx = [None] * s.num_micro_batches
     running_sum: list[Optional[list]] = [None] * s.num_cells
+    after: list[Any] = [None] * s.num_devices  # what a device's next task waits for
     for task in self._backward:
-      k, m = task.cell, task.micro_batch
+      k, m, d = task.cell, task.micro_batch, s.Device(task.cell)
+      if task.kind == schedule_lib.WEIGHT_GRAD:
+        if (k, m) in self._delayed:  # else lowered with its 'Bx'
+          running_sum[k] = self._WeightGrad(task, running_sum[k], after[d])
+          after[d] = running_sum[k]
+        continue
       running_sum[k], g_x = self._Backward(task, dys[k][m], running_sum[k],
                                            None)
+      after[d] = [running_sum[k], g_x]
       if k > 0:
         dys[k - 1][m] = self._OutputGradient(k - 1, m, g_x)
       else:
@@ -190,19 +238,23 @@ class Executor:
     metrics: list[Any] = [None] * num_mb
     dx: list[Any] = [None] * num_mb
     running_sum: list[Optional[list]] = [None] * s.num_cells
-    after: list[Any] = [None] * s.num_cells  # what a cell's next task waits for
+    after: list[Any] = [None] * s.num_devices  # what a device's next task waits for
     for _, task in s.Timeline():
-      k, m = task.cell, task.micro_batch
+      k, m, d = task.cell, task.micro_batch, s.Device(task.cell)
       if task.kind == schedule_lib.FORWARD:
         received = micro_inputs[m] if k == 0 else self.cell_out[k - 1][m]
-        after[k] = self._Forward(task, received, after[k])
+        after[d] = y = self._Forward(task, received, after[d])
         if k == k_last:
           with self._placement.CellScope(k):
-            metrics[m], dys[k][m] = loss_fn(m, after[k])
-      elif task.kind != schedule_lib.WEIGHT_GRAD:  # lowered with its 'Bx'
+            metrics[m], dys[k][m] = loss_fn(m, y)
+      elif task.kind == schedule_lib.WEIGHT_GRAD:
+        if (k, m) in self._delayed:  # else lowered with its 'Bx'
+          running_sum[k] = self._WeightGrad(task, running_sum[k], after[d])
+          after[d] = running_sum[k]
+      else:
         running_sum[k], g_x = self._Backward(task, dys[k][m], running_sum[k],
-                                             after[k])
-        after[k] = [running_sum[k], g_x]
+                                             after[d])
+        after[d] = [running_sum[k], g_x]
         if k > 0:
           dys[k - 1][m] = self._OutputGradient(k - 1, m, g_x)
         else:

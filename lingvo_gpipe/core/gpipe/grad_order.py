@@ -43,24 +43,17 @@ def Capture(enabled: bool = True) -> Iterator[list[tf.Operation]]:
   created.extend(graph.get_operations()[before:])
 
 
-def RunAfter(ops: Sequence[tf.Operation], first: Any) -> int:
-  """Makes each op in `ops` that `first` does not depend on wait for `first`.
+def Independent(ops: Sequence[tf.Operation], first: Any) -> list[tf.Operation]:
+  """The ops in `ops` that `first` (nested tensors) does not depend on.
 
-  Args:
-    ops: ops of one graph, e.g. those `Capture()` saw one gradient call make.
-    first: tensors (a nested structure; None and non-tensors skipped) that
-      must be complete before the other ops in `ops` start.
-
-  Returns:
-    How many ops now wait. Stateful ops are left alone: tf.function orders
-    those by program order, and an edge against that order would be a cycle.
+  Only paths inside `ops` count, so `ops` must hold every op between them
+  and `first` (e.g. all one gradient call made). Stateful ops and ops
+  without inputs are left out: tf.function orders the former by program
+  order, and an edge against that order would be a cycle. No tensors in
+  `first`: all the others.
   """
-  if not ops:  # e.g. eager execution
-    return 0
   firsts = [t.op for t in tf.nest.flatten(first, expand_composites=True)
             if isinstance(t, tf.Tensor)]
-  if not firsts:
-    return 0
   candidates = set(ops)
   needed = set()  # ops in `ops` that `first` depends on
   stack = [op for op in firsts if op in candidates]
@@ -71,11 +64,41 @@ def RunAfter(ops: Sequence[tf.Operation], first: Any) -> int:
     needed.add(op)
     stack.extend(t.op for t in op.inputs if t.op in candidates)
     stack.extend(c for c in op.control_inputs if c in candidates)
-  deferred = 0
+  return [op for op in ops
+          if op not in needed and op.inputs and not op.op_def.is_stateful]
+
+
+def Wait(ops: Sequence[tf.Operation], first: Any) -> None:
+  """Makes every op in `ops` wait for the tensors in `first`.
+
+  The caller vouches that `first` does not depend on them (e.g. they came
+  from `Independent` and nothing but the weight gradients' sum reads them).
+  """
+  firsts = [t.op for t in tf.nest.flatten(first, expand_composites=True)
+            if isinstance(t, tf.Tensor)]
+  if not firsts:
+    return
   for op in ops:
-    if op in needed or not op.inputs or op.op_def.is_stateful:
-      continue
     # No public API adds a control edge to an existing op.
     op._add_control_inputs(firsts)  # pylint: disable=protected-access
-    deferred += 1
-  return deferred
+
+
+def RunAfter(ops: Sequence[tf.Operation], first: Any) -> int:
+  """Makes each op in `ops` that `first` does not depend on wait for `first`.
+
+  Args:
+    ops: ops of one graph, e.g. those `Capture()` saw one gradient call make.
+    first: tensors (a nested structure; None and non-tensors skipped) that
+      must be complete before the other ops in `ops` start.
+
+  Returns:
+    How many ops now wait (see `Independent` for those that never do).
+  """
+  if not ops:  # e.g. eager execution
+    return 0
+  if not any(isinstance(t, tf.Tensor) for t in
+             tf.nest.flatten(first, expand_composites=True)):
+    return 0
+  waiting = Independent(ops, first)
+  Wait(waiting, first)
+  return len(waiting)

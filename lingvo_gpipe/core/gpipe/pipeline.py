@@ -48,16 +48,36 @@ EXECUTORS = ('unrolled', 'loop')
 
 
 # PipeliningLayer's `schedule` names -> the schedule classes.
-SCHEDULES = {'gpipe': schedule_lib.FillDrain, '1f1b': schedule_lib.OneFOneB}
+SCHEDULES = {'gpipe': schedule_lib.FillDrain, '1f1b': schedule_lib.OneFOneB,
+             'interleaved_1f1b': schedule_lib.Interleaved1F1B,
+             'zero_bubble_h1': schedule_lib.ZeroBubbleH1}
 
 
 def MakeSchedule(num_cells: int, num_micro_batches: int,
                  input_grads_first: bool = False,
-                 name: str = 'gpipe') -> schedule_lib.Schedule:
-  """The schedule a pipeline of these settings runs (default fill-drain)."""
+                 name: str = 'gpipe',
+                 cells_per_device: int = 1) -> schedule_lib.Schedule:
+  """The schedule a pipeline of these settings runs (default fill-drain).
+
+  `cells_per_device` (V) > 1 is the interleaved schedule's: its K cells run
+  on K/V devices, cell c on device c mod (K/V).
+  """
   if name not in SCHEDULES:
     raise hyperparams.ConfigError(f'Unknown schedule {name!r}; valid: '
                                   f'{", ".join(SCHEDULES)}.')
+  if name == 'interleaved_1f1b':
+    if num_cells % cells_per_device:
+      raise hyperparams.ConfigError(
+          f'{num_cells} cells cannot run {cells_per_device} per device; the '
+          'interleaved schedule needs a multiple of cells_per_device.')
+    return schedule_lib.Interleaved1F1B(
+        num_cells, num_micro_batches, split_backward=input_grads_first,
+        num_devices=num_cells // cells_per_device)
+  if cells_per_device != 1:
+    raise hyperparams.ConfigError(
+        f'cells_per_device={cells_per_device} needs '
+        f"schedule='interleaved_1f1b'; schedule {name!r} runs one cell per "
+        'device.')
   return SCHEDULES[name](num_cells, num_micro_batches,
                          split_backward=input_grads_first)
 
@@ -248,8 +268,9 @@ def CheckJitCompile(jit_compile: bool, schedule: schedule_lib.Schedule,
     raise hyperparams.ConfigError(
         f'jit_compile=True runs a cell\'s backward as one XLA computation, '
         'which cannot hand out the input gradient before the weight '
-        f'gradients as schedule {schedule.name} asks (input_grads_first): '
-        'use input_grads_first=False with jit_compile=True.')
+        f'gradients as schedule {schedule.name} asks (input_grads_first, '
+        "or schedule='zero_bubble_h1'): with jit_compile=True use "
+        "input_grads_first=False and schedule 'gpipe' or '1f1b'.")
 
 
 class _Unrolled:

@@ -143,13 +143,25 @@ class PipeliningLayer(base_layer.BaseLayer):
              "layers' intermediate gradients of a micro-batch until then (a "
              'higher peak; bench/README.md). False: the memory-lean backward.')
     p.Define('schedule', 'gpipe', "The order of each cell's tasks: "
-             "'gpipe' (fill-drain: all forwards, then all backwards) or "
+             "'gpipe' (fill-drain: all forwards, then all backwards), "
              "'1f1b' (one forward, one backward: cell k keeps at most "
              'min(M, K-k) micro-batches where fill-drain keeps M, with the '
-             'same bubble; its backwards start before the last forward, so '
-             'it trains only with the loss inside the pipeline, FPropLoss '
-             '(task.loss_inside_pipeline=True), on the unrolled executor). '
+             "same bubble) or 'zero_bubble_h1' (1F1B with each backward "
+             'split: the input gradient the previous cell waits for first, '
+             'the weight gradients delayed to fill the drain; a third of '
+             "1F1B's bubble when tasks take equal time, at 1F1B's peak of K "
+             'micro-batches kept; not with jit_compile). Both start '
+             'backwards before the last forward, so they train only with '
+             'the loss inside the pipeline, FPropLoss '
+             '(task.loss_inside_pipeline=True), on the unrolled executor. '
              'Eval runs the forwards alike.')
+    p.Define('cells_per_device', 1, "V, with schedule='interleaved_1f1b': "
+             'the partitioner cuts num_partitions x V cells and cell c runs '
+             'on device c mod num_partitions, so a micro-batch passes every '
+             'device V times and the fill and drain are V times shorter: '
+             'with equal task times the bubble is (K-1)/(V*M+K-1) for K = '
+             'num_partitions devices, when M is a multiple of K. 1 for every '
+             'other schedule.')
     p.Define('executor', 'unrolled', "How the schedule becomes a graph: "
              "'unrolled' (a copy of each cell per micro-batch; every recompute "
              "mode and schedule) or 'loop' (two loops over clocks: build time "
@@ -198,7 +210,7 @@ class PipeliningLayer(base_layer.BaseLayer):
     pipeline.CheckJitCompile(
         p.jit_compile,
         pipeline.MakeSchedule(len(self.balance), 1, p.input_grads_first,
-                              p.schedule),
+                              p.schedule, p.cells_per_device),
         self.placement)
     if p.cell_tpl is not None:
       # The user cut the model: its cells are its layers.
@@ -283,6 +295,22 @@ class PipeliningLayer(base_layer.BaseLayer):
       _CheckBool(path, field, p.Get(field))
     p.num_partitions = _CheckInt(path, 'num_partitions', p.num_partitions, 1,
                                  'the number of cells')
+    p.cells_per_device = _CheckInt(path, 'cells_per_device',
+                                   p.cells_per_device, 1,
+                                   'cells per device (V)')
+    if p.cells_per_device > 1:
+      if p.schedule != 'interleaved_1f1b':
+        raise _Refuse(path, 'cells_per_device', p.cells_per_device,
+                      "1, or use schedule='interleaved_1f1b': schedule "
+                      f'{p.schedule!r} runs one cell per device')
+      if p.cell_tpl is not None:
+        raise _Refuse(path, 'cells_per_device', p.cells_per_device,
+                      '1 with cell_tpl (cut by hand: one cell per Params); '
+                      'the interleaved cut is made from `layers`')
+      if p.placement_backend == 'tpu':
+        raise _Refuse(path, 'cells_per_device', p.cells_per_device,
+                      "1 with placement_backend='tpu' (its cells take one "
+                      "core each); use placement_backend='devices'")
     if p.cell_tpl is not None and p.num_partitions not in (1, len(p.cell_tpl)):
       raise _Refuse(path, 'num_partitions', p.num_partitions,
                     f'1 or {len(p.cell_tpl)}: with cell_tpl there is one cell '
@@ -333,16 +361,27 @@ class PipeliningLayer(base_layer.BaseLayer):
     if p.cell_tpl is not None:
       return [1] * len(p.cell_tpl)
     units = partition.NumUnits(p.layers)
+    num_cells = cls.NumCells(p)
+    cut = (f'num_partitions={p.num_partitions} x cells_per_device='
+           f'{p.cells_per_device} = {num_cells} cells' if p.cells_per_device > 1
+           else f'num_partitions={p.num_partitions}')
     if p.balance is not None:
-      if len(p.balance) != p.num_partitions and p.num_partitions != 1:
+      if len(p.balance) != num_cells and p.num_partitions != 1:
         raise hyperparams.ConfigError(f'balance={p.balance} has {len(p.balance)} cells but '
-                                      f'num_partitions={p.num_partitions}.')
+                                      f'{cut}.')
       return partition.ValidateBalance(p.balance, sum(units))
-    if p.num_partitions > sum(units):
-      raise hyperparams.ConfigError(f'num_partitions={p.num_partitions} exceeds the '
+    if num_cells > sum(units):
+      raise hyperparams.ConfigError(f'{cut} exceeds the '
                                     f'{sum(units)} layers; each cell needs a layer.')
     costs = partition.UnitCosts(cls.LayerCosts(p), units)
-    return partition.Balance(costs, p.num_partitions)
+    return partition.Balance(costs, num_cells)
+
+  @staticmethod
+  def NumCells(p) -> int:
+    """K·V cells: num_partitions devices' worth, cells_per_device each."""
+    if p.cell_tpl is not None:
+      return len(p.cell_tpl)
+    return p.num_partitions * p.cells_per_device
 
   @classmethod
   def LayerCosts(cls, p) -> list[float]:
@@ -388,8 +427,21 @@ class PipeliningLayer(base_layer.BaseLayer):
             'Build the layer under '
             'placement.MakeTpuStrategy(tpu, num_cells).scope().')
       return placement_lib.TpuPlacement(num_cells, strategy)
-    devices = p.devices or placement_lib.LocalDevices()
+    devices = self.CellDevices(p, num_cells) or placement_lib.LocalDevices()
     return placement_lib.DevicePlacement(num_cells, devices)
+
+  @staticmethod
+  def CellDevices(p, num_cells: int) -> list[str]:
+    """Per cell, its device name ([] if none given): round robin over
+    `devices`, and with cells_per_device V > 1, cell c on the device of
+    c mod num_partitions."""
+    devices = list(p.devices or [])
+    if p.cells_per_device > 1 and not devices:
+      devices = placement_lib.LocalDevices()
+    if not devices:
+      return []
+    stride = p.num_partitions if p.cells_per_device > 1 else num_cells
+    return [devices[(c % stride) % len(devices)] for c in range(num_cells)]
 
   # --- computation ---------------------------------------------------------------
 
@@ -492,7 +544,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     """
     return pipeline.MakeSchedule(len(self.cells), num_micro_batches,
                                  self.params.input_grads_first,
-                                 self.params.schedule)
+                                 self.params.schedule,
+                                 self.params.cells_per_device)
 
   def OutputScope(self) -> contextlib.AbstractContextManager:
     """The last cell's scope: where the pipeline's outputs are."""
@@ -534,7 +587,7 @@ class PipeliningLayer(base_layer.BaseLayer):
     flops_unknown = None if shapes is not None else (
         'no input shapes (set input_shapes, or call FProp once)')
     balance = balance or cls.CellBalance(p)
-    devices = p.devices or []
+    devices = cls.CellDevices(p, len(balance)) if p.devices else []
     cells = []
     segments = (None if p.layers is None else partition.CellSegments(
         balance, partition.NumUnits(p.layers)))
@@ -548,7 +601,7 @@ class PipeliningLayer(base_layer.BaseLayer):
         parts = [cls._SegmentParams(p, seg) for seg in segments[k]]
       info = NestedMap(cell=k, first_layer=first, num_layers=count,
                        layer_names=names, num_params=cp.cls.NumParams(cp),
-                       device=devices[k % len(devices)] if devices else None,
+                       device=devices[k] if devices else None,
                        flops=None, peak_bytes=None)
       if shapes is not None:
         try:
@@ -563,8 +616,9 @@ class PipeliningLayer(base_layer.BaseLayer):
     k = len(cells)
     return NestedMap(
         num_cells=k, num_micro_batches=m, recompute=p.recompute,
-        bubble_fraction=None if m is None else pipeline.MakeSchedule(
-            k, m, p.input_grads_first, p.schedule).TheoreticalBubble(),
+        schedule=p.schedule, bubble_fraction=None if m is None else pipeline.MakeSchedule(
+            k, m, p.input_grads_first, p.schedule,
+            p.cells_per_device).TheoreticalBubble(),
         process_peak_bytes=None, flops_unknown=flops_unknown, cells=cells)
 
   @staticmethod

@@ -40,9 +40,10 @@ def FormatTable(report: NestedMap) -> str:
   bubble = report.bubble_fraction
   lines.append(
       f'K={report.num_cells} cells, M={report.num_micro_batches} micro-batches, '
-      f'recompute={report.recompute}, bubble='
-      f'{"-" if bubble is None else f"{bubble:.1%}"} (theoretical '
-      '(K-1)/(M+K-1))')
+      f'recompute={report.recompute}, schedule='
+      f'{report.get("schedule") or "gpipe"}, bubble='
+      f'{"-" if bubble is None else f"{bubble:.1%}"} (predicted with equal '
+      'task times; gpipe and 1f1b: (K-1)/(M+K-1))')
   if report.get('flops_unknown'):
     lines.append(f'FLOPs: unknown, {report.flops_unknown}')
   if report.get('process_peak_bytes') is not None:

@@ -16,13 +16,13 @@ class _RecordingRunner:
 
   def Forward(self, micro_batch, x, keep):
     self.log.append(('F', self.cell, micro_batch))
-    return x + 1.0, None
+    return tf.add(x, 1.0, name=f'f_{self.cell}_{micro_batch}'), None
 
   def Backward(self, micro_batch, x, dy, kept, input_grad_first):
     del kept
     kind = 'Bx' if input_grad_first else 'B'
     self.log.append((kind, self.cell, micro_batch))
-    return [dy * x], dy
+    return [tf.multiply(dy, x, name=f'w_{self.cell}_{micro_batch}')], dy
 
 
 class _ForwardOrderBackward(schedule.FillDrain):
@@ -78,19 +78,31 @@ class _OneForwardOneBackward(schedule.Schedule):
             for kind in ('F', 'B')]
 
 
-class _WeightGradLater(schedule.FillDrain):
-  name = 'weight_grad_later'
+class _WeightGradFirst(schedule.FillDrain):
+  name = 'weight_grad_first'
 
   def CellOrder(self, cell):
     order = schedule.FillDrain(self.num_cells, self.num_micro_batches,
                                split_backward=True).CellOrder(cell)
-    return ([t for t in order if t.kind != 'Bw'] +
-            [t for t in order if t.kind == 'Bw'])
+    return [t for t in order if t.kind != 'Bx'] + [
+        t for t in order if t.kind == 'Bx']
+
+
+class _WeightGradNever(schedule.FillDrain):
+  name = 'weight_grad_never'
+
+  def CellOrder(self, cell):
+    order = schedule.FillDrain(self.num_cells, self.num_micro_batches,
+                               split_backward=True).CellOrder(cell)
+    return [t for t in order if t.kind != 'Bw']
 
 
 @pytest.mark.parametrize('sched,message', [
     (_OneForwardOneBackward(2, 2), 'starts a backward before the last forward'),
-    (_WeightGradLater(2, 2), "lowers a 'Bw' only right after the 'Bx'"),
+    (_WeightGradFirst(2, 2), 'before the input-gradient task of its '
+     'micro-batch'),
+    (_WeightGradNever(2, 2), r'never runs the weight-gradient task of '
+     r'micro-batches \[0, 1\]'),
 ])
 def test_a_schedule_it_cannot_lower_is_refused_by_name(sched, message):
   with pytest.raises(ValueError, match=message) as e:
@@ -119,3 +131,31 @@ def test_running_sums_are_made_on_their_cells_device(
   for c in range(k):
     assert sums[c][0].op.type == 'AddV2'  # the last of m - 1 additions
     assert sums[c][0].device.endswith(f'CPU:{c}'), (c, sums[c][0].device)
+
+
+def _Ancestors(op):
+  seen, stack = set(), [op]
+  while stack:
+    o = stack.pop()
+    if o.name not in seen:
+      seen.add(o.name)
+      stack.extend([t.op for t in o.inputs] + list(o.control_inputs))
+  return seen
+
+
+def test_a_delayed_weight_gradient_waits_for_the_task_before_it():
+  # ZB-H1, K=2, M=4: cell 1 runs F0 Bx0 F1 Bx1 Bw0 ..., its weight
+  # gradients one micro-batch late; cell 0 runs each Bw right after its Bx.
+  k, m = 2, 4
+  graph = tf.Graph()
+  with graph.as_default():
+    runners = [_RecordingRunner(c, []) for c in range(k)]
+    ex = executor.Executor(schedule.ZeroBubbleH1(k, m), runners,
+                           placement.DevicePlacement(k, ['/device:CPU:0']),
+                           'always')
+    ex.Run([tf.constant(float(i)) for i in range(m)],
+           lambda mb, y: (None, tf.ones_like(y)))
+  op = graph.get_operation_by_name
+  assert {'f_1_1', 'w_1_1'} - _Ancestors(op('w_1_0')) == {'w_1_1'}
+  assert 'f_0_2' not in _Ancestors(op('w_0_0'))
+  assert 'f_1_2' not in _Ancestors(op('w_1_0'))  # F2 comes after Bw0

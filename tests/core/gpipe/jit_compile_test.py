@@ -219,8 +219,10 @@ def test_eager_calls_compute_the_same():
 
 
 @pytest.mark.parametrize('kwargs,message', [
-    (dict(input_grads_first=True), 'use input_grads_first=False with '
-     'jit_compile=True'),
+    (dict(input_grads_first=True), 'schedule fill_drain asks '
+     "(input_grads_first, or schedule='zero_bubble_h1'): with jit_compile="
+     "True use input_grads_first=False and schedule 'gpipe' or '1f1b'."),
+    (dict(schedule='zero_bubble_h1'), 'schedule zero_bubble_h1 asks'),
     (dict(jit_compile='yes'), "jit_compile must be True or False, got 'yes'"),
 ])
 def test_what_cannot_run_compiled_is_refused_by_name(kwargs, message):

@@ -22,7 +22,7 @@ from tests.support import test_utils
 
 def _Mlp():
   return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=6, output_dim=6,
-                                   activation='tanh') for i in range(6)]
+                                   activation='tanh') for i in range(8)]
 
 
 def _ConvNet():
@@ -114,24 +114,34 @@ def _Check(layers, x, k, m, recompute, fn=lambda loss: loss, **kwargs):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-_GRID = list(itertools.product([1, 2, 4], [1, 2, 3, 4, 8],
+# schedule[:V cells per device]; interleaved with V=1 is 1F1B's order.
+_SCHEDULES = ['gpipe', '1f1b', 'zero_bubble_h1', 'interleaved_1f1b:2']
+
+
+def _Schedule(name):
+  """PipeliningLayer fields of a _SCHEDULES entry."""
+  schedule, _, v = name.partition(':')
+  return dict(schedule=schedule, cells_per_device=int(v or 1))
+_GRID = list(itertools.product(_SCHEDULES, [1, 2, 4], [1, 2, 3, 4, 8],
                                ['always', 'never']))
 
 
-@pytest.mark.parametrize('k,m,recompute', _GRID)
-def test_mlp_equals_a_tape_around_the_whole_batch(k, m, recompute):
+@pytest.mark.parametrize('schedule,k,m,recompute', _GRID)
+def test_mlp_equals_a_tape_around_the_whole_batch(schedule, k, m, recompute):
   # Batch 10: ragged micro-batches at M = 3, 4, 8; rows masked out of the loss.
+  # K devices, K*V cells.
   _Check(_Mlp(), tf.random.stateless_normal([10, 6], [1, k * 10 + m]), k, m,
-         recompute)
+         recompute, **_Schedule(schedule))
 
 
+@pytest.mark.parametrize('schedule', _SCHEDULES)
 @pytest.mark.parametrize('k,m,recompute', [(1, 3, 'always'), (2, 4, 'never'),
                                             (4, 8, 'always'),
                                             (2, 2, 'except_last')])
 def test_convnet_with_batchnorm_equals_a_tape_around_the_whole_batch(
-    k, m, recompute):
+    schedule, k, m, recompute):
   x = tf.random.stateless_normal([8 if m != 3 else 7, 6, 6, 3], [2, k + m])
-  _Check(_ConvNet(), x, k, m, recompute)
+  _Check(_ConvNet(), x, k, m, recompute, **_Schedule(schedule))
 
 
 def test_a_function_of_the_loss_gets_its_chain_rule():

@@ -386,6 +386,15 @@ def test_bad_params_raise_clear_errors(overrides, message):
     (dict(recompute='alway'), r"recompute='alway'.*Did you mean 'always'\?"),
     (dict(executor='loops'), r"executor='loops'.*Did you mean 'loop'\?"),
     (dict(schedule='1fb1'), r"schedule='1fb1'.*Did you mean '1f1b'\?"),
+    (dict(schedule='interleaved_1fb1'),
+     r"Did you mean 'interleaved_1f1b'\?"),
+    (dict(cells_per_device=2), r"cells_per_device=2; valid: 1, or use "
+     r"schedule='interleaved_1f1b': schedule 'gpipe' runs one cell per "
+     'device'),
+    (dict(cells_per_device=0), r'cells_per_device must be >= 1'),
+    (dict(schedule='interleaved_1f1b', cells_per_device=3,
+          num_partitions=3), r'num_partitions=3 x cells_per_device=3 = 9 cells '
+     'exceeds the 8 layers'),
     (dict(partition_method='tme'),
      r"partition_method='tme'.*Did you mean 'time'\?"),
     (dict(placement_backend='device'),
@@ -522,17 +531,24 @@ def test_flops_partitioning_names_the_layer_without_fpropmeta():
     p.Instantiate()
 
 
-def test_the_layer_runs_the_schedule_it_reports():
+@pytest.mark.parametrize('schedule,bubble', [('gpipe', None),
+                                             ('zero_bubble_h1', 1 / 10)])
+def test_the_layer_runs_the_schedule_it_reports(schedule, bubble):
   p = PipeliningLayer.Params().Set(
       name='pipe', layers=[dense.Dense.Params().Set(
           name=f'fc{i}', input_dim=4, output_dim=4) for i in range(2)],
       num_partitions=2, num_micro_batches=3, input_grads_first=True,
-      devices=['/device:CPU:0', '/device:CPU:1'])
+      schedule=schedule, devices=['/device:CPU:0', '/device:CPU:1'])
   pipe = p.Instantiate()
   sched = pipe.Schedule(3)
   assert (sched.num_cells, sched.num_micro_batches) == (2, 3)
   assert {t.kind for t in sched.CellOrder(1)} == {'F', 'Bx', 'Bw'}
-  assert pipe.Report().bubble_fraction == sched.TheoreticalBubble()
+  report = pipe.Report()
+  assert report.bubble_fraction == sched.TheoreticalBubble()
+  if bubble is not None:  # ZB-H1: (K-1)/(3M+K-1)
+    assert report.bubble_fraction == pytest.approx(bubble)
+  assert (f'schedule={schedule}, bubble={report.bubble_fraction:.1%} '
+          '(predicted') in report_lib.FormatTable(report)
 
 
 # --- a Repeat cut between iterations -------------------------------------------
@@ -638,3 +654,22 @@ def test_sequential_layers_run_in_turn_where_their_weights_are():
     on |= weights
   assert on == {0, 1, 2}
   np.testing.assert_allclose(y, pipe.FProp(pipe.theta, x), rtol=1e-6)
+
+
+def test_interleaved_cells_go_round_the_devices_v_times():
+  # K=2 devices, V=2: 4 cells, cell c on device c mod 2; the schedule runs
+  # each device's two cells as one task list.
+  devices = ['/device:CPU:0', '/device:CPU:1']
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Mlp(num_layers=4), num_partitions=2,
+      cells_per_device=2, schedule='interleaved_1f1b', num_micro_batches=4,
+      devices=devices).Instantiate()
+  assert len(pipe.cells) == 4
+  assert [c.device for c in pipe.Report().cells] == devices * 2
+  assert [pipe.placement.Device(c) for c in range(4)] == devices * 2
+  sched = pipe.Schedule(4)
+  assert (sched.name, sched.num_cells, sched.num_devices) == (
+      'interleaved_1f1b', 4, 2)
+  assert {t.cell for t in sched.DeviceOrder(1)} == {1, 3}
+  report = report_lib.FormatTable(pipe.Report())
+  assert 'schedule=interleaved_1f1b, bubble=11.1%' in report  # 1/(2*4+1)

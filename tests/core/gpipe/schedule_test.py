@@ -56,8 +56,6 @@ def test_memory_with_and_without_recompute():
 def test_errors():
   with pytest.raises(ValueError, match='one per cell'):
     schedule.Simulate(schedule.FillDrain(2, 2), [1.0], [1.0, 1.0])
-  with pytest.raises(ValueError, match="Unknown schedule 'gpipe2'"):
-    schedule.MakeSchedule('gpipe2', 2, 2)
   with pytest.raises(ValueError, match='>= 1 cell'):
     schedule.FillDrain(0, 2)
 
@@ -131,3 +129,114 @@ def test_one_f_one_b_orders_each_cell_as_published():
   assert orders[2] == ['F0', 'B0', 'F1', 'B1', 'F2', 'B2', 'F3', 'B3']
   split = schedule.OneFOneB(2, 2, split_backward=True).CellOrder(1)
   assert [t.kind for t in split] == ['F', 'Bx', 'Bw', 'F', 'Bx', 'Bw']
+
+
+def test_zero_bubble_h1_orders_each_cell_as_published():
+  # Cell k delays its weight gradients by k micro-batches, then spends the
+  # ones held back in the drain, one after each input gradient.
+  orders = [[f'{t.kind}{t.micro_batch}' for t in
+             schedule.ZeroBubbleH1(3, 4).CellOrder(c)] for c in range(3)]
+  assert orders[0] == ['F0', 'F1', 'F2', 'Bx0', 'Bw0', 'F3', 'Bx1', 'Bw1',
+                       'Bx2', 'Bw2', 'Bx3', 'Bw3']
+  assert orders[1] == ['F0', 'F1', 'Bx0', 'F2', 'Bx1', 'Bw0', 'F3', 'Bx2',
+                       'Bw1', 'Bx3', 'Bw2', 'Bw3']
+  assert orders[2] == ['F0', 'Bx0', 'F1', 'Bx1', 'F2', 'Bx2', 'Bw0', 'F3',
+                       'Bx3', 'Bw1', 'Bw2', 'Bw3']
+
+
+@pytest.mark.parametrize('k,m', [(2, 2), (2, 8), (4, 4), (4, 8), (8, 32)])
+def test_zero_bubble_h1_has_a_third_of_one_f_one_bs_bubble_at_its_memory(k, m):
+  # Equal task times F = Bx = Bw = 1 (a whole backward 2, handing its input
+  # gradient over at its end). Published (M >= K): ZB-H1 idles (K-1)(F+Bx-Bw)
+  # per cell, 1F1B (K-1)(F+Bx+Bw), a third; ZB-H1 keeps at most K
+  # micro-batches on any cell, 1F1B's peak (its first cell's).
+  ones, twos = [1.0] * k, [2.0] * k
+  zb = schedule.Simulate(schedule.ZeroBubbleH1(k, m), ones, twos,
+                         input_grad_times=ones, weight_grad_times=ones,
+                         internal_bytes=ones, recompute=False)
+  one_f_one_b = schedule.Simulate(schedule.OneFOneB(k, m), ones, twos,
+                                  internal_bytes=ones, recompute=False)
+  assert zb.step_time == 3 * m + (k - 1)
+  assert one_f_one_b.step_time == 3 * m + 3 * (k - 1)
+  assert max(zb.peak_bytes) == max(one_f_one_b.peak_bytes) == min(m, k)
+  assert schedule.ZeroBubbleH1(k, m).TheoreticalBubble() == pytest.approx(
+      (k - 1) / (3 * m + k - 1))
+  assert schedule.OneFOneB(k, m).TheoreticalBubble() == pytest.approx(
+      (k - 1) / (m + k - 1))
+
+
+@pytest.mark.parametrize('k', [1, 2, 4])
+@pytest.mark.parametrize('m', [1, 2, 3, 4, 8])
+def test_zero_bubble_h1_never_idles_longer_than_one_f_one_b(k, m):
+  # M < K and M not a multiple of K included: every cell runs each task once.
+  ones, twos = [1.0] * k, [2.0] * k
+  s = schedule.ZeroBubbleH1(k, m)
+  for c in range(k):
+    tasks = s.CellOrder(c)
+    assert sorted((t.kind, t.micro_batch) for t in tasks) == sorted(
+        (kind, i) for kind in ('F', 'Bx', 'Bw') for i in range(m))
+  zb = schedule.Simulate(s, ones, twos, input_grad_times=ones,
+                         weight_grad_times=ones)
+  assert zb.step_time <= schedule.Simulate(
+      schedule.OneFOneB(k, m), ones, twos).step_time
+
+
+def test_a_delayed_weight_gradient_holds_recomputed_internals_until_it_runs():
+  # Cell 1 of ZB-H1 (K=2, M=2) runs F0 Bx0 F1 Bx1 Bw0 Bw1: with recompute
+  # both micro-batches' recomputed internals are alive after Bx1.
+  s = schedule.ZeroBubbleH1(2, 2)
+  result = schedule.Simulate(s, [1, 1], [2, 2], boundary_bytes=[10, 10],
+                             internal_bytes=[100, 100], input_grad_times=[1, 1])
+  assert result.peak_bytes[1] == 2 * 10 + 2 * 100
+
+
+@pytest.mark.parametrize('d', [1, 2, 3, 4])
+@pytest.mark.parametrize('v', [1, 2, 3])
+@pytest.mark.parametrize('m', [1, 2, 3, 4, 5, 8, 9])
+def test_interleaved_1f1b_shortens_the_bubble_v_times(d, v, m):
+  # Equal task times (a whole backward 2): published (M a multiple of D),
+  # (D-1)/(V*M+D-1); otherwise (a short round) never more than 1F1B's.
+  k = d * v
+  s = schedule.Interleaved1F1B(k, m, num_devices=d)
+  assert [s.Device(c) for c in range(k)] == [c % d for c in range(k)]
+  for device in range(d):
+    tasks = s.DeviceOrder(device)
+    assert sorted((t.kind, t.cell, t.micro_batch) for t in tasks) == sorted(
+        (kind, c, i) for kind in ('F', 'B') for c in range(device, k, d)
+        for i in range(m))
+  result = schedule.Simulate(s, [1.0] * k, [2.0] * k)  # would raise on a deadlock
+  one_f_one_b = schedule.Simulate(schedule.OneFOneB(d, m), [1.0] * d,
+                                  [2.0] * d)
+  if m % d == 0:
+    assert result.bubble_fraction == pytest.approx((d - 1) / (v * m + d - 1))
+  assert result.bubble_fraction <= one_f_one_b.bubble_fraction + 1e-9
+  assert s.TheoreticalBubble() == pytest.approx(result.bubble_fraction)
+  if v == 1:
+    assert [s.CellOrder(c) for c in range(k)] == [
+        schedule.OneFOneB(d, m).CellOrder(c) for c in range(d)]
+
+
+def test_interleaved_1f1b_orders_each_device_as_published():
+  # D=2 devices, V=2 (cells 0, 2 on device 0; 1, 3 on device 1), M=4: rounds
+  # of 2 micro-batches through the first cell, then the second.
+  s = schedule.Interleaved1F1B(4, 4, num_devices=2)
+  marks = [[f'{t.kind}{t.micro_batch}.{t.cell // 2}' for t in
+            s.DeviceOrder(d)] for d in range(2)]
+  assert marks[0] == ['F0.0', 'F1.0', 'F0.1', 'F1.1', 'F2.0', 'B0.1', 'F3.0',
+                      'B1.1', 'F2.1', 'B0.0', 'F3.1', 'B1.0', 'B2.1', 'B3.1',
+                      'B2.0', 'B3.0']
+  assert marks[1][:4] == ['F0.0', 'F1.0', 'F0.1', 'B0.1']
+  with pytest.raises(ValueError, match='3 cells cannot be spread evenly '
+                     'over 2 devices'):
+    schedule.Interleaved1F1B(3, 4, num_devices=2)
+
+
+def test_interleaved_memory_counts_every_cell_on_a_device():
+  # Per device, the micro-batches kept by all of its cells add up.
+  s = schedule.Interleaved1F1B(4, 4, num_devices=2)
+  result = schedule.Simulate(s, [1.0] * 4, [2.0] * 4, internal_bytes=[1.0] * 4,
+                             recompute=False)
+  assert len(result.peak_bytes) == 2
+  # Device 0 warms up with 2(D-1) + (V-1)D = 4 forwards, then runs a 5th
+  # before its first backward.
+  assert result.peak_bytes[0] == 5
