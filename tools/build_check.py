@@ -51,6 +51,7 @@ PARAMS_DIR = 'params'
 THIRD_PARTY_PACKAGES = {
     'absl': 'absl-py',
     'numpy': 'numpy',
+    'PIL': 'pillow',
     'pytest': 'pytest',
     'sacrebleu': 'sacrebleu',
     'sklearn': 'scikit-learn',

@@ -8,20 +8,15 @@ them back, for tools, benchmarks and tests.
 
 from __future__ import annotations
 
-import colorsys
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
 
+from lingvo_gpipe.core import timeline_image
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 
-# Pixels per clock cell of the schedule picture, and the gap between cells.
-_BOX = 24
-_GAP = 2
-_BUBBLE_RGB = (235, 235, 235)
-_BACKGROUND_RGB = (255, 255, 255)
 
 
 def Scalars(values: Mapping[str, float], step: int) -> None:
@@ -37,64 +32,66 @@ def Text(name: str, text: str, step: int) -> None:
 
 
 def ScheduleGrid(sched: schedule_lib.Schedule) -> list[list[Optional[schedule_lib.Task]]]:
-  """grid[cell][clock]: the task cell runs at that clock, or None (a bubble)."""
+  """grid[device][clock]: the task a device runs at that clock, or None (a
+  bubble). A device is a cell, but in the interleaved schedule."""
   clocks = sched.Clocks()
-  grid = [[None] * len(clocks) for _ in range(sched.num_cells)]
+  grid = [[None] * len(clocks) for _ in range(sched.num_devices)]
   for t, tasks in enumerate(clocks):
     for task in tasks:
-      grid[task.cell][t] = task
+      grid[sched.Device(task.cell)][t] = task
   return grid
+
+
+def TaskMark(sched: schedule_lib.Schedule, task: schedule_lib.Task) -> str:
+  """'F3' (forward of micro-batch 3); 'F3.1' in its device's second cell."""
+  mark = f'{task.kind}{task.micro_batch}'
+  if sched.num_devices < sched.num_cells:
+    mark += f'.{task.cell // sched.num_devices}'
+  return mark
 
 
 def ScheduleText(sched: schedule_lib.Schedule) -> str:
   """The schedule as a table: a row per cell, F3/B3 = forward/backward of micro-batch 3."""
   grid = ScheduleGrid(sched)
-  kind = max(len(t.kind) for row in grid for t in row if t)
-  width = max(3, kind + len(str(sched.num_micro_batches - 1)) + 1)
-  header = 'cell ' + ''.join(f'{t:>{width}}' for t in range(len(grid[0])))
+  width = max(3, 1 + max(len(TaskMark(sched, t)) for row in grid
+                         for t in row if t))
+  interleaved = sched.num_devices < sched.num_cells
+  header = ('dev ' if interleaved else 'cell ') + ''.join(
+      f'{t:>{width}}' for t in range(len(grid[0])))
   rows = [header]
-  for cell, row in enumerate(grid):
-    marks = ''.join(
-        f'{(task.kind + str(task.micro_batch)) if task else ".":>{width}}'
-        for task in row)
-    rows.append(f'{cell:>4} {marks}')
+  for device, row in enumerate(grid):
+    marks = ''.join(f'{TaskMark(sched, task) if task else ".":>{width}}'
+                    for task in row)
+    rows.append(f'{device:>{3 if interleaved else 4}} {marks}')
   bubble = sched.TheoreticalBubble()
-  rows.append(f'K={sched.num_cells} cells, M={sched.num_micro_batches} '
-              f'micro-batches, {sched.name}: "." is a bubble; bubble fraction '
-              f'{bubble:.1%}')
+  devices = (f' on {sched.num_devices} devices (F3.1: micro-batch 3 in a '
+             "device's second cell)" if interleaved else '')
+  rows.append(f'K={sched.num_cells} cells{devices}, M='
+              f'{sched.num_micro_batches} micro-batches, {sched.name}: "." is '
+              f'a bubble; bubble fraction {bubble:.1%}')
   return '\n'.join(rows)
 
 
-def TaskColor(task: schedule_lib.Task, num_micro_batches: int) -> tuple[int, int, int]:
-  """Forwards in blues, backwards in oranges (weight gradients apart in greens).
-
-  The hue steps with the micro-batch.
-  """
-  shade = task.micro_batch / max(1, num_micro_batches - 1)
-  base = {'F': 0.55, 'Bw': 0.25}.get(task.kind, 0.02)
-  hue = base + (0.12 if task.kind == 'F' else 0.10) * shade
-  r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95 - 0.3 * shade)
-  return int(r * 255), int(g * 255), int(b * 255)
-
-
 def ScheduleImage(sched: schedule_lib.Schedule) -> np.ndarray:
-  """An RGB uint8 picture [H, W, 3]: a row per cell, a column per clock.
+  """The planned schedule as an RGB uint8 picture [H, W, 3] (timeline_image.py).
 
-  Each box is a task (forward blue, backward orange, darker for later
-  micro-batches); light grey boxes are bubbles, where a cell waits.
+  A row per device (a cell, but in the interleaved schedule), a box per task
+  at the clock the schedule's timeline gives it, each task one clock.
   """
-  grid = ScheduleGrid(sched)
-  rows, cols = len(grid), len(grid[0])
-  pitch = _BOX + _GAP
-  image = np.empty((rows * pitch + _GAP, cols * pitch + _GAP, 3), np.uint8)
-  image[:] = _BACKGROUND_RGB
-  for cell, row in enumerate(grid):
-    for clock, task in enumerate(row):
-      color = (_BUBBLE_RGB if task is None else
-               TaskColor(task, sched.num_micro_batches))
-      top, left = _GAP + cell * pitch, _GAP + clock * pitch
-      image[top:top + _BOX, left:left + _BOX] = color
-  return image
+  boxes = [timeline_image.Box(sched.Device(task.cell), clock, clock + 1, task)
+           for clock, task in sched.Timeline()]
+  interleaved = sched.num_devices < sched.num_cells
+  where = (f' on {sched.num_devices} devices' if interleaved else '')
+  span = max(b.end for b in boxes)
+  drawn = 1 - len(boxes) / (sched.num_devices * span)
+  title = (f'{sched.name} planned: K={sched.num_cells} cells{where}, '
+           f'M={sched.num_micro_batches}; each task one clock, '
+           f'{drawn:.1%} idle; with a backward two clocks, bubble '
+           f'{sched.TheoreticalBubble():.1%}')
+  return timeline_image.Draw(
+      boxes, sched.num_devices, sched.num_micro_batches, title,
+      'device' if interleaved else 'cell', 'clock',
+      lambda task: TaskMark(sched, task)[len(task.kind):])
 
 
 def Schedule(sched: schedule_lib.Schedule, step: int) -> None:
@@ -105,7 +102,8 @@ def Schedule(sched: schedule_lib.Schedule, step: int) -> None:
   """
   tf.summary.image('pipeline/schedule', ScheduleImage(sched)[np.newaxis],
                    step=step,
-                   description=f'{sched.name}: rows are cells, columns clocks; '
+                   description=f'{sched.name}, as planned: a row per device, '
+                   'a box per task (its micro-batch in it), time in clocks; '
                    'blue forward, orange backward, green weight gradients when '
                    'split from the backward (darker: later micro-batch), '
                    'grey: bubble.')

@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import summary
+from lingvo_gpipe.core import timeline_image
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 
 _KM = [(1, 1), (1, 4), (2, 1), (2, 3), (4, 8), (3, 12)]
-_PITCH = 26  # box 24 + gap 2
-_BUBBLE = (235, 235, 235)
+_BUBBLE = timeline_image.BUBBLE_RGB
 
 
 def _Events(logdir):
@@ -103,46 +103,71 @@ def test_schedule_text_columns_stay_apart_with_many_micro_batches():
   assert len(row) == 1 + 2 * 121
 
 
-@pytest.mark.parametrize('k,m', _KM)
-def test_schedule_image_shape_colors_and_bubbles(k, m):
-  sched = schedule_lib.FillDrain(k, m)
+def _BoxPixels(image, sched, row, clock):
+  """The pixels of the box at (row, clock), inside its seams, as [N, 3]."""
+  span = len(summary.ScheduleGrid(sched)[0])
+  width = image.shape[1]
+  x0 = timeline_image.XOf(clock, span, width) + 1
+  x1 = timeline_image.XOf(clock + 1, span, width) - 1
+  top = timeline_image.RowTop(row)
+  return image[top:top + 30, x0:x1].reshape(-1, 3)
+
+
+@pytest.mark.parametrize('sched', [
+    schedule_lib.FillDrain(1, 1), schedule_lib.FillDrain(2, 3),
+    schedule_lib.FillDrain(4, 8), schedule_lib.FillDrain(3, 12),
+    schedule_lib.ZeroBubbleH1(3, 4),
+    schedule_lib.Interleaved1F1B(4, 4, num_devices=2)],
+                         ids=lambda s: f'{s.name}-{s.num_cells}-'
+                         f'{s.num_micro_batches}')
+def test_schedule_image_is_readable_and_true_to_the_timeline(sched):
   image = summary.ScheduleImage(sched)
-  cols = 2 * (m + k - 1)
-  assert image.dtype == np.uint8
-  assert image.shape == (k * _PITCH + 2, cols * _PITCH + 2, 3)
-  bubble_pixels = np.all(image == _BUBBLE, axis=-1).sum()
-  assert bubble_pixels == 2 * (k - 1) * k * 24 * 24
-  # Gaps (the first rows and columns) are background white.
-  assert np.all(image[:2] == 255) and np.all(image[:, :2] == 255)
+  assert image.dtype == np.uint8 and image.shape[2] == 3
+  assert image.shape[1] >= 800  # wide enough to read
   grid = summary.ScheduleGrid(sched)
-  for cell, row in enumerate(grid):
-    for clock, task in enumerate(row):
-      top, left = 2 + cell * _PITCH, 2 + clock * _PITCH
-      box = image[top:top + 24, left:left + 24].reshape(-1, 3)
-      assert np.all(box == box[0]), (cell, clock)  # one solid color per box
-      r, _, b = (int(c) for c in box[0])
+  m = sched.num_micro_batches
+  for row, tasks in enumerate(grid):
+    for clock, task in enumerate(tasks):
+      pixels = _BoxPixels(image, sched, row, clock)
+      colors, counts = np.unique(pixels, axis=0, return_counts=True)
+      main = tuple(int(c) for c in colors[np.argmax(counts)])
       if task is None:
-        assert tuple(box[0]) == _BUBBLE
+        assert main == _BUBBLE and len(colors) == 1, (row, clock)
       else:
-        assert tuple(box[0]) == summary.TaskColor(task, m)
-        if task.kind == 'F':
-          assert b > r, (task, box[0])
-        else:
-          assert r > b, (task, box[0])
+        # The task's color, and its micro-batch number written in it.
+        assert main == timeline_image.TaskColor(task, m), (row, clock, task)
+        assert len(colors) > 1, (row, clock, task)
+  # Every kind drawn is in the legend, below the axis, with bubble grey.
+  legend = image[timeline_image.Geometry(len(grid), image.shape[1])[
+      'bottom'] + 30:].reshape(-1, 3)
+  kinds = {t.kind for row in grid for t in row if t}
+  for color in [timeline_image.TaskColor(schedule_lib.Task(k, 0, 0), m)
+                for k in kinds] + [_BUBBLE]:
+    assert np.any(np.all(legend == color, axis=-1)), color
+  # Row labels and the title are drawn in ink on the left and at the top.
+  assert np.any(image[:, :80].sum(axis=-1) < 300)
+  assert np.any(image[:20].sum(axis=-1) < 300)
+
+
+def test_a_long_schedule_widens_the_picture_to_keep_boxes_readable():
+  sched = schedule_lib.FillDrain(2, 120)
+  image = summary.ScheduleImage(sched)
+  clocks = len(summary.ScheduleGrid(sched)[0])
+  assert (image.shape[1] - 86 - 24) / clocks >= 24
 
 
 def test_task_colors_differ_by_kind_and_micro_batch():
   m = 4
-  colors = {(kind, mb): summary.TaskColor(schedule_lib.Task(kind, 0, mb), m)
+  colors = {(kind, mb): timeline_image.TaskColor(schedule_lib.Task(kind, 0, mb), m)
             for kind in 'FB' for mb in range(m)}
   assert len(set(colors.values())) == 2 * m
   for color in colors.values():
     assert all(isinstance(c, int) and 0 <= c <= 255 for c in color)
     assert color != _BUBBLE
   # The cell does not change the color.
-  assert summary.TaskColor(schedule_lib.Task('F', 3, 1), m) == colors['F', 1]
+  assert timeline_image.TaskColor(schedule_lib.Task('F', 3, 1), m) == colors['F', 1]
   # A single micro-batch is well defined (no division by zero).
-  assert summary.TaskColor(schedule_lib.Task('B', 0, 0), 1) == colors['B', 0]
+  assert timeline_image.TaskColor(schedule_lib.Task('B', 0, 0), 1) == colors['B', 0]
 
 
 def test_scalars_written_with_steps_and_values(tmp_path):
@@ -215,6 +240,6 @@ def test_a_split_backward_is_drawn_task_by_task():
   text = summary.ScheduleText(sched)
   for mark in ('Bx1', 'Bw1', 'Bx0', 'Bw0'):
     assert text.count(mark) == 2, text  # once per cell
-  bx, bw = (summary.TaskColor(schedule_lib.Task(kind, 0, 0), 2)
+  bx, bw = (timeline_image.TaskColor(schedule_lib.Task(kind, 0, 0), 2)
             for kind in ('Bx', 'Bw'))
   assert bx != bw
