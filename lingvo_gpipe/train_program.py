@@ -12,6 +12,7 @@ before the next save, so the last checkpoint stays good.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable, Optional, Union
@@ -28,6 +29,7 @@ from lingvo_gpipe.core import lr_schedule
 from lingvo_gpipe.core import optimizer as optimizer_lib
 from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core import summary
+from lingvo_gpipe.core.gpipe import measured
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.nested_map import NestedMap
@@ -229,8 +231,11 @@ class TrainProgram:
     """One step and whatever is due after it: log, summaries, checkpoint."""
     p = self.params.train
     summary_every = p.summary_interval_steps or p.log_interval_steps
+    measure = p.measure_schedule and meter.steps_run == 1
     start = time.time()
-    out = {k: v.numpy() for k, v in self._step_fn().items()}
+    with (measured.Profiled() if measure else
+          contextlib.nullcontext()) as trace:
+      out = {k: v.numpy() for k, v in self._step_fn().items()}
     meter.Add(time.time() - start, out['loss'])
     if not out['finite'] or not out['applied']:
       self._RaiseNonFinite(out)
@@ -239,6 +244,8 @@ class TrainProgram:
       logging.info('Step %d took %.1f s (tracing the step included).',
                    step, meter.last_time)
       self._WriteStaticSummaries(step)
+    if measure:
+      self._WriteMeasuredSchedule(step, trace)
     if step % p.log_interval_steps == 0 or step == target:
       logging.info('%s', meter.Line(step, p.max_steps, self.batch_size))
     if step % summary_every == 0 or step == target:
@@ -305,6 +312,25 @@ class TrainProgram:
         report = pipe.Report()
         summary.Text(f'pipeline/report/{pipe.path}', report_lib.FormatTable(report), step)
         summary.Schedule(pipe.Schedule(report.num_micro_batches or 1), step)
+
+
+  def _WriteMeasuredSchedule(self, step: int, trace: measured.Trace) -> None:
+    """The step's schedule as it ran, if its tasks ran in this process."""
+    pipes = list(self.task.Pipelines())
+    times = measured.TaskTimes(trace)
+    if len(pipes) != 1 or not times:
+      logging.info('Schedule not measured: %s.', 'no pipeline task ran in '
+                   'this process' if not times else
+                   f'{len(pipes)} pipelines (one is measured)')
+      return
+    sched = pipes[0].Schedule(1 + max(t.micro_batch for t in times))
+    boxes = measured.Boxes(times, sched)
+    bubble = measured.Bubble(boxes, sched.num_devices)
+    logging.info('Measured schedule at step %d: bubble %.1f%% (planned '
+                 '%.1f%% with equal task times).', step, 100 * bubble,
+                 100 * sched.TheoreticalBubble())
+    with self.writer.as_default():
+      summary.MeasuredSchedule(sched, boxes, bubble, step)
 
 
 class _Meter:

@@ -112,6 +112,7 @@ def test_tensorboard_serves_scalars_eval_text_and_schedule(logdir):
 
     images = _Json(base, 'data/plugin/images/tags')
     assert 'pipeline/schedule' in images['train']
+    assert 'pipeline/schedule_measured' in images['train']
     entries = _Json(base, 'data/plugin/images/images', run='train',
                     tag='pipeline/schedule', sample=0)
     png = _Get(base, 'data/plugin/images/individualImage?' + entries[0]['query'])

@@ -73,6 +73,10 @@ def test_train_writes_params_checkpoints_and_summaries(trained):
   report = [tag for tag in train if tag.startswith('pipeline/report/')]
   assert len(report) == 1 and b'fc1..out' in train[report[0]][0][1]
   assert 'pipeline/schedule' in train
+  # The second step is profiled: the schedule as it ran, and its bubble.
+  assert [step for step, _ in train['pipeline/schedule_measured']] == [2]
+  [(step, bubble)] = train['pipeline/measured_bubble']
+  assert step == 2 and 0.0 <= bubble < 1.0
   evals = summary.ReadEvents(logdir / 'eval_test')
   assert [step for step, _ in evals['mse']] == [3, 6]
   assert evals['mse'][1][1] < evals['mse'][0][1] * 2  # a real, finite number

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from lingvo_gpipe.core import timeline_image
+from lingvo_gpipe.core.gpipe import measured
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 
 
@@ -108,6 +109,19 @@ def Schedule(sched: schedule_lib.Schedule, step: int) -> None:
                    'split from the backward (darker: later micro-batch), '
                    'grey: bubble.')
   Text('pipeline/schedule_table', ScheduleText(sched), step)
+
+
+def MeasuredSchedule(sched: schedule_lib.Schedule,
+                     boxes: list[timeline_image.Box], bubble: float,
+                     step: int) -> None:
+  """The schedule as it ran: 'pipeline/schedule_measured' and its bubble,
+  'pipeline/measured_bubble' (measured.py)."""
+  tf.summary.image('pipeline/schedule_measured',
+                   measured.Image(boxes, sched, bubble)[np.newaxis], step=step,
+                   description=f'{sched.name}, as it ran (profiled): when each '
+                   "cell's tasks started and ended, in ms; colors as in "
+                   'pipeline/schedule.')
+  tf.summary.scalar('pipeline/measured_bubble', bubble, step=step)
 
 
 def ReadEvents(directory: str) -> dict[str, list[tuple[int, Any]]]:

@@ -102,7 +102,8 @@ def Draw(boxes: Sequence[Box], num_rows: int, num_micro_batches: int,
          title: str, row_label: str, axis_label: str,
          mark: Callable[[schedule_lib.Task], str],
          span: Optional[float] = None,
-         min_box_width: int = 24) -> np.ndarray:
+         min_box_width: int = 24,
+         width: Optional[int] = None) -> np.ndarray:
   """An RGB uint8 picture [H, W, 3] of `boxes` (module docstring).
 
   Args:
@@ -116,10 +117,12 @@ def Draw(boxes: Sequence[Box], num_rows: int, num_micro_batches: int,
     span: the time the axis ends at; default the end of the last box.
     min_box_width: the picture widens (beyond MIN_WIDTH) until a box of the
       shortest duration is this wide.
+    width: instead, this many pixels (at least MIN_WIDTH), e.g. for
+      measured times, whose shortest task may be a few microseconds.
   """
   span = span or max([b.end for b in boxes] + [1e-9])
   shortest = min([b.end - b.start for b in boxes if b.end > b.start] + [span])
-  width = max(MIN_WIDTH, _LEFT + _RIGHT +
+  width = max(MIN_WIDTH, width or _LEFT + _RIGHT +
               int(math.ceil(min_box_width * span / shortest)))
   geometry = Geometry(num_rows, width)
   image = Image.new('RGB', (width, geometry['height']), BACKGROUND_RGB)

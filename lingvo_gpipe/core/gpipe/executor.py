@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import grad_order
+from lingvo_gpipe.core.gpipe import measured
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
@@ -112,7 +113,8 @@ class Executor:
                after: Any) -> Any:
     """Runs forward task `task` on `received`, once `after` is computed."""
     k, m = task.cell, task.micro_batch
-    with self._placement.CellScope(k):
+    with self._placement.CellScope(k), tf.name_scope(
+        measured.TaskScope(task)):
       x = accumulate.Gated([after], self._placement.Annotate(k, received))
       self.cell_in[k][m] = x
       keep = not recompute_lib.Recomputes(self._recompute, m,
@@ -134,7 +136,8 @@ class Executor:
     """
     k, m = task.cell, task.micro_batch
     delayed = task.kind == schedule_lib.INPUT_GRAD and self._Delayed(task)
-    with self._placement.CellScope(k):
+    with self._placement.CellScope(k), tf.name_scope(
+        measured.TaskScope(task)):
       # Recompute only once this micro-batch's output gradient is there and
       # the previous one's gradients are summed: one at a time.
       x, dy = accumulate.Gated([running_sum, dy, after],
@@ -148,8 +151,10 @@ class Executor:
                 task.kind == schedule_lib.INPUT_GRAD and (k > 0 or delayed)))
       if delayed:
         # The ops the input gradient does not need: the weight gradients'.
-        self._delayed[(k, m)] = (g_theta,
-                                 grad_order.Independent(created, g_x))
+        ops = grad_order.Independent(created, g_x)
+        self._delayed[(k, m)] = (g_theta, ops)
+        measured.NameDelayed([op.name for op in ops], schedule_lib.Task(
+            schedule_lib.WEIGHT_GRAD, k, m))
         return running_sum, g_x
       # On the cell's device: summed elsewhere, every micro-batch's weight
       # gradients would travel there (a capped worker ran out of memory).
@@ -161,7 +166,8 @@ class Executor:
     k, m = task.cell, task.micro_batch
     g_theta, ops = self._delayed.pop((k, m))
     grad_order.Wait(ops, after)
-    with self._placement.CellScope(k):
+    with self._placement.CellScope(k), tf.name_scope(
+        measured.TaskScope(task)):
       return accumulate.AddGrads(running_sum, g_theta)
 
   def _OutputGradient(self, k: int, m: int, g_x: Any) -> Any:

@@ -134,11 +134,12 @@ def test_running_sums_are_made_on_their_cells_device(
 
 
 def _Ancestors(op):
+  """Names (without their task scope) of `op` and every op it waits for."""
   seen, stack = set(), [op]
   while stack:
     o = stack.pop()
-    if o.name not in seen:
-      seen.add(o.name)
+    if o.name.split('/')[-1] not in seen:
+      seen.add(o.name.split('/')[-1])
       stack.extend([t.op for t in o.inputs] + list(o.control_inputs))
   return seen
 
@@ -155,7 +156,11 @@ def test_a_delayed_weight_gradient_waits_for_the_task_before_it():
                            'always')
     ex.Run([tf.constant(float(i)) for i in range(m)],
            lambda mb, y: (None, tf.ones_like(y)))
-  op = graph.get_operation_by_name
+  # Each task's ops are named under its task scope ('task_Bx_c1_m0/w_1_0').
+  by_name = {o.name.split('/')[-1]: o for o in graph.get_operations()}
+  op = by_name.__getitem__
+  assert op('w_1_0').name == 'task_Bx_c1_m0/w_1_0'
+  assert op('f_1_1').name == 'task_F_c1_m1/f_1_1'
   assert {'f_1_1', 'w_1_1'} - _Ancestors(op('w_1_0')) == {'w_1_1'}
   assert 'f_0_2' not in _Ancestors(op('w_0_0'))
   assert 'f_1_2' not in _Ancestors(op('w_1_0'))  # F2 comes after Bw0
