@@ -29,6 +29,9 @@ file, and the one-device table keeps that section when it is rewritten.
       --cap_mb=351 --write_results
   python -m bench.memory --model=amoebanet --calibration_size=4 \
       --num_micro_batches=4 --write_results
+  python -m bench.memory --num_workers=2 --num_micro_batches=8 \
+      --cap_mb=351 --schedules=gpipe:always,1f1b:always,1f1b:never \
+      --write_results
 """
 
 import json
@@ -83,6 +86,15 @@ _EXECUTOR = flags.DEFINE_enum(
     'executor', 'unrolled', ['unrolled', 'loop'], "PipeliningLayer's executor "
     '(step_memory --executor) for the GPipe probes; loop writes '
     'memory_loop.md (memory_amoebanet_loop.md) instead of memory.md.')
+_SCHEDULES = flags.DEFINE_list(
+    'schedules', [], 'With --num_workers=K (one K): compare schedules '
+    "instead, each 'schedule:recompute' (e.g. gpipe:always,1f1b:always,"
+    '1f1b:never): the most layers each fits on K capped workers, then '
+    'their step times at the smallest of those sizes, alternating over '
+    '--timing_rounds rounds; writes memory_schedules.md. A schedule other '
+    'than gpipe computes the loss inside the pipeline.')
+_TIMING_ROUNDS = flags.DEFINE_integer('timing_rounds', 3, '--schedules: '
+                                      'alternating timing rounds.')
 _WRITE = flags.DEFINE_bool('write_results', False,
                            'Write bench/results/memory.md (with --num_workers, '
                            'its Pipeline-K section; see --executor).')
@@ -456,12 +468,83 @@ def PipelineK(cap: int, facts: dict) -> None:
         print(f'wrote {_WritePipelineK(cap, facts, table)}', flush=True)
 
 
+def _ScheduleFlags(entry: str, m: str) -> list[str]:
+  """step_memory flags of a --schedules entry 'schedule:recompute'."""
+  schedule, _, recompute = entry.partition(':')
+  inside = ['--loss_inside_pipeline'] if schedule != 'gpipe' else []
+  return [f'--num_micro_batches={m}', f'--recompute={recompute or "always"}',
+          f'--executor={_EXECUTOR.value}', f'--schedule={schedule}', *inside]
+
+
+def Schedules(cap: int, facts: dict) -> None:
+  """Capacity and step time of each schedule on K capped workers."""
+  if len(_NUM_WORKERS.value) != 1 or len(_MICRO_BATCHES.value) != 1:
+    raise app.UsageError('--schedules compares at one K and one M: give one '
+                         'value to --num_workers and --num_micro_batches.')
+  k, m = int(_NUM_WORKERS.value[0]), _MICRO_BATCHES.value[0]
+  sizes, why = {}, {}
+  for entry in _SCHEDULES.value:
+    sizes[entry], _, why[entry] = _LargestFitting(
+        cap, _ScheduleFlags(entry, m), num_workers=k, start=max(k, 8))
+    print(f'{entry}: {sizes[entry]} layers', flush=True)
+  common_size = min(sizes.values())
+  times = {entry: [] for entry in _SCHEDULES.value}
+  for round_index in range(_TIMING_ROUNDS.value):
+    for entry in _SCHEDULES.value:
+      outcome = _Probe(common_size, cap, _ScheduleFlags(entry, m) +
+                       ['--repeats=3'], num_workers=k)
+      if outcome.result is None:
+        raise RuntimeError(f'{entry} no longer fits {common_size} layers: '
+                           f'{outcome.why_not}')
+      times[entry].append(outcome.result['step_seconds'])
+    print(f'round {round_index}: ' + ', '.join(
+        f'{e} {t[-1]:.2f} s' for e, t in times.items()), flush=True)
+  first = _SCHEDULES.value[0]
+  rows = []
+  for entry in _SCHEDULES.value:
+    schedule, _, recompute = entry.partition(':')
+    ratios = [t / b for t, b in zip(times[entry], times[first])]
+    median, low, high = common.Spread(ratios)
+    rows.append((schedule, recompute or 'always', sizes[entry],
+                 f'{sorted(times[entry])[len(times[entry]) // 2]:.2f}',
+                 f'{median:.2f}× ({low:.2f}–{high:.2f})',
+                 why[entry] or f'none up to {_MAX_SIZE.value}'))
+  table = common.MarkdownTable(
+      ['schedule', 'recompute', f'max layers (K={k}, M={m})',
+       f'step s at {common_size} layers (median)',
+       f'step ÷ {first}\'s, median (min–max) over rounds',
+       'smallest failing size: why'], rows)
+  print(table, flush=True)
+  if _WRITE.value:
+    config = _Config(cap)
+    config.update({
+        'cap applies to': 'each worker process; the client is not capped',
+        'pipeline': f'PipeliningLayer, K={k} cells on {k} workers, M={m}, '
+                    f'executor {_EXECUTOR.value}; a schedule other than gpipe '
+                    'computes the loss inside the pipeline (FPropLoss)',
+        'timing': f'{_TIMING_ROUNDS.value} rounds, the schedules alternating, '
+                  f'each a fresh probe at {common_size} layers (the smallest '
+                  'capacity) on capped workers, its best of 3 measured steps',
+    })
+    command = ('python -m bench.memory' +
+               f' --num_workers={k} --num_micro_batches={m}' +
+               f' --schedules={",".join(_SCHEDULES.value)}' +
+               (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
+               _ExecutorFlag() + ' --write_results')
+    path = common.WriteResults(
+        'memory_schedules.md', 'Capacity and step time by schedule on '
+        'capped workers', command, facts, config, table)
+    print(f'wrote {path}', flush=True)
+
+
 def main(argv):
   del argv
   facts = common.MachineFacts()
   cap = _CAP_MB.value or _Calibrate()
   print(f'cap: {cap} MB', flush=True)
-  if _NUM_WORKERS.value:
+  if _SCHEDULES.value:
+    Schedules(cap, facts)
+  elif _NUM_WORKERS.value:
     PipelineK(cap, facts)
   else:
     OneDevice(cap, facts)
