@@ -68,12 +68,13 @@ class ModelParams:
     p.Define('summary_interval_steps', 0,
              'Write train summaries every this many steps; 0: log_interval_steps.')
     p.Define('measure_schedule', True,
-             "Profile the run's second step (its first is traced) and write "
-             'the schedule as it ran beside the planned one: the image '
+             "Profile the run's second step (its first is traced; with "
+             'cells on workers, the third, each worker tracing itself for '
+             'twice the second step plus a second, at most a minute) and '
+             'write the schedule as it ran beside the planned one: the image '
              "'pipeline/schedule_measured' (when each cell's tasks started and "
-             "ended) and the scalar 'pipeline/measured_bubble'. Sees the cells "
-             'run in this process (not on remote workers), for a task with '
-             'one pipeline (core/gpipe/measured.py).')
+             "ended) and the scalar 'pipeline/measured_bubble', for a task "
+             'with one pipeline (core/gpipe/measured.py).')
     p.Define('save_interval_steps', 500,
              'Write a checkpoint every this many steps (and at the end).')
     p.Define('max_checkpoints_to_keep', 5, 'Checkpoints kept; older ones are deleted.')

@@ -24,6 +24,7 @@ import tensorflow as tf
 from lingvo_gpipe import warm_start
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import lr_schedule
 from lingvo_gpipe.core import optimizer as optimizer_lib
@@ -231,10 +232,12 @@ class TrainProgram:
     """One step and whatever is due after it: log, summaries, checkpoint."""
     p = self.params.train
     summary_every = p.summary_interval_steps or p.log_interval_steps
-    measure = p.measure_schedule and meter.steps_run == 1
+    # Cells on workers: the third step, its window from the second's time.
+    hosts = cluster.ConnectedHosts()
+    measure = p.measure_schedule and meter.steps_run == (2 if hosts else 1)
     start = time.time()
-    with (measured.Profiled() if measure else
-          contextlib.nullcontext()) as trace:
+    with (measured.Profiled(hosts, min(60.0, 1.0 + 2 * meter.last_time))
+          if measure else contextlib.nullcontext()) as trace:
       out = {k: v.numpy() for k, v in self._step_fn().items()}
     meter.Add(time.time() - start, out['loss'])
     if not out['finite'] or not out['applied']:
@@ -327,8 +330,9 @@ class TrainProgram:
     boxes = measured.Boxes(times, sched)
     bubble = measured.Bubble(boxes, sched.num_devices)
     logging.info('Measured schedule at step %d: bubble %.1f%% (planned '
-                 '%.1f%% with equal task times).', step, 100 * bubble,
-                 100 * sched.TheoreticalBubble())
+                 '%.1f%% with equal task times); tasks seen on devices %s.',
+                 step, 100 * bubble, 100 * sched.TheoreticalBubble(),
+                 sorted({b.row for b in boxes}))
     with self.writer.as_default():
       summary.MeasuredSchedule(sched, boxes, bubble, step)
 

@@ -181,6 +181,11 @@ def ConnectToWorkers(worker_hosts: Sequence[str],
   return WorkerDevices(len(worker_hosts))
 
 
+def ConnectedHosts() -> list[str]:
+  """The workers' host:port this process connected to (ConnectToWorkers)."""
+  return list(_connected_hosts)
+
+
 def _Text(error: BaseException) -> str:
   return str(getattr(error, 'message', '') or error)
 

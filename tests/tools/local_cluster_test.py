@@ -60,6 +60,12 @@ def test_stages_on_two_workers_train_as_one_process_does(tmp_path):
       *flags, f'--logdir={tmp_path / "workers"}'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert '/job:worker/replica:0/task:1/device:CPU:0' in result.stderr
+  # The cells ran on the workers, which profiled themselves: the third step
+  # (the second timed the window) drawn as it ran, both cells seen.
+  assert re.search(r'Measured schedule at step 3: .* tasks seen on devices '
+                   r'\[0, 1\]', result.stderr), result.stderr[-3000:]
+  measured = summary.ReadEvents(str(tmp_path / 'workers' / 'train'))
+  assert [s for s, _ in measured['pipeline/schedule_measured']] == [3]
   _AssertStopped(_WorkerHosts(result.stderr))
   local = binaries.Run(binaries.TRAINER, *flags,
                        f'--logdir={tmp_path / "local"}')

@@ -10,9 +10,11 @@ they count for the 'Bw'. The measured bubble is the share of the devices'
 time, from the first task's start to the last one's end, in which no task
 of theirs ran.
 
-Only ops run in this process are seen: cells on remote TensorFlow workers
-run in theirs, and their tasks are missing from the trace (`Measure` says
-which devices it saw).
+Cells on remote TensorFlow workers run in the workers' processes: given
+their hosts, `Profiled` also asks each worker's server (its gRPC port serves
+TensorFlow's profiler) to trace itself for a window of time, and places every
+op at its profile's start time plus its offset, so processes on one machine
+share a clock (on several machines, as well as their clocks agree).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import glob
 import os
 import re
 import tempfile
+import threading
+import time
 from typing import Iterator, Optional, Sequence
 
 import tensorflow as tf
@@ -68,26 +72,56 @@ class Trace:
   ops: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
 
+# How long a worker's trace takes to start after it is asked for.
+_REMOTE_START_SECONDS = 0.5
+
+
 @contextlib.contextmanager
-def Profiled() -> Iterator[Trace]:
-  """Profiles the block; the yielded Trace is filled when it exits."""
+def Profiled(worker_hosts: Sequence[str] = (),
+             window_seconds: float = 0.0) -> Iterator[Trace]:
+  """Profiles the block; the yielded Trace is filled when it exits.
+
+  Args:
+    worker_hosts: host:port of TensorFlow workers to profile too. Each traces
+      itself for `window_seconds` from just before the block starts, so the
+      block must end within it; leaving the block waits for the window.
+    window_seconds: the workers' trace window.
+  """
   trace = Trace()
   with tempfile.TemporaryDirectory() as logdir:
-    tf.profiler.experimental.start(logdir)
+    remote = None
+    if worker_hosts:
+      remote = threading.Thread(
+          target=tf.profiler.experimental.client.trace,
+          args=(','.join(f'grpc://{h}' for h in worker_hosts),
+                os.path.join(logdir, 'workers'), int(window_seconds * 1000)),
+          kwargs=dict(num_tracing_attempts=1), daemon=True)
+      remote.start()
+      time.sleep(_REMOTE_START_SECONDS)
+    tf.profiler.experimental.start(os.path.join(logdir, 'here'))
     try:
       yield trace
     finally:
       tf.profiler.experimental.stop()
+      if remote is not None:
+        remote.join()
     for path in glob.glob(os.path.join(logdir, '**', '*.xplane.pb'),
                           recursive=True):
       trace.ops.extend(_Ops(path))
 
 
 def _Ops(path: str) -> list[tuple[str, int, int]]:
-  """TensorFlow op events of one profile file: 'name:type' -> name."""
+  """TensorFlow op events of one profile file: 'name:type' -> name, with
+  start and end in ns since the epoch."""
   space = xplane_pb2.XSpace()
   with open(path, 'rb') as f:
     space.ParseFromString(f.read())
+  origin = 0  # line times count from the profile's start
+  for plane in space.planes:
+    stats = plane.stat_metadata
+    for stat in plane.stats:
+      if stats[stat.metadata_id].name == 'profile_start_time':
+        origin = stat.int64_value or stat.uint64_value
   ops = []
   for plane in space.planes:
     names = plane.event_metadata
@@ -96,7 +130,7 @@ def _Ops(path: str) -> list[tuple[str, int, int]]:
         name = names[event.metadata_id].name
         if ':' not in name:
           continue
-        start = line.timestamp_ns + event.offset_ps // 1000
+        start = origin + line.timestamp_ns + event.offset_ps // 1000
         ops.append((name.split(':', 1)[0], start,
                     start + event.duration_ps // 1000))
   return ops
@@ -155,7 +189,7 @@ def Image(boxes: Sequence[timeline_image.Box], sched: schedule_lib.Schedule,
   interleaved = sched.num_devices < sched.num_cells
   seen = sorted({b.row for b in boxes})
   missing = ('' if len(seen) == sched.num_devices else
-             f'; devices seen: {seen} (others ran outside this process)')
+             f'; devices seen: {seen} (no trace of the others)')
   title = (f'{sched.name} measured: K={sched.num_cells} cells, M='
            f'{sched.num_micro_batches}; bubble {bubble:.1%}{missing}')
 
