@@ -248,7 +248,11 @@ class TrainProgram:
                    step, meter.last_time)
       self._WriteStaticSummaries(step)
     if measure:
-      self._WriteMeasuredSchedule(step, trace)
+      try:
+        self._WriteMeasuredSchedule(step, trace)
+      except Exception as e:  # pylint: disable=broad-except
+        # A picture of the schedule must never end a run.
+        logging.warning('Schedule not measured: %s: %s', type(e).__name__, e)
     if step % p.log_interval_steps == 0 or step == target:
       logging.info('%s', meter.Line(step, p.max_steps, self.batch_size))
     if step % summary_every == 0 or step == target:

@@ -137,8 +137,10 @@ def Draw(boxes: Sequence[Box], num_rows: int, num_micro_batches: int,
     draw.rectangle([_LEFT, top, end_x - 1, top + _ROW - 1], fill=BUBBLE_RGB)
   for box in boxes:
     top = RowTop(box.row)
-    x0, x1 = XOf(box.start, span, width), XOf(box.end, span, width)
-    x0, x1 = x0 + 1, max(x0 + 1, x1 - 1)  # a white seam between boxes
+    # Pixels x0 .. x1-1, a white seam before each box; at least one pixel
+    # however short the task.
+    x0 = XOf(box.start, span, width) + 1
+    x1 = max(x0 + 1, XOf(box.end, span, width))
     color = TaskColor(box.task, num_micro_batches)
     draw.rectangle([x0, top, x1 - 1, top + _ROW - 1], fill=color)
     text = mark(box.task)
