@@ -95,6 +95,11 @@ _SCHEDULES = flags.DEFINE_list(
     'than gpipe computes the loss inside the pipeline.')
 _TIMING_ROUNDS = flags.DEFINE_integer('timing_rounds', 3, '--schedules: '
                                       'alternating timing rounds.')
+_CAPACITIES = flags.DEFINE_list(
+    'capacities', [], "--schedules: 'schedule:recompute=layers' found by an "
+    'earlier run (its log), whose search is then skipped.')
+_TIMING_SIZE = flags.DEFINE_integer('timing_size', 0, '--schedules: layers '
+                                    'to time at; 0: the smallest capacity.')
 _WRITE = flags.DEFINE_bool('write_results', False,
                            'Write bench/results/memory.md (with --num_workers, '
                            'its Pipeline-K section; see --executor).')
@@ -482,12 +487,16 @@ def Schedules(cap: int, facts: dict) -> None:
     raise app.UsageError('--schedules compares at one K and one M: give one '
                          'value to --num_workers and --num_micro_batches.')
   k, m = int(_NUM_WORKERS.value[0]), _MICRO_BATCHES.value[0]
+  known = dict(c.split('=') for c in _CAPACITIES.value)
   sizes, why = {}, {}
   for entry in _SCHEDULES.value:
+    if entry in known:
+      sizes[entry], why[entry] = int(known[entry]), 'an earlier search (log)'
+      continue
     sizes[entry], _, why[entry] = _LargestFitting(
         cap, _ScheduleFlags(entry, m), num_workers=k, start=max(k, 8))
     print(f'{entry}: {sizes[entry]} layers', flush=True)
-  common_size = min(sizes.values())
+  common_size = _TIMING_SIZE.value or min(sizes.values())
   times = {entry: [] for entry in _SCHEDULES.value}
   for round_index in range(_TIMING_ROUNDS.value):
     for entry in _SCHEDULES.value:
@@ -523,12 +532,17 @@ def Schedules(cap: int, facts: dict) -> None:
                     f'executor {_EXECUTOR.value}; a schedule other than gpipe '
                     'computes the loss inside the pipeline (FPropLoss)',
         'timing': f'{_TIMING_ROUNDS.value} rounds, the schedules alternating, '
-                  f'each a fresh probe at {common_size} layers (the smallest '
-                  'capacity) on capped workers, its best of 3 measured steps',
+                  f'each a fresh probe at {common_size} layers on capped '
+                  'workers, its best of 3 measured steps',
     })
     command = ('python -m bench.memory' +
                f' --num_workers={k} --num_micro_batches={m}' +
                f' --schedules={",".join(_SCHEDULES.value)}' +
+               (f' --capacities={",".join(_CAPACITIES.value)}'
+                if _CAPACITIES.value else '') +
+               (f' --timing_size={_TIMING_SIZE.value}'
+                if _TIMING_SIZE.value else '') +
+               f' --timing_rounds={_TIMING_ROUNDS.value}' +
                (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
                _ExecutorFlag() + ' --write_results')
     path = common.WriteResults(
