@@ -45,10 +45,7 @@ def ScheduleGrid(sched: schedule_lib.Schedule) -> list[list[Optional[schedule_li
 
 def TaskMark(sched: schedule_lib.Schedule, task: schedule_lib.Task) -> str:
   """'F3' (forward of micro-batch 3); 'F3.1' in its device's second cell."""
-  mark = f'{task.kind}{task.micro_batch}'
-  if sched.num_devices < sched.num_cells:
-    mark += f'.{task.cell // sched.num_devices}'
-  return mark
+  return task.kind + timeline_image.MicroBatchMark(sched, task)
 
 
 def ScheduleText(sched: schedule_lib.Schedule) -> str:
@@ -91,8 +88,8 @@ def ScheduleImage(sched: schedule_lib.Schedule) -> np.ndarray:
            f'{sched.TheoreticalBubble():.1%}')
   return timeline_image.Draw(
       boxes, sched.num_devices, sched.num_micro_batches, title,
-      'device' if interleaved else 'cell', 'clock',
-      lambda task: TaskMark(sched, task)[len(task.kind):])
+      timeline_image.RowLabel(sched), 'clock',
+      lambda task: timeline_image.MicroBatchMark(sched, task))
 
 
 def Schedule(sched: schedule_lib.Schedule, step: int) -> None:

@@ -62,6 +62,20 @@ def TaskColor(task: schedule_lib.Task,
   return int(r * 255), int(g * 255), int(b * 255)
 
 
+def MicroBatchMark(sched: schedule_lib.Schedule,
+                   task: schedule_lib.Task) -> str:
+  """A box's text: '3' (micro-batch 3); '3.1' in its device's second cell."""
+  mark = str(task.micro_batch)
+  if sched.num_devices < sched.num_cells:
+    mark += f'.{task.cell // sched.num_devices}'
+  return mark
+
+
+def RowLabel(sched: schedule_lib.Schedule) -> str:
+  """What a row is: a cell, or a device holding several (interleaved)."""
+  return 'device' if sched.num_devices < sched.num_cells else 'cell'
+
+
 def Geometry(num_rows: int, width: int) -> dict[str, int]:
   """Pixel layout: where the plot area starts and ends, and each row's top."""
   plot_bottom = _TOP + num_rows * (_ROW + _ROW_GAP)

@@ -161,14 +161,22 @@ class Executor:
       return accumulate.AddGrads(running_sum, g_theta), g_x
 
   def _WeightGrad(self, task: schedule_lib.Task, running_sum: Any,
-                  after: Any) -> list:
-    """Runs a delayed 'Bw': its ops wait for `after`, then join the sum."""
+                  after: Any) -> tuple[Any, Any]:
+    """Runs a 'Bw': (the running sum, what the device's next task waits for).
+
+    One right after its 'Bx' was lowered with it: both pass through. A
+    delayed one's ops wait for `after`, then join the sum, which the next
+    task waits for.
+    """
     k, m = task.cell, task.micro_batch
+    if (k, m) not in self._delayed:
+      return running_sum, after
     g_theta, ops = self._delayed.pop((k, m))
     grad_order.Wait(ops, after)
     with self._placement.CellScope(k), tf.name_scope(
         measured.TaskScope(task)):
-      return accumulate.AddGrads(running_sum, g_theta)
+      running_sum = accumulate.AddGrads(running_sum, g_theta)
+    return running_sum, running_sum
 
   def _OutputGradient(self, k: int, m: int, g_x: Any) -> Any:
     """Cell k+1's input gradient as cell k's output gradient: zeros for None.
@@ -209,9 +217,8 @@ class Executor:
     for task in self._backward:
       k, m, d = task.cell, task.micro_batch, s.Device(task.cell)
       if task.kind == schedule_lib.WEIGHT_GRAD:
-        if (k, m) in self._delayed:  # else lowered with its 'Bx'
-          running_sum[k] = self._WeightGrad(task, running_sum[k], after[d])
-          after[d] = running_sum[k]
+        running_sum[k], after[d] = self._WeightGrad(task, running_sum[k],
+                                                    after[d])
         continue
       running_sum[k], g_x = self._Backward(task, dys[k][m], running_sum[k],
                                            None)
@@ -254,9 +261,8 @@ class Executor:
           with self._placement.CellScope(k):
             metrics[m], dys[k][m] = loss_fn(m, y)
       elif task.kind == schedule_lib.WEIGHT_GRAD:
-        if (k, m) in self._delayed:  # else lowered with its 'Bx'
-          running_sum[k] = self._WeightGrad(task, running_sum[k], after[d])
-          after[d] = running_sum[k]
+        running_sum[k], after[d] = self._WeightGrad(task, running_sum[k],
+                                                    after[d])
       else:
         running_sum[k], g_x = self._Backward(task, dys[k][m], running_sum[k],
                                              after[d])

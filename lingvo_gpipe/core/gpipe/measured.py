@@ -186,18 +186,13 @@ def Bubble(boxes: Sequence[timeline_image.Box], num_devices: int) -> float:
 def Image(boxes: Sequence[timeline_image.Box], sched: schedule_lib.Schedule,
           bubble: float):
   """The measured timeline as a picture, titled with its bubble."""
-  interleaved = sched.num_devices < sched.num_cells
   seen = sorted({b.row for b in boxes})
   missing = ('' if len(seen) == sched.num_devices else
              f'; devices seen: {seen} (no trace of the others)')
   title = (f'{sched.name} measured: K={sched.num_cells} cells, M='
            f'{sched.num_micro_batches}; bubble {bubble:.1%}{missing}')
 
-  def Mark(task: schedule_lib.Task) -> str:
-    return str(task.micro_batch) + (
-        f'.{task.cell // sched.num_devices}' if interleaved else '')
-
-  return timeline_image.Draw(boxes, sched.num_devices,
-                             sched.num_micro_batches, title,
-                             'device' if interleaved else 'cell', 'ms', Mark,
-                             width=1000)
+  return timeline_image.Draw(
+      boxes, sched.num_devices, sched.num_micro_batches, title,
+      timeline_image.RowLabel(sched), 'ms',
+      lambda task: timeline_image.MicroBatchMark(sched, task), width=1000)
