@@ -78,6 +78,14 @@ iteration, 1.4× at 4), at the price of a graph that many times the cells
 longer help (1.36×, 1.43× and 1.43× the unrolled step at 1, 2 and 4, M=64,
 one run each).
 
+Why clocks and not micro-batches: a loop over micro-batches, each iteration
+running the micro-batch through all K cells with no `cond` (bubbles never
+run) and letting iterations overlap (`parallel_iterations` K) to pipeline,
+was prototyped on 16 × Dense(64), K=4: its step was 2.4-2.6× the unrolled
+one at M=8 and 2.3-2.9× at M=64, with this loop 1.6× and 1.2-1.4× in the
+same runs. Its weights' running sums are loop variables of the backward
+loop and cost more than the conds it saves.
+
 Both loops run with `parallel_iterations=1`: one clock at a time, as
 fill-drain has it. With TensorFlow's default of 10, clocks could run ahead
 of each other wherever nothing chains them (at K=1 every forward clock only
@@ -93,10 +101,15 @@ K=2, where it fitted 3 and 8 (the unrolled one 20 and 40;
 bench/results/memory_loop.md). Measured on one uncapped worker at 8 layers
 (its allocator's peak, read inside the worker process): 470 MiB in one run
 and 211 MiB in others at 10 (it depends on how the threads are scheduled),
-214 at 1; the unrolled executor 173. The 35 MiB still above the unrolled
-one are in each backward clock (a micro-batch's recomputation and
-gradients swing the worker's memory by about 100 MiB, against 65-70 in the
-unrolled executor's backward), not found yet. `_Split` splits the batch
+214 at 1; the unrolled executor 173. Re-measured since (weights read in
+the loops, packed sums; three alternating runs each): 185-193 MiB against
+175-180. A memory profile of the worker (its allocator's allocations, each
+attributed to the op that made it) finds the same parts live at either
+executor's peak: the weights, the running sums, one micro-batch's
+recomputed activations and gradients, the output gradient; the loop's
+extra is a few MiB spread over them, where its peak falls in the clock.
+Freeing each output-gradient slot once read, or splitting the output
+gradient on the client, did not move the peak. `_Split` splits the batch
 itself into its array and then writes the spare slot, which copies it once
 where concatenating the zero row first copied it twice (the backward's
 output gradient, [33, 128, 2048] floats, is where the capped worker first
