@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.core.gpipe import pipelined_network
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.nested_map import NestedMap
@@ -55,6 +56,10 @@ class DecodeMetrics:
 
 class BaseTask(base_layer.BaseLayer):
   """A network plus its loss; subclasses define ComputeMetrics."""
+
+  # The batch holds labels and weights, not activations: the network casts
+  # what it takes to its compute dtype, and the metrics are float32.
+  cast_inputs_to_fprop_dtype = False
 
   @classmethod
   def Params(cls):
@@ -185,9 +190,13 @@ class BaseTask(base_layer.BaseLayer):
     if (self.params.loss_inside_pipeline and
         base_layer.CurrentContext().training):
       return self.network.FPropLoss(theta.network, inputs, batch,
-                                    self.OutputMetrics)
-    return self.OutputMetrics(self.network.FProp(theta.network, inputs),
-                              batch)
+                                    self._Float32Metrics)
+    return self._Float32Metrics(self.network.FProp(theta.network, inputs),
+                                batch)
+
+  def _Float32Metrics(self, outputs: Any, batch: NestedMap) -> NestedMap:
+    """OutputMetrics of `outputs` cast to float32: the loss is never 16-bit."""
+    return self.OutputMetrics(precision.CastFloats(outputs, tf.float32), batch)
 
   def FProp(self, theta: NestedMap, batch: NestedMap) -> NestedMap:
     """ComputeMetrics where the network's output is (see OutputScope)."""

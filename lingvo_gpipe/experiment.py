@@ -18,6 +18,8 @@ from typing import Any, Iterator, Optional
 
 from lingvo_gpipe import model_registry
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import loss_scale
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.core.gpipe import pipelining_layer
 
 
@@ -31,6 +33,7 @@ class Settings:
   num_partitions: Optional[int] = None
   num_micro_batches: Optional[int] = None
   data_dir: Optional[str] = None
+  fprop_dtype: Optional[str] = None
 
 
 def Pipelines(params: hyperparams.Params) -> list[tuple[str, hyperparams.Params]]:
@@ -131,6 +134,13 @@ def Resolve(settings: Settings) -> hyperparams.Params:
     params.train.max_steps = settings.max_steps
   if settings.data_dir is not None:
     params.input.data_dir = settings.data_dir
+  if settings.fprop_dtype is not None:
+    # Set on the task, every layer under it computes in it (precision.py).
+    try:
+      params.task.fprop_dtype = precision.ComputeDtype(
+          settings.fprop_dtype, params.task.dtype, '--fprop_dtype')
+    except ValueError as e:
+      raise hyperparams.ParamsError(str(e)) from None
   for flag in ('num_partitions', 'num_micro_batches'):
     value = getattr(settings, flag)
     if value is None:
@@ -160,7 +170,8 @@ _AT_LEAST = {
     'train.save_interval_steps': 1, 'train.summary_interval_steps': 0,
     'train.max_checkpoints_to_keep': 1, 'train.eval_max_batches': 0,
     'train.clip_gradient_norm': 0, 'train.epsilon': 0,
-    'input.batch_size': 1,
+    'input.batch_size': 1, 'train.loss_scale_growth_steps': 1,
+    'train.loss_scale_initial': 1.0,
 }
 _POSITIVE = ('train.learning_rate',)
 
@@ -170,7 +181,8 @@ def Validate(params: hyperparams.Params) -> None:
 
   Every number in the tree must be finite (a NaN learning rate would write
   NaN weights); the step, interval and batch-size knobs of `train` and
-  `input` must be in range.
+  `input` must be in range; every fprop_dtype must name a compute dtype and
+  train.loss_scale a mode.
 
   Raises:
     hyperparams.ParamsError: the first bad field.
@@ -188,6 +200,16 @@ def Validate(params: hyperparams.Params) -> None:
     value = _Get(params, path)
     if value is not None and value <= 0:
       raise hyperparams.ParamsError(f'{path}={value}: must be > 0.')
+  for path, node in _Walk(params):
+    if path.endswith('.fprop_dtype'):
+      try:
+        precision.ComputeDtype(node, 'float32', path)
+      except ValueError as e:
+        raise hyperparams.ParamsError(str(e)) from None
+  mode = _Get(params, 'train.loss_scale')
+  if mode is not None and mode not in loss_scale.MODES:
+    raise hyperparams.ParamsError(
+        f'train.loss_scale={mode!r}: use one of {", ".join(loss_scale.MODES)}.')
   CheckMicroBatches(params)
 
 

@@ -62,6 +62,15 @@ class ModelParams:
              'Multiplier of learning_rate as a function of the step.')
     p.Define('clip_gradient_norm', 0.0,
              'If > 0, clip the global norm of all gradients to this value; 0 disables.')
+    p.Define('loss_scale', 'auto',
+             "Loss scaling for 16-bit gradients: 'dynamic', 'none', or "
+             "'auto' (dynamic when a layer computes in float16). A step "
+             'whose scaled gradients overflow applies nothing, halves the '
+             'scale and is counted as skipped (core/loss_scale.py).')
+    p.Define('loss_scale_initial', 2.0**15, 'The first loss scale (a power '
+             'of two).')
+    p.Define('loss_scale_growth_steps', 2000, 'Steps in a row without '
+             'overflow after which the loss scale doubles.')
     p.Define('max_steps', 1000, 'Train until the global step reaches this.')
     p.Define('log_interval_steps', 100,
              'Log step, loss, examples/sec, step time and ETA every this many steps.')

@@ -26,6 +26,7 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import loss_scale
 from lingvo_gpipe.core import lr_schedule
 from lingvo_gpipe.core import optimizer as optimizer_lib
 from lingvo_gpipe.core import replicas as replicas_lib
@@ -50,15 +51,18 @@ def MakeCheckpointer(params: hyperparams.Params, logdir: str,
                      task: base_layer.BaseLayer,
                      global_step: Optional[tf.Variable] = None,
                      optimizer: Optional[optimizer_lib.Optimizer] = None,
-                     iterator: Optional[Any] = None
+                     iterator: Optional[Any] = None,
+                     scale: Optional[loss_scale.DynamicLossScale] = None
                      ) -> checkpoint_lib.Checkpointer:
   """The one definition of what a checkpoint of a run holds, by name.
 
   `global_step`, `task` (its weights and moving averages) and `optimizer`
   (its slots and iteration count), plus the input position (`input`, keyed by
   params.input's text: it holds only for the input settings it was saved
-  under) when train.checkpoint_input is set. The trainer passes all of them;
-  an evaluator passes only the task (and restores with partial=True).
+  under) when train.checkpoint_input is set, and the loss scale (`loss_scale`,
+  keyed by its settings: a checkpoint without it, or saved with other ones,
+  restores all else and starts the scale afresh). The trainer passes all of
+  them; an evaluator passes only the task (and restores with partial=True).
   """
   if global_step is None:
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -67,7 +71,9 @@ def MakeCheckpointer(params: hyperparams.Params, logdir: str,
   if optimizer is not None:
     objects['optimizer'] = optimizer
   keyed = ({'input': (iterator, params.input.ToText())}
-           if iterator is not None and params.train.checkpoint_input else None)
+           if iterator is not None and params.train.checkpoint_input else {})
+  if scale is not None:
+    keyed['loss_scale'] = (scale, scale.Key())
   return checkpoint_lib.Checkpointer(
       logdir, objects, max_to_keep=params.train.max_checkpoints_to_keep,
       keyed=keyed)
@@ -107,9 +113,15 @@ class TrainProgram:
     with tf.device('/device:CPU:0'):
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name='global_step')
+    self.compute_dtypes = sorted({layer.fprop_dtype.name for layer in (
+        [self.task] + [m for m in self.task.submodules
+                       if isinstance(m, base_layer.BaseLayer)])})
+    self.loss_scale = loss_scale.DynamicLossScale(
+        p.loss_scale_initial, p.loss_scale_growth_steps,
+        enabled=loss_scale.Needed(p.loss_scale, self.compute_dtypes))
     self.checkpointer = MakeCheckpointer(params, logdir, self.task,
                                          self.global_step, self.optimizer,
-                                         self._iterator)
+                                         self._iterator, self.loss_scale)
     self.writer = (tf.summary.create_file_writer(
         os.path.join(logdir, TRAIN_SUBDIR)) if model.is_chief else
                    tf.summary.create_noop_writer())
@@ -155,6 +167,12 @@ class TrainProgram:
     out['step'] = tf.cond(out['finite'],
                           lambda: self.global_step.assign_add(1),
                           lambda: step)
+    with tf.control_dependencies([out['step']]):
+      if self.loss_scale.enabled:
+        with tf.control_dependencies([self.loss_scale.Update(
+            out['grads_finite'])]):
+          out['loss_scale'] = self.loss_scale.scale.read_value()
+          out['skipped_steps'] = self.loss_scale.skipped_steps.read_value()
     return out
 
   def _ReplicaStep(self, batch: NestedMap, step: tf.Tensor
@@ -168,9 +186,12 @@ class TrainProgram:
                             stats_collector=collector):
       with tf.GradientTape() as tape:
         metrics = task.FPropDefaultTheta(batch)
-    local_loss, local_weight = metrics.loss
+        with task.OutputScope():
+          scaled_loss = self.loss_scale.Scaled(metrics.loss[0])
+    local_weight = metrics.loss[1]
     with task.OutputScope():  # the loss's gradient ops, where the loss is
-      local_grads = tape.gradient(local_loss, variables)
+      local_grads = tape.gradient(scaled_loss, variables)
+    local_grads = self.loss_scale.Unscaled(local_grads)
     grads = replicas_lib.GlobalGradients(local_grads, local_weight)
     metrics = replicas_lib.GlobalMetrics(metrics)
     loss = metrics['loss'][0]
@@ -178,8 +199,12 @@ class TrainProgram:
         None if replicas_lib.OneReplica() else replicas_lib.CrossReplicaSum)
     grad_norm = tf.linalg.global_norm([g for g in grads if g is not None])
     learning_rate = p.learning_rate * lr_schedule.Factor(p.lr_schedule, step)
+    grads_finite = tf.math.is_finite(grad_norm)
+    # A float16 overflow under loss scaling skips the step; else a
+    # non-finite gradient stops the run (loss_scale.py).
+    skipped = self.loss_scale.Overflowed(grads_finite)
     finite = tf.reduce_all([tf.math.is_finite(loss),
-                            tf.math.is_finite(grad_norm),
+                            tf.logical_or(grads_finite, skipped),
                             tf.math.is_finite(learning_rate)])
     if p.clip_gradient_norm > 0:
       grads, _ = tf.clip_by_global_norm(grads, p.clip_gradient_norm,
@@ -193,10 +218,12 @@ class TrainProgram:
       with tf.control_dependencies([update]):
         return _AllFinite(list(variables) + optimizer.SlotVariables())
 
-    applied = tf.cond(finite, Apply, lambda: tf.constant(False))
+    applied = tf.cond(tf.logical_and(finite, grads_finite), Apply,
+                      lambda: tf.constant(False))
     out = {f'metrics/{name}': value for name, (value, _) in metrics.items()}
     out.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate,
-               finite=finite, applied=applied)
+               finite=finite, applied=applied, grads_finite=grads_finite,
+               skipped=skipped)
     return out
 
   # --- the host loop ------------------------------------------------------------
@@ -240,9 +267,15 @@ class TrainProgram:
           if measure else contextlib.nullcontext()) as trace:
       out = {k: v.numpy() for k, v in self._step_fn().items()}
     meter.Add(time.time() - start, out['loss'])
-    if not out['finite'] or not out['applied']:
+    if not out['finite'] or not (out['applied'] or out['skipped']):
       self._RaiseNonFinite(out)
     step = int(out['step'])
+    if out['skipped']:
+      logging.warning(
+          'Step %d: the float16 gradients overflowed at loss scale %g; the '
+          'update was skipped and the scale halved to %g (%d steps skipped '
+          'so far).', step, 2 * float(out['loss_scale']),
+          float(out['loss_scale']), int(out['skipped_steps']))
     if meter.first:
       logging.info('Step %d took %.1f s (tracing the step included).',
                    step, meter.last_time)
@@ -295,6 +328,9 @@ class TrainProgram:
     values = {name: out[name] for name in out if name.startswith('metrics/')}
     values.update(loss=meter.MeanLoss(), learning_rate=out['learning_rate'],
                   grad_norm=out['grad_norm'])
+    if 'loss_scale' in out:  # float16: the scale and the steps it skipped
+      values.update(loss_scale=out['loss_scale'],
+                    skipped_steps=out['skipped_steps'])
     if meter.count:
       values.update(step_time=meter.StepTime(),
                     examples_per_sec=self.batch_size / meter.StepTime())

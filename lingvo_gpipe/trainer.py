@@ -92,6 +92,10 @@ _NUM_PARTITIONS = flags.DEFINE_integer(
     'num_partitions', None, 'Shortcut: K, the number of pipeline cells.')
 _NUM_MICRO_BATCHES = flags.DEFINE_integer(
     'num_micro_batches', None, 'Shortcut: M, micro-batches per mini-batch.')
+_FPROP_DTYPE = flags.DEFINE_string(
+    'fprop_dtype', None, 'Shortcut: task.fprop_dtype, the dtype every layer '
+    'computes in (bfloat16 or float16; variables stay float32; float16 turns '
+    'on dynamic loss scaling). Default: the config\'s.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'Shortcut for input.data_dir (tfds data).')
 _DEVICE = flags.DEFINE_string(
@@ -169,7 +173,8 @@ def ResolveParams(settings: layout_lib.Settings) -> hyperparams.Params:
       model=_MODEL.value, params_file=_PARAMS_FILE.value,
       params_override=_OVERRIDE.value, max_steps=_MAX_STEPS.value,
       num_partitions=num_partitions,
-      num_micro_batches=_NUM_MICRO_BATCHES.value, data_dir=_DATA_DIR.value))
+      num_micro_batches=_NUM_MICRO_BATCHES.value, data_dir=_DATA_DIR.value,
+      fprop_dtype=_FPROP_DTYPE.value))
 
 
 def ApplyLayout(params: hyperparams.Params, layout: layout_lib.Layout) -> None:

@@ -131,3 +131,44 @@ def test_step_keeps_activations_on_the_cells_devices(tmp_path):
   assert not unplaced
   losses = [op for op in graph.get_operations() if op.type == 'Square']
   assert losses and all(op.device.endswith('CPU:2') for op in losses)
+
+
+def test_float16_overflow_skips_steps_changes_no_weight_and_goes_on(tmp_path):
+  """Scaled by 2^100 the float16 backward overflows: each such step applies
+  nothing (weights, slots, iterations, BatchNorm) and halves the scale,
+  counted; once the scale fits the run trains as usual."""
+  program = _Program(tmp_path, 'task.fprop_dtype=float16; '
+                     'train.loss_scale_initial=1.2676506002282294e30')
+  assert program.loss_scale.enabled
+  before = _Weights(program)
+  program.Run(until_step=1)
+  assert program.step == 1
+  assert int(program.optimizer.iterations.numpy()) == 0
+  assert int(program.loss_scale.skipped_steps.numpy()) == 1
+  assert float(program.loss_scale.scale.numpy()) == 2.0**99
+  for a, b in zip(before, _Weights(program)):
+    np.testing.assert_array_equal(a, b)
+  program.Run()  # to train.max_steps, 100
+  skipped = int(program.loss_scale.skipped_steps.numpy())
+  # 2^100 halved to 2^16 (84 halvings) before the toy's gradients fit.
+  assert 80 < skipped < 95, skipped
+  assert int(program.optimizer.iterations.numpy()) == program.step - skipped
+  assert float(program.loss_scale.scale.numpy()) <= 2.0**16
+  assert not all(np.array_equal(a, b) for a, b in zip(before,
+                                                      _Weights(program)))
+
+
+def test_the_loss_scale_resumes_and_other_settings_restart_it(tmp_path):
+  first = _Program(tmp_path, 'task.fprop_dtype=float16; '
+                   'train.loss_scale_growth_steps=2')
+  first.Run(until_step=3)  # 3 good steps: doubled once
+  assert float(first.loss_scale.scale.numpy()) == 2.0**16
+  resumed = _Program(tmp_path, 'task.fprop_dtype=float16; '
+                     'train.loss_scale_growth_steps=2')
+  assert resumed.Restore() == 3
+  assert float(resumed.loss_scale.scale.numpy()) == 2.0**16
+  # The same checkpoint in float32: weights and step restore, no scaling.
+  plain = _Program(tmp_path)
+  assert plain.Restore() == 3 and not plain.loss_scale.enabled
+  for a, b in zip(_Weights(first), _Weights(plain)):
+    np.testing.assert_array_equal(a, b)

@@ -199,6 +199,17 @@ _BAD_INPUTS = [
     ('unreachable_tpu', [f'--model={_TOY}', '--logdir={tmp}',
                          '--tpu=no-such-tpu'],
      ExitStatus.USAGE, ["--tpu='no-such-tpu'", 'cannot connect']),
+    ('bad_fprop_dtype', [f'--model={_TOY}', '--logdir={tmp}',
+                         '--fprop_dtype=bfloat61'],
+     ExitStatus.USAGE, ["--fprop_dtype='bfloat61'", 'float32, bfloat16, '
+                          'float16', "Did you mean 'bfloat16'"]),
+    ('bad_fprop_dtype_override', [f'--model={_TOY}', '--logdir={tmp}',
+                                  '--params_override=task.network.'
+                                  'fprop_dtype=int8'],
+     ExitStatus.USAGE, ["task.network.fprop_dtype='int8'", 'bfloat16']),
+    ('bad_loss_scale', [f'--model={_TOY}', '--logdir={tmp}',
+                        '--params_override=train.loss_scale=dynamc'],
+     ExitStatus.USAGE, ["train.loss_scale='dynamc'", 'auto, dynamic, none']),
     ('non_finite_loss', [f'--model={_TOY}', '--logdir={tmp}',
                          '--params_override=train.optimizer=sgd; '
                          'train.learning_rate=1e12'],

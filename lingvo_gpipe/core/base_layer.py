@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import tensorflow as tf
 
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.core import stacked_variable
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -362,13 +363,29 @@ def SizedOncePerConfig(num_params_fn):
 class BaseLayer(tf.Module):
   """Base of all layers: Params in, variables and children built, FProp out."""
 
+  # Mixed precision (precision.py): with fprop_dtype set, FProp gets its own
+  # float weights and its float inputs cast to it. A layer that casts (or
+  # keeps in float32) on its own turns these off.
+  cast_theta_to_fprop_dtype = True
+  cast_inputs_to_fprop_dtype = True
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    fprop = cls.__dict__.get('FProp')
+    if fprop is not None and not getattr(fprop, 'casts_to_fprop_dtype', False):
+      cls.FProp = precision.CastingFProp(fprop)
+
   @classmethod
   def Params(cls) -> hyperparams.InstantiableParams:
     """The knobs every layer has; subclasses extend this with their own."""
     p = hyperparams.InstantiableParams(cls)
     p.Define('name', cls.__name__.lower(), 'Layer name; a child gets the '
              'name its parent gives it.')
-    p.Define('dtype', tf.float32, 'Dtype of variables and computation.')
+    p.Define('dtype', tf.float32, 'Dtype of variables (and of computation '
+             'unless fprop_dtype says otherwise).')
+    p.Define('fprop_dtype', None, 'Dtype FProp computes in: None (dtype), '
+             'or bfloat16 or float16 over float32 variables; numerically '
+             'sensitive parts stay in float32 (precision.py).')
     p.Define('params_init', WeightInit.Xavier(1.0),
              'Default weight initialization of this layer and its children.')
     p.Define('random_seed', 0, 'Seed of weight init and random ops; with the '
@@ -382,6 +399,8 @@ class BaseLayer(tf.Module):
     super().__init__(name=_ModuleName(p.name))
     self._params = p
     self._path = getattr(_local, 'child_path', None) or p.name
+    self._fprop_dtype = precision.ComputeDtype(p.fprop_dtype, p.dtype,
+                                               f'{self._path}.fprop_dtype')
     self._variables_by_name: dict[str, Any] = {}
     self._children_by_name: dict[str, Any] = {}
     for name, child in self.ChildParams(p).items():
@@ -408,6 +427,11 @@ class BaseLayer(tf.Module):
   def params(self) -> hyperparams.InstantiableParams:
     """A copy of the Params this layer was built from; do not mutate."""
     return self._params
+
+  @property
+  def fprop_dtype(self) -> tf.DType:
+    """The dtype FProp computes in (precision.py)."""
+    return self._fprop_dtype
 
   @property
   def path(self) -> str:
@@ -648,13 +672,14 @@ class BaseLayer(tf.Module):
 
 
 def _InheritBaseParams(parent: Params, child: Params) -> None:
-  """A child left at the base defaults takes its parent's dtype, init and seed.
+  """A child left at the base defaults takes its parent's dtype, fprop_dtype,
+  init and seed.
 
   So setting them once on a model's top Params reaches every layer, while a
   child that sets its own keeps it.
   """
   defaults = BaseLayer.Params()
-  for name in ('dtype', 'params_init', 'random_seed'):
+  for name in ('dtype', 'fprop_dtype', 'params_init', 'random_seed'):
     if name in child and child.Get(name) == defaults.Get(name):
       child.Set(**{name: parent.Get(name)})
 

@@ -106,12 +106,14 @@ class MultiHeadAttention(base_layer.BaseLayer):
     q = Heads(self.query.FProp(theta.query, query)) * (head_dim**-0.5)
     k = Heads(self.key.FProp(theta.key, key_value))
     v = Heads(self.value.FProp(theta.value, key_value))
-    logits = tf.einsum('BTNH,BSNH->BNTS', q, k)
+    # Logits and their softmax in float32 whatever the compute dtype
+    # (precision.py); the probabilities go back to it for the context.
+    logits = tf.cast(tf.einsum('BTNH,BSNH->BNTS', q, k), tf.float32)
     valid = self._ValidMask(query, key_value, paddings)
     if valid is not None:
       logits = tf.where(valid, logits, tf.cast(-0.7 * logits.dtype.max,
                                                logits.dtype))
-    probs = tf.nn.softmax(logits, axis=-1)
+    probs = tf.cast(tf.nn.softmax(logits, axis=-1), v.dtype)
     if p.atten_dropout is not None:
       probs = self.atten_dropout.FProp(theta.atten_dropout, probs)
     context = tf.einsum('BNTS,BSNH->BTNH', probs, v)

@@ -22,7 +22,14 @@ _LOG_SOFTMAX_FLOPS_PER_LOGIT = 5
 
 
 class Embedding(base_layer.BaseLayer):
-  """ids [...] (int) -> [..., embedding_dim], optionally scaled by sqrt(dim)."""
+  """ids [...] (int) -> [..., embedding_dim], optionally scaled by sqrt(dim).
+
+  In a 16-bit fprop_dtype it gathers from the float32 table and casts only
+  the rows gathered: casting the table would cost its whole size every call
+  and make its gradient dense.
+  """
+
+  cast_theta_to_fprop_dtype = False
 
   @classmethod
   def Params(cls):
@@ -46,7 +53,7 @@ class Embedding(base_layer.BaseLayer):
     p = self.params
     if ids.dtype.is_floating:
       raise TypeError(f'{self.path}: ids must be integers, got {ids.dtype.name}.')
-    out = tf.gather(theta.emb, ids)
+    out = tf.cast(tf.gather(theta.emb, ids), self.fprop_dtype)
     if p.scale_sqrt_depth:
       out *= math.sqrt(p.embedding_dim)
     return out
@@ -67,7 +74,14 @@ class Softmax(base_layer.BaseLayer):
   `total_weight` (sum of the label weights) and `avg_xent` (the weighted mean
   of per_example_xent). With label smoothing ε the target distribution is
   (1 - ε)·one_hot + ε / num_classes, as in Szegedy et al. 2016.
+
+  Logits and everything after them are float32 whatever the fprop_dtype (the
+  projection itself runs in it): a 16-bit log-softmax over many classes
+  loses the small probabilities the loss is made of. Label weights are taken
+  as given (not cast to the compute dtype).
   """
+
+  cast_inputs_to_fprop_dtype = False
 
   @classmethod
   def Params(cls):
@@ -97,8 +111,8 @@ class Softmax(base_layer.BaseLayer):
     self.CreateChild('proj', self._ProjParams(self.params))
 
   def Logits(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
-    """[..., input_dim] -> [..., num_classes]."""
-    return self.proj.FProp(theta.proj, inputs)
+    """[..., input_dim] -> [..., num_classes], float32."""
+    return tf.cast(self.proj.FProp(theta.proj, inputs), tf.float32)
 
   def FProp(self,
             theta: NestedMap,

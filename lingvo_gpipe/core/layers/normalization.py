@@ -12,12 +12,14 @@ Both layers accept inputs of any rank >= 2: [N, C], [N, T, C], [N, H, W, C].
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.core.nested_map import NestedMap
 
 # FLOPs per element: moments (an add for the mean, a subtract-square-add for
@@ -81,8 +83,11 @@ class BatchNorm(base_layer.BaseLayer):
 
   Training: normalizes with the batch's own moments and records them with
   `RecordStats` (applied at once, or by the context's StatsCollector after
-  all micro-batches). Inference: normalizes with the moving averages.
+  all micro-batches). Inference: normalizes with the moving averages. In a
+  16-bit fprop_dtype it normalizes in float32 and casts the result back.
   """
+
+  cast_theta_to_fprop_dtype = False
 
   @classmethod
   def Params(cls):
@@ -110,8 +115,12 @@ class BatchNorm(base_layer.BaseLayer):
         [p.dim], init=ones, trainable=False))
 
   def FProp(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
+    _CheckInput(self.path, inputs.shape, self.params.dim)
+    return precision.InFloat32(functools.partial(self._Normalize, theta),
+                               inputs)
+
+  def _Normalize(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
     p = self.params
-    _CheckInput(self.path, inputs.shape, p.dim)
     training = base_layer.CurrentContext().training
     if _CanFuse(inputs):
       return self._FusedFProp(theta, inputs, training)
@@ -192,7 +201,12 @@ class BatchNorm(base_layer.BaseLayer):
 
 
 class LayerNorm(base_layer.BaseLayer):
-  """Normalizes each position over the last dim, then scales and shifts."""
+  """Normalizes each position over the last dim, then scales and shifts.
+
+  In a 16-bit fprop_dtype it normalizes in float32 and casts the result back.
+  """
+
+  cast_theta_to_fprop_dtype = False
 
   @classmethod
   def Params(cls):
@@ -213,9 +227,13 @@ class LayerNorm(base_layer.BaseLayer):
   def FProp(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
     p = self.params
     _CheckInput(self.path, inputs.shape, p.dim)
-    mean, variance = tf.nn.moments(inputs, axes=[-1], keepdims=True)
-    return tf.nn.batch_normalization(inputs, mean, variance, theta.bias,
-                                     theta.scale, p.epsilon)
+
+    def Normalize(x):
+      mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+      return tf.nn.batch_normalization(x, mean, variance, theta.bias,
+                                       theta.scale, p.epsilon)
+
+    return precision.InFloat32(Normalize, inputs)
 
   @classmethod
   def FPropMeta(cls, p, input_shape):

@@ -283,7 +283,8 @@ class TransformerSoftmax(base_layer.BaseLayer):
     if labels is None:
       out.logits = self.softmax.FProp(theta.softmax, vec).logits
       return out
-    weights = _Weights(inputs.get('paddings'), labels, vec.dtype)
+    # float32 like the cross-entropy they weigh (precision.py).
+    weights = _Weights(inputs.get('paddings'), labels, tf.float32)
     result = self.softmax.FProp(theta.softmax, vec, labels, weights)
     out.logits = result.logits
     out.per_token_xent = result.per_example_xent * weights
