@@ -6,7 +6,9 @@ within a tolerance stated per dtype, be in the compute dtype (float32 where
 precision.py says so), and its weights' gradients must be float32. Tolerances,
 as a share of the largest float32 output: bfloat16 keeps 8 bits of
 mantissa (a relative rounding of 2^-8 ≈ 0.4% a value), float16 11 bits
-(≈ 0.05%); a few layers deep the errors add up, so 5% and 1%.
+(≈ 0.05%); a few layers deep the errors add up, so 5% and 1%. The weights'
+gradients must match the float32 ones within twice that, as a share of the
+layer's largest gradient.
 """
 
 import numpy as np
@@ -92,7 +94,8 @@ CASES = {
         pre_norm=normalization.LayerNorm.Params().Set(dim=D)),
                  lambda: _Normal([4, D]), ()),
     'repeat': (lambda: repeat.Repeat.Params().Set(
-        sub=dense.Dense.Params().Set(input_dim=D, output_dim=D), num=3),
+        sub=dense.Dense.Params().Set(input_dim=D, output_dim=D,
+                                     activation='tanh'), num=3),
                lambda: _Normal([4, D]), ()),
     'transformer_lm': (lambda: combinators.Sequential.Params().Set(sub=[
         transformer.TransformerEmbedding.Params().Set(
@@ -105,6 +108,14 @@ CASES = {
         3, 8, num_classes=10, image_size=8, input_channels=1,
         stem_type='basic'), lambda: _Normal([3, 8, 8, 1]), ()),
 }
+
+
+# Where a 16-bit rounding moves a value across a kink (relu at 0, the max of
+# a max-pool), that element's gradient changes by O(1): a deep relu network
+# with BatchNorm over a few values cannot be compared element by element.
+# Its pipeline's gradients are compared with the same-dtype sequential model
+# below instead, where the arithmetic is the same.
+_GRADIENTS_NOT_COMPARED = {'amoebanet'}
 
 
 def _Build(name, fprop_dtype=None):
@@ -125,12 +136,15 @@ def test_layer_matches_float32(name, dtype):
   _, inputs_fn, float32_outputs = CASES[name]
   inputs = inputs_fn()
   reference, layer = _Build(name), _Build(name, dtype)
+  def Loss(outputs):  # weights every element differently: gradients differ
+    return tf.add_n([tf.reduce_sum(tf.sin(tf.cast(t, tf.float32)))
+                     for _, t in _Items(outputs) if t.dtype.is_floating])
+
   with base_layer.Context(training=True):
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
       expected = reference.FPropDefaultTheta(inputs)
       got = layer.FPropDefaultTheta(inputs)
-      loss = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32))
-                       for _, t in _Items(got) if t.dtype.is_floating])
+      loss, ref_loss = Loss(got), Loss(expected)
   for (key, want), (_, have) in zip(_Items(expected), _Items(got)):
     if not want.dtype.is_floating:
       np.testing.assert_array_equal(have.numpy(), want.numpy())
@@ -144,7 +158,18 @@ def test_layer_matches_float32(name, dtype):
     assert error <= TOLERANCE[dtype], (key, error)
   assert all(v.dtype == tf.float32 for v in layer.vars.Flatten())
   grads = tape.gradient(loss, layer.trainable_variables)
+  ref_grads = tape.gradient(ref_loss, reference.trainable_variables)
   assert all(g is not None and g.dtype == tf.float32 for g in grads), name
+  if name in _GRADIENTS_NOT_COMPARED:
+    return
+  # As a share of the layer's largest gradient: some gradients are near 0
+  # in exact arithmetic (a key bias's, under the softmax), so noise.
+  grads = [tf.convert_to_tensor(g).numpy() for g in grads]
+  ref_grads = [tf.convert_to_tensor(r).numpy() for r in ref_grads]
+  scale = max([np.abs(r).max() for r in ref_grads] + [1e-6])
+  for v, g, r in zip(layer.trainable_variables, grads, ref_grads):
+    error = np.abs(g - r).max() / scale
+    assert error <= 2 * TOLERANCE[dtype], (v.name, error)
 
 
 def test_fprop_dtype_reaches_children_unless_they_set_their_own():

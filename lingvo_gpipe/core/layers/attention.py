@@ -13,6 +13,7 @@ from typing import Optional
 import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.nested_map import NestedMap
 
@@ -113,7 +114,7 @@ class MultiHeadAttention(base_layer.BaseLayer):
     if valid is not None:
       logits = tf.where(valid, logits, tf.cast(-0.7 * logits.dtype.max,
                                                logits.dtype))
-    probs = tf.cast(tf.nn.softmax(logits, axis=-1), v.dtype)
+    probs = precision.Softmax(logits, v.dtype)
     if p.atten_dropout is not None:
       probs = self.atten_dropout.FProp(theta.atten_dropout, probs)
     context = tf.einsum('BNTS,BSNH->BTNH', probs, v)

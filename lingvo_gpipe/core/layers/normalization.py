@@ -200,6 +200,37 @@ class BatchNorm(base_layer.BaseLayer):
     return _Meta(p, input_shape)
 
 
+@tf.custom_gradient
+def _LayerNorm16(x: tf.Tensor, scale: tf.Tensor, bias: tf.Tensor,
+                 epsilon: float) -> tf.Tensor:
+  """LayerNorm of 16-bit `x` computed in float32, the result cast back.
+
+  Its gradient keeps only `x` (16-bit) and the per-position statistics, and
+  recomputes the normalized float32 values from them: TensorFlow's own
+  gradient of the float32 computation would keep a float32 copy of the
+  input and of the normalized values, twice the float32 model's memory for
+  the tensor and most of what bfloat16 saves on a Transformer layer.
+  """
+  x32 = tf.cast(x, tf.float32)
+  mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+  rstd = tf.math.rsqrt(variance + epsilon)
+  y = tf.cast((x32 - mean) * rstd * scale + bias, x.dtype)
+
+  def Backward(grad):
+    g = tf.cast(grad, tf.float32)
+    normalized = (tf.cast(x, tf.float32) - mean) * rstd
+    outer = list(range(len(x.shape) - 1))
+    d_scale = tf.reduce_sum(g * normalized, axis=outer)
+    d_bias = tf.reduce_sum(g, axis=outer)
+    dn = g * scale
+    dx = rstd * (dn - tf.reduce_mean(dn, axis=-1, keepdims=True) -
+                 normalized * tf.reduce_mean(dn * normalized, axis=-1,
+                                             keepdims=True))
+    return tf.cast(dx, x.dtype), d_scale, d_bias, None  # none for epsilon
+
+  return y, Backward
+
+
 class LayerNorm(base_layer.BaseLayer):
   """Normalizes each position over the last dim, then scales and shifts.
 
@@ -228,12 +259,12 @@ class LayerNorm(base_layer.BaseLayer):
     p = self.params
     _CheckInput(self.path, inputs.shape, p.dim)
 
-    def Normalize(x):
-      mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-      return tf.nn.batch_normalization(x, mean, variance, theta.bias,
+    if inputs.dtype in (tf.float32, tf.float64):
+      mean, variance = tf.nn.moments(inputs, axes=[-1], keepdims=True)
+      return tf.nn.batch_normalization(inputs, mean, variance, theta.bias,
                                        theta.scale, p.epsilon)
-
-    return precision.InFloat32(Normalize, inputs)
+    return _LayerNorm16(inputs, tf.convert_to_tensor(theta.scale),
+                        tf.convert_to_tensor(theta.bias), p.epsilon)
 
   @classmethod
   def FPropMeta(cls, p, input_shape):
