@@ -51,7 +51,9 @@ def TrainStep(model, plain: bool,
     loss_fn: the scalar loss of the model's output; default mean(y²).
   """
   variables = model.trainable_variables
-  loss_fn = loss_fn or (lambda y: tf.reduce_mean(y * y))
+  # The loss in float32 whatever the layers compute in (core/precision.py).
+  loss_fn = loss_fn or (lambda y: tf.reduce_mean(tf.square(
+      tf.cast(y, tf.float32))))
 
   @tf.function
   def Step(x):

@@ -32,6 +32,16 @@ file, and the one-device table keeps that section when it is rewritten.
   python -m bench.memory --num_workers=2 --num_micro_batches=8 \
       --cap_mb=351 --schedules=gpipe:always,1f1b:always,1f1b:never \
       --write_results
+  python -m bench.memory --fprop_dtypes=float32,bfloat16 \
+      --num_micro_batches=8 --cap_mb=351 --write_results
+
+--fprop_dtypes compares the dtypes layers compute in (variables stay
+float32): per dtype the most layers without GPipe and with GPipe K=1 under
+the one-device cap, then the step time at one size, the dtypes alternating
+over --timing_rounds rounds, uncapped and with oneDNN on (its bfloat16
+kernels use the CPU's AVX512-BF16/AMX; without it TensorFlow's own bfloat16
+kernels ran a step 2.4x as long as float32's here); writes
+memory_precision.md.
 """
 
 import json
@@ -100,6 +110,10 @@ _CAPACITIES = flags.DEFINE_list(
     'earlier run (its log), whose search is then skipped.')
 _TIMING_SIZE = flags.DEFINE_integer('timing_size', 0, '--schedules: layers '
                                     'to time at; 0: the smallest capacity.')
+_FPROP_DTYPES = flags.DEFINE_list(
+    'fprop_dtypes', [], 'Compare these compute dtypes instead (step_memory '
+    '--fprop_dtype; the first is the baseline): capacity under the '
+    'one-device cap, then step time; writes memory_precision.md.')
 _WRITE = flags.DEFINE_bool('write_results', False,
                            'Write bench/results/memory.md (with --num_workers, '
                            'its Pipeline-K section; see --executor).')
@@ -551,12 +565,91 @@ def Schedules(cap: int, facts: dict) -> None:
     print(f'wrote {path}', flush=True)
 
 
+def _Timed(size: int, extra: Sequence[str]) -> float:
+  """Best of 3 steps at `size`, uncapped, oneDNN on (its bfloat16 kernels)."""
+  env = dict(_ProbeEnv(), TF_ENABLE_ONEDNN_OPTS='1')
+  code, stdout, stderr, stopped = _RunClient(
+      _StepCommand(size, [*extra, '--repeats=3']), env, [])
+  if code or stopped:
+    raise RuntimeError(f'Timing probe failed ({stopped or code}): '
+                       f'{stderr[-1000:]}')
+  return json.loads(stdout.strip().splitlines()[-1])['step_seconds']
+
+
+def Precisions(cap: int, facts: dict) -> None:
+  """Capacity per compute dtype under the one-device cap, then step times."""
+  dtypes = _FPROP_DTYPES.value
+  configs = [('without GPipe', '-', ['--plain'])] + [
+      ('GPipe K=1, recompute', m, _GPipeFlags(m))
+      for m in _MICRO_BATCHES.value]
+  sizes = {}
+  for dtype in dtypes:
+    for name, m, flags_ in configs:
+      size, result, why = _LargestFitting(
+          cap, [*flags_, f'--fprop_dtype={dtype}'])
+      sizes[dtype, name, m] = (size, result, why)
+      print(f'{dtype} {name} M={m}: {size} layers', flush=True)
+  first = dtypes[0]
+  rows = []
+  for name, m, _ in configs:
+    for dtype in dtypes:
+      size, result, why = sizes[dtype, name, m]
+      rows.append((name, m, dtype, size,
+                   f'{size / max(sizes[first, name, m][0], 1):.2f}×',
+                   f'{result["peak_total_bytes"] / 2**20:.0f}' if result
+                   else '-', why or f'none up to {_MAX_SIZE.value}'))
+  table = common.MarkdownTable(
+      ['config', 'M', 'fprop_dtype', 'max layers', f'÷ {first}',
+       'peak MB (total)', 'smallest failing size: why'], rows)
+  print(table, flush=True)
+  # Time the GPipe step (the first M) at the size every dtype fits.
+  name, m, flags_ = configs[1] if len(configs) > 1 else configs[0]
+  size = _TIMING_SIZE.value or min(sizes[d, name, m][0] for d in dtypes)
+  times = {d: [] for d in dtypes}
+  for round_index in range(_TIMING_ROUNDS.value):
+    for dtype in dtypes:
+      times[dtype].append(_Timed(size, [*flags_, f'--fprop_dtype={dtype}']))
+    print(f'round {round_index}: ' + ', '.join(
+        f'{d} {t[-1]:.2f} s' for d, t in times.items()), flush=True)
+  timing = common.MarkdownTable(
+      ['fprop_dtype', f'step s at {size} layers (median)',
+       f'step ÷ {first}\'s, median (min–max) over rounds'],
+      [(d, f'{sorted(times[d])[len(times[d]) // 2]:.2f}',
+        '{:.2f}× ({:.2f}–{:.2f})'.format(*common.Spread(
+            [t / b for t, b in zip(times[d], times[first])])))
+       for d in dtypes])
+  print(timing, flush=True)
+  if _WRITE.value:
+    config = _Config(cap)
+    config.update({
+        'compute dtypes': f'{", ".join(dtypes)} (PipeliningLayer.fprop_dtype;'
+                          ' variables, gradients and the loss float32)',
+        'timing': f'{name}, M={m}, {size} layers: {_TIMING_ROUNDS.value} '
+                  'rounds, the dtypes alternating, each a fresh uncapped '
+                  'process with oneDNN on, its best of 3 measured steps',
+    })
+    command = ('python -m bench.memory' +
+               f' --fprop_dtypes={",".join(dtypes)}' +
+               f' --num_micro_batches={",".join(_MICRO_BATCHES.value)}' +
+               (f' --timing_size={_TIMING_SIZE.value}'
+                if _TIMING_SIZE.value else '') +
+               f' --timing_rounds={_TIMING_ROUNDS.value}' +
+               (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
+               _ExecutorFlag() + ' --write_results')
+    path = common.WriteResults(
+        'memory_precision.md', 'Capacity and step time by compute dtype',
+        command, facts, config, table + '\n\n' + timing)
+    print(f'wrote {path}', flush=True)
+
+
 def main(argv):
   del argv
   facts = common.MachineFacts()
   cap = _CAP_MB.value or _Calibrate()
   print(f'cap: {cap} MB', flush=True)
-  if _SCHEDULES.value:
+  if _FPROP_DTYPES.value:
+    Precisions(cap, facts)
+  elif _SCHEDULES.value:
     Schedules(cap, facts)
   elif _NUM_WORKERS.value:
     PipelineK(cap, facts)

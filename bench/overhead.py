@@ -44,6 +44,10 @@ _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 2, 'Unmeasured steps of '
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Measured rounds.')
 _STEPS_PER_ROUND = flags.DEFINE_integer('steps_per_round', 3, 'Steps of each '
                                         'configuration per round.')
+_FPROP_DTYPE = flags.DEFINE_enum(
+    'fprop_dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+    'The dtype every configuration computes in (variables float32); '
+    'bfloat16 or float16 writes overhead_<dtype>.md.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
                                    'to bench/results/overhead.md.')
 
@@ -68,7 +72,8 @@ def Run() -> tuple[list[list], dict]:
   configs = []
   for label, plain, m, recompute, goal in _CONFIGS:
     m = m or _INFO_MICRO_BATCHES.value
-    model = common.BuildPipeline(layers, 1, m, recompute)
+    model = common.BuildPipeline(layers, 1, m, recompute,
+                                 fprop_dtype=_FPROP_DTYPE.value)
     configs.append((label.format(m=m), common.TrainStep(model, plain), goal))
   for label, step, _ in configs:
     trace, _ = common.RunOnce(step, x)
@@ -104,7 +109,8 @@ def Run() -> tuple[list[list], dict]:
                  _Cell(cpu[i]), _Cell(cpu_ratios, 1, '.3f'), verdict])
   config = {
       'model': f'{_NUM_LAYERS.value} × Dense({_DIM.value}→{_DIM.value}, relu), '
-               f'batch {_BATCH.value}, fp32',
+               f'batch {_BATCH.value}, variables float32, computing in '
+               f'{_FPROP_DTYPE.value}',
       'step': 'tf.function: plain GradientTape around the model, loss = '
               'mean(y²), gradients of all variables',
       'schedule': f'{_WARMUP_STEPS.value} warm-up steps each, then '
@@ -130,8 +136,10 @@ def main(argv):
   print(table)
   if _WRITE_RESULTS.value:
     command = 'python -m bench.overhead ' + ' '.join(sys.argv[1:])
+    name = ('overhead.md' if _FPROP_DTYPE.value == 'float32' else
+            f'overhead_{_FPROP_DTYPE.value}.md')
     path = common.WriteResults(
-        'overhead.md', 'PipeliningLayer overhead at K=1 vs the plain stack',
+        name, 'PipeliningLayer overhead at K=1 vs the plain stack',
         command, facts, config, table)
     print(f'wrote {path}')
 

@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import pipeline
@@ -94,6 +95,10 @@ _LOSS_INSIDE = flags.DEFINE_bool(
     'loss_inside_pipeline', False, "Compute the loss per micro-batch on the "
     "last cell (PipeliningLayer.FPropLoss) instead of on the whole batch's "
     'outputs under the tape.')
+_FPROP_DTYPE = flags.DEFINE_enum(
+    'fprop_dtype', 'float32', list(precision.FPROP_DTYPES),
+    "PipeliningLayer's fprop_dtype: the dtype its layers compute in "
+    '(variables stay float32; the loss is computed in float32).')
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
@@ -162,13 +167,17 @@ def _Devices() -> tuple[int, list[str]]:
 def Measure() -> dict:
   """Builds the stack, runs warm-up plus measured steps, returns the figures."""
   k, devices = _Devices()
-  layers, x, loss_fn = _Stack()
+  layers, x, stack_loss = _Stack()
+
+  def loss_fn(y):  # float32, whatever the layers compute in (precision.py)
+    return stack_loss(precision.CastFloats(y, tf.float32))
   p = pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=k,
       num_micro_batches=_NUM_MICRO_BATCHES.value, recompute=_RECOMPUTE.value,
       input_grads_first=_INPUT_GRADS_FIRST.value, devices=devices,
       executor=_EXECUTOR.value, schedule=_SCHEDULE.value,
-      cells_per_device=_CELLS_PER_DEVICE.value)
+      cells_per_device=_CELLS_PER_DEVICE.value,
+      fprop_dtype=_FPROP_DTYPE.value)
   model = p.Instantiate()
   variables = model.trainable_variables
 
@@ -221,7 +230,8 @@ def Measure() -> dict:
               recompute=_RECOMPUTE.value, schedule=_SCHEDULE.value,
               cells_per_device=_CELLS_PER_DEVICE.value,
               num_cells=len(model.cells),
-              loss_inside_pipeline=_LOSS_INSIDE.value)
+              loss_inside_pipeline=_LOSS_INSIDE.value,
+              fprop_dtype=_FPROP_DTYPE.value)
 
 
 def main(argv):
