@@ -119,6 +119,12 @@ class TrainProgram:
     self.loss_scale = loss_scale.DynamicLossScale(
         p.loss_scale_initial, p.loss_scale_growth_steps,
         enabled=loss_scale.Needed(p.loss_scale, self.compute_dtypes))
+    if self.compute_dtypes != ['float32']:
+      logging.info(
+          'Layers compute in %s over float32 variables; loss scaling: %s.',
+          ' and '.join(self.compute_dtypes),
+          f'dynamic, from {p.loss_scale_initial:g}' if self.loss_scale.enabled
+          else 'none')
     self.checkpointer = MakeCheckpointer(params, logdir, self.task,
                                          self.global_step, self.optimizer,
                                          self._iterator, self.loss_scale)

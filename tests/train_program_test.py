@@ -1,5 +1,7 @@
 """TrainProgram in-process: exact resume, and a non-finite step that changes nothing."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,6 +9,7 @@ import tensorflow as tf
 from lingvo_gpipe import experiment
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import summary
 
 _TOY = 'example.toy.ToyRegression'
 
@@ -133,15 +136,20 @@ def test_step_keeps_activations_on_the_cells_devices(tmp_path):
   assert losses and all(op.device.endswith('CPU:2') for op in losses)
 
 
-def test_float16_overflow_skips_steps_changes_no_weight_and_goes_on(tmp_path):
+def test_float16_overflow_skips_steps_changes_no_weight_and_goes_on(
+    tmp_path, caplog):
   """Scaled by 2^100 the float16 backward overflows: each such step applies
   nothing (weights, slots, iterations, BatchNorm) and halves the scale,
-  counted; once the scale fits the run trains as usual."""
+  counted and logged; once the scale fits the run trains as usual, and
+  TensorBoard has the scale and the count."""
   program = _Program(tmp_path, 'task.fprop_dtype=float16; '
                      'train.loss_scale_initial=1.2676506002282294e30')
   assert program.loss_scale.enabled
   before = _Weights(program)
-  program.Run(until_step=1)
+  with caplog.at_level(logging.WARNING):
+    program.Run(until_step=1)
+  assert 'overflowed at loss scale 1.26765e+30' in caplog.text
+  assert 'halved to 6.33825e+29 (1 steps skipped so far)' in caplog.text
   assert program.step == 1
   assert int(program.optimizer.iterations.numpy()) == 0
   assert int(program.loss_scale.skipped_steps.numpy()) == 1
@@ -156,6 +164,9 @@ def test_float16_overflow_skips_steps_changes_no_weight_and_goes_on(tmp_path):
   assert float(program.loss_scale.scale.numpy()) <= 2.0**16
   assert not all(np.array_equal(a, b) for a, b in zip(before,
                                                       _Weights(program)))
+  events = summary.ReadEvents(str(tmp_path / train_program.TRAIN_SUBDIR))
+  assert events['skipped_steps'][-1] == (100, skipped)
+  assert events['loss_scale'][-1][1] == float(program.loss_scale.scale.numpy())
 
 
 def test_the_loss_scale_resumes_and_other_settings_restart_it(tmp_path):

@@ -159,6 +159,14 @@ def test_print_params_and_list_models():
   assert 'task.network.pipeline.num_micro_batches : 4' in printed.stdout
 
 
+def test_fprop_dtype_flag_trains_in_float16_with_loss_scaling(tmp_path):
+  result = _Train(tmp_path, '--fprop_dtype=float16', '--max_steps=4')
+  assert ('Layers compute in float16 over float32 variables; loss scaling: '
+          'dynamic, from 32768.') in result.stderr
+  params = (tmp_path / 'params.txt').read_text()
+  assert 'task.fprop_dtype : tf.float16' in params
+
+
 _BAD_INPUTS = [
     ('unknown_model', ['--model=example.toy.ToyRegresion', '--logdir={tmp}'],
      ExitStatus.USAGE, ["Unknown model name 'example.toy.ToyRegresion'",

@@ -3,7 +3,8 @@
 `image.digits.AmoebaNetTiny` is README's run command; it must reach 97% test
 accuracy. `mt.synthetic.TransformerTiny` must copy its sequences with 95%
 sequence accuracy. Both train their registered configs unchanged, through a
-2-cell pipeline on two logical CPU devices; only --logdir differs.
+2-cell pipeline on two logical CPU devices; only --logdir differs. Each also
+in bfloat16 (--fprop_dtype=bfloat16, variables float32), to the same goal.
 """
 
 import os
@@ -38,9 +39,14 @@ def _FinalEval(logdir, tag):
   return max(summary.ReadEvents(os.path.join(logdir, 'eval_test'))[tag])
 
 
+_DTYPES = pytest.mark.parametrize('dtype_flags', [[], ['--fprop_dtype=bfloat16']],
+                                  ids=['float32', 'bfloat16'])
+
+
 @pytest.mark.heavy
-def test_readme_default_job_reaches_97_percent_on_digits(tmp_path):
-  flags = _ReadmeRunFlags()
+@_DTYPES
+def test_readme_default_job_reaches_97_percent_on_digits(tmp_path, dtype_flags):
+  flags = _ReadmeRunFlags() + dtype_flags
   assert '--model=image.digits.AmoebaNetTiny' in flags
   assert '--mode=train_and_eval' in flags
   _Train(flags, tmp_path)
@@ -50,9 +56,10 @@ def test_readme_default_job_reaches_97_percent_on_digits(tmp_path):
 
 
 @pytest.mark.heavy
-def test_transformer_tiny_learns_to_copy(tmp_path):
-  _Train(['--model=mt.synthetic.TransformerTiny', '--mode=train_and_eval'],
-         tmp_path)
+@_DTYPES
+def test_transformer_tiny_learns_to_copy(tmp_path, dtype_flags):
+  _Train(['--model=mt.synthetic.TransformerTiny', '--mode=train_and_eval',
+          *dtype_flags], tmp_path)
   step, accuracy = _FinalEval(tmp_path, 'sequence_accuracy')
   assert step == 1000
   assert accuracy >= 0.95, accuracy
