@@ -487,6 +487,15 @@ def PipelineK(cap: int, facts: dict) -> None:
         print(f'wrote {_WritePipelineK(cap, facts, table)}', flush=True)
 
 
+def _ComparisonCommand(*flags: str) -> str:
+  """The command line of a --schedules or --fprop_dtypes results file."""
+  tail = [f'--timing_size={_TIMING_SIZE.value}' if _TIMING_SIZE.value else '',
+          f'--timing_rounds={_TIMING_ROUNDS.value}',
+          f'--cap_mb={_CAP_MB.value}' if _CAP_MB.value else '']
+  return ' '.join(['python -m bench.memory', *[f for f in (*flags, *tail) if f]]
+                  ) + _ExecutorFlag() + ' --write_results'
+
+
 def _ScheduleFlags(entry: str, m: str) -> list[str]:
   """step_memory flags of a --schedules entry 'schedule:recompute'."""
   schedule, _, recompute = entry.partition(':')
@@ -549,16 +558,11 @@ def Schedules(cap: int, facts: dict) -> None:
                   f'each a fresh probe at {common_size} layers on capped '
                   'workers, its best of 3 measured steps',
     })
-    command = ('python -m bench.memory' +
-               f' --num_workers={k} --num_micro_batches={m}' +
-               f' --schedules={",".join(_SCHEDULES.value)}' +
-               (f' --capacities={",".join(_CAPACITIES.value)}'
-                if _CAPACITIES.value else '') +
-               (f' --timing_size={_TIMING_SIZE.value}'
-                if _TIMING_SIZE.value else '') +
-               f' --timing_rounds={_TIMING_ROUNDS.value}' +
-               (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
-               _ExecutorFlag() + ' --write_results')
+    command = _ComparisonCommand(
+        f'--num_workers={k} --num_micro_batches={m}',
+        f'--schedules={",".join(_SCHEDULES.value)}',
+        f'--capacities={",".join(_CAPACITIES.value)}'
+        if _CAPACITIES.value else '')
     path = common.WriteResults(
         'memory_schedules.md', 'Capacity and step time by schedule on '
         'capped workers', command, facts, config, table)
@@ -628,14 +632,9 @@ def Precisions(cap: int, facts: dict) -> None:
                   'rounds, the dtypes alternating, each a fresh uncapped '
                   'process with oneDNN on, its best of 3 measured steps',
     })
-    command = ('python -m bench.memory' +
-               f' --fprop_dtypes={",".join(dtypes)}' +
-               f' --num_micro_batches={",".join(_MICRO_BATCHES.value)}' +
-               (f' --timing_size={_TIMING_SIZE.value}'
-                if _TIMING_SIZE.value else '') +
-               f' --timing_rounds={_TIMING_ROUNDS.value}' +
-               (f' --cap_mb={_CAP_MB.value}' if _CAP_MB.value else '') +
-               _ExecutorFlag() + ' --write_results')
+    command = _ComparisonCommand(
+        f'--fprop_dtypes={",".join(dtypes)}',
+        f'--num_micro_batches={",".join(_MICRO_BATCHES.value)}')
     path = common.WriteResults(
         'memory_precision.md', 'Capacity and step time by compute dtype',
         command, facts, config, table + '\n\n' + timing)
