@@ -84,7 +84,8 @@ class BatchNorm(base_layer.BaseLayer):
   Training: normalizes with the batch's own moments and records them with
   `RecordStats` (applied at once, or by the context's StatsCollector after
   all micro-batches). Inference: normalizes with the moving averages. In a
-  16-bit fprop_dtype it normalizes in float32 and casts the result back.
+  16-bit fprop_dtype the statistics are float32: FusedBatchNorm computes
+  them so for images; other inputs are normalized in float32 and cast back.
   """
 
   cast_theta_to_fprop_dtype = False
@@ -116,14 +117,18 @@ class BatchNorm(base_layer.BaseLayer):
 
   def FProp(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
     _CheckInput(self.path, inputs.shape, self.params.dim)
+    if _CanFuse(inputs):
+      # FusedBatchNorm takes 16-bit images with float32 scale and offset and
+      # computes the statistics in float32 itself; its gradient keeps the
+      # 16-bit input, where casting it up first kept a float32 copy.
+      return self._FusedFProp(theta, inputs,
+                              base_layer.CurrentContext().training)
     return precision.InFloat32(functools.partial(self._Normalize, theta),
                                inputs)
 
   def _Normalize(self, theta: NestedMap, inputs: tf.Tensor) -> tf.Tensor:
     p = self.params
     training = base_layer.CurrentContext().training
-    if _CanFuse(inputs):
-      return self._FusedFProp(theta, inputs, training)
     if training:
       axes = list(range(inputs.shape.rank - 1))
       mean, variance = tf.nn.moments(inputs, axes)
