@@ -32,6 +32,7 @@ from absl import flags
 import tensorflow as tf
 
 from bench import common
+from lingvo_gpipe.core import precision
 from lingvo_gpipe.tools import stacks
 
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', 24, 'Dense layers in the stack.')
@@ -45,7 +46,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Measured rounds.')
 _STEPS_PER_ROUND = flags.DEFINE_integer('steps_per_round', 3, 'Steps of each '
                                         'configuration per round.')
 _FPROP_DTYPE = flags.DEFINE_enum(
-    'fprop_dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+    'fprop_dtype', 'float32', list(precision.FPROP_DTYPES),
     'The dtype every configuration computes in (variables float32); '
     'bfloat16 or float16 writes overhead_<dtype>.md.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '

@@ -200,16 +200,15 @@ def Validate(params: hyperparams.Params) -> None:
     value = _Get(params, path)
     if value is not None and value <= 0:
       raise hyperparams.ParamsError(f'{path}={value}: must be > 0.')
-  for path, node in _Walk(params):
-    if path.endswith('.fprop_dtype'):
-      try:
+  try:
+    for path, node in _Walk(params):
+      if path.endswith('.fprop_dtype'):
         precision.ComputeDtype(node, 'float32', path)
-      except ValueError as e:
-        raise hyperparams.ParamsError(str(e)) from None
-  mode = _Get(params, 'train.loss_scale')
-  if mode is not None and mode not in loss_scale.MODES:
-    raise hyperparams.ParamsError(
-        f'train.loss_scale={mode!r}: use one of {", ".join(loss_scale.MODES)}.')
+    mode = _Get(params, 'train.loss_scale')
+    if mode is not None:
+      loss_scale.CheckMode(mode)
+  except ValueError as e:
+    raise hyperparams.ParamsError(str(e)) from None
   CheckMicroBatches(params)
 
 

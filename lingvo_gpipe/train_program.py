@@ -173,12 +173,11 @@ class TrainProgram:
     out['step'] = tf.cond(out['finite'],
                           lambda: self.global_step.assign_add(1),
                           lambda: step)
-    with tf.control_dependencies([out['step']]):
-      if self.loss_scale.enabled:
-        with tf.control_dependencies([self.loss_scale.Update(
-            out['grads_finite'])]):
-          out['loss_scale'] = self.loss_scale.scale.read_value()
-          out['skipped_steps'] = self.loss_scale.skipped_steps.read_value()
+    if self.loss_scale.enabled:
+      with tf.control_dependencies([self.loss_scale.Update(
+          out['grads_finite'])]):
+        out['loss_scale'] = self.loss_scale.scale.read_value()
+        out['skipped_steps'] = self.loss_scale.skipped_steps.read_value()
     return out
 
   def _ReplicaStep(self, batch: NestedMap, step: tf.Tensor

@@ -28,15 +28,20 @@ MIN_SCALE = 1.0
 MODES = ('auto', 'dynamic', 'none')
 
 
+def CheckMode(mode: str) -> None:
+  """Raises ValueError naming MODES unless `mode` (train.loss_scale) is one."""
+  if mode not in MODES:
+    raise ValueError(f'train.loss_scale={mode!r}: use one of '
+                     f'{", ".join(MODES)}.')
+
+
 def Needed(mode: str, compute_dtypes: Sequence[Any]) -> bool:
   """Whether a run scales its loss: 'dynamic', or 'auto' with a float16 layer.
 
   Raises:
     ValueError: `mode` is not one of MODES.
   """
-  if mode not in MODES:
-    raise ValueError(f'train.loss_scale={mode!r}: use one of '
-                     f'{", ".join(MODES)}.')
+  CheckMode(mode)
   if mode == 'auto':
     return any(tf.as_dtype(d) == tf.float16 for d in compute_dtypes)
   return mode == 'dynamic'

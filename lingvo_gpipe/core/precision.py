@@ -125,7 +125,7 @@ def Softmax(logits: tf.Tensor, out_dtype: tf.DType) -> tf.Tensor:
   memory than the float32 model for the attention's largest activation.
   """
   if out_dtype in (tf.float32, tf.float64):
-    return tf.cast(tf.nn.softmax(tf.cast(logits, out_dtype)), out_dtype)
+    return tf.nn.softmax(tf.cast(logits, out_dtype))
 
   @tf.custom_gradient
   def Forward(x):
