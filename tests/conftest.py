@@ -15,3 +15,17 @@ NUM_TEST_CPUS = 4
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices('CPU')[0],
     [tf.config.LogicalDeviceConfiguration()] * NUM_TEST_CPUS)
+
+
+def pytest_collection_modifyitems(items):
+  """Files with heavy tests first, in their collected order, then the rest.
+
+  pytest.ini runs the suite in two processes, each taking a whole file at a
+  time (pytest-xdist's loadfile). Collected alphabetically, the longest file
+  (tests/params/default_jobs_test.py, two trainings at once for minutes) ran
+  last while the other process sat idle; started first, the short files
+  fill the other process around it.
+  """
+  heavy_files = {item.path for item in items
+                 if item.get_closest_marker('heavy') is not None}
+  items.sort(key=lambda item: item.path not in heavy_files)  # stable

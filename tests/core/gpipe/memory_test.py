@@ -17,12 +17,17 @@ What the design predicts at K=1, M=8:
   about plain again, so never/always >= 3 as well.
 """
 
+import functools
+
 import pytest
 
 from tests.support import binaries
 
 
+@functools.lru_cache(maxsize=None)
 def _PeakMiB(*flags):
+  """The step's peak in its own process; each configuration measured once per
+  test process, since several tests compare against the same one."""
   return binaries.StepMemory('--num_layers=24', '--dim=512', '--batch=4096',
                              *flags)['peak_bytes'] / 2**20
 
