@@ -15,6 +15,8 @@ spare row (`loop_spare_row`, skip_bubbles=False).
       --stack=transformer --dim=32 --micro_batches=8 --write_results
   python -m bench.executor_step --recompute=never --stack=transformer \\
       --dim=32 --micro_batches=8,32 --write_results
+  python -m bench.executor_step --one_device --micro_batches=8,64 \\
+      --write_results
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ VARIANTS = {
     'loop': dict(executor='loop', skip_bubbles=True),
     'loop_spare_row': dict(executor='loop', skip_bubbles=False),
     'loop_unpacked': dict(executor='loop', pack_weights=False),
+    'unrolled_jit': dict(executor='unrolled', jit_compile=True),
+    'loop_jit': dict(executor='loop', jit_compile=True),
 }
 
 _VARIANTS = flags.DEFINE_list('variants', 'unrolled,loop', 'Two of '
@@ -62,6 +66,10 @@ _CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                ['always', 'except_last', 'never'],
                                'Re-materialization, both variants.')
+_ONE_DEVICE = flags.DEFINE_bool('one_device', False, 'Place all K cells on '
+                                 "this process's one CPU device instead of K "
+                                 'logical ones: whether a cost lies in '
+                                 'crossing devices.')
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per variant per round.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
@@ -105,6 +113,8 @@ def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
 
 def _ResultsFile(variants: list[str]) -> str:
   clocks = f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else ''
+  if _ONE_DEVICE.value:
+    clocks += '_one_device'
   if _RECOMPUTE.value != 'always':
     clocks += f'_recompute_{_RECOMPUTE.value}'
   if (variants == ['unrolled', 'loop'] and _STACK.value == 'dense' and
@@ -123,7 +133,8 @@ def main(argv):
     raise app.UsageError(f'--variants={",".join(variants)}: name two '
                          f'different ones of {", ".join(VARIANTS)}.')
   facts = common.MachineFacts()
-  devices = placement.SplitCpu(_NUM_PARTITIONS.value)
+  devices = (['/device:CPU:0'] * _NUM_PARTITIONS.value if _ONE_DEVICE.value
+             else placement.SplitCpu(_NUM_PARTITIONS.value))
   first, second = variants
   rows = []
   for m in (int(v) for v in _MICRO_BATCHES.value):
@@ -151,8 +162,9 @@ def main(argv):
                f'{_BATCH.value}, recompute {_RECOMPUTE.value}')
     config = {
         'model': model,
-        'pipeline': f'K={_NUM_PARTITIONS.value} cells on as many logical '
-                    'CPU devices, one process; loop executor with '
+        'pipeline': f'K={_NUM_PARTITIONS.value} cells on ' + (
+            'one CPU device' if _ONE_DEVICE.value else
+            'as many logical CPU devices') + ', one process; loop executor with '
                     f'{_CLOCKS.value} clock(s) per iteration',
         'variants': '; '.join(f'{v}: {VARIANTS[v]}' for v in variants),
         'timing': f'{_ROUNDS.value} alternating rounds of {_STEPS.value} '

@@ -78,6 +78,23 @@ iteration, 1.4× at 4), at the price of a graph that many times the cells
 longer help (1.36×, 1.43× and 1.43× the unrolled step at 1, 2 and 4, M=64,
 one run each).
 
+Where the rest of a tiny cell's step goes (measured 2026-11-29, 16 ×
+Dense(64), batch 64, K=4, alternating in one process): not into crossing
+devices, since with all four cells on one device the loop's step is 1.68×
+and 2.67× the unrolled one's at M=8 and 64, against 1.76× and 1.69× on four
+logical devices (executor_step_d64_one_device.md, executor_step_d64.md); not
+into anything that grows with M, since at batch 256 the ratio stayed at
+1.45-1.64× from M=16 to 256 and the time a clock shrank as micro-batches
+did. A cell's backward clock runs 56 ops inside its branch, 28 of them the
+recomputation and gradients, each a few microseconds here; each op run
+inside a loop frame costs more than the same op outside, and that is the
+gap. Tried and not kept: looking each cell's clock up on its own device
+(one scalar sent a clock instead of two; 1.65× against 1.66× in one run),
+and XLA per cell: with `jit_compile` on both, the loop's step at M=64 was
+2.14× the unrolled one's (executor_step_unrolled_jit_vs_loop_jit_dense_d64_k4.md;
+a compiled cell is one launch, dearer than the few ops it replaces). Where cells do real work (narrow Transformer blocks,
+Dense(512)) the loop runs 0.68-1.1× the unrolled step.
+
 Why clocks and not micro-batches: a loop over micro-batches, each iteration
 running the micro-batch through all K cells with no `cond` (bubbles never
 run) and letting iterations overlap (`parallel_iterations` K) to pipeline,
