@@ -21,10 +21,12 @@ def pytest_collection_modifyitems(items):
   """Files with heavy tests first, in their collected order, then the rest.
 
   pytest.ini runs the suite in two processes, each taking a whole file at a
-  time (pytest-xdist's loadfile). Collected alphabetically, the longest file
-  (tests/params/default_jobs_test.py, two trainings at once for minutes) ran
-  last while the other process sat idle; started first, the short files
-  fill the other process around it.
+  time (pytest-xdist's loadfile, in this order: --no-loadscope-reorder; by
+  default xdist puts the files with most tests first). Ordered either
+  alphabetically or by test count, the longest file
+  (tests/params/default_jobs_test.py, two trainings at once for minutes)
+  started 19-22 minutes into a 28-minute run; started early, the short
+  files fill the other process around it.
   """
   heavy_files = {item.path for item in items
                  if item.get_closest_marker('heavy') is not None}
