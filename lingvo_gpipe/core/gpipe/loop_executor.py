@@ -91,9 +91,11 @@ inside a loop frame costs more than the same op outside, and that is the
 gap. Tried and not kept: looking each cell's clock up on its own device
 (one scalar sent a clock instead of two; 1.65× against 1.66× in one run),
 and XLA per cell: with `jit_compile` on both, the loop's step at M=64 was
-2.14× the unrolled one's (executor_step_unrolled_jit_vs_loop_jit_dense_d64_k4.md;
-a compiled cell is one launch, dearer than the few ops it replaces). Where cells do real work (narrow Transformer blocks,
-Dense(512)) the loop runs 0.68-1.1× the unrolled step.
+2.14× the unrolled one's
+(executor_step_unrolled_jit_vs_loop_jit_dense_d64_k4.md; a compiled cell is
+one launch, dearer than the few ops it replaces). Where cells do real work
+(narrow Transformer blocks, Dense(512)) the loop runs 0.68-1.1× the
+unrolled step.
 
 Why clocks and not micro-batches: a loop over micro-batches, each iteration
 running the micro-batch through all K cells with no `cond` (bubbles never
