@@ -131,7 +131,9 @@ class TrainProgram:
     self.writer = (tf.summary.create_file_writer(
         os.path.join(logdir, TRAIN_SUBDIR)) if model.is_chief else
                    tf.summary.create_noop_writer())
-    self._step_fn = tf.function(self._Step)
+    # The step's code uses tf.cond and tf.while_loop itself; autograph would
+    # only re-parse every layer's source at each trace.
+    self._step_fn = tf.function(self._Step, autograph=False)
 
   @property
   def step(self) -> int:
