@@ -16,7 +16,7 @@ cap under which the plain model fits 3 layers.
 
 --num_workers=1,2,4 gives Table 1's Pipeline-K columns instead: for each K,
 the same GPipe step with its K cells on K fresh TensorFlow worker processes
-(`cluster.StartLocalWorkers`, not pinned), each capped at the same cap, fed
+(`local_processes.StartLocalWorkers`, not pinned), each capped at the same cap, fed
 by an uncapped client that holds no variables (the input batch and the
 loss's first gradient; step_memory says what). Any failure of the
 client or of a worker counts as not fitting, and the workers are stopped
@@ -62,7 +62,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from bench import common
-from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 
 _MODEL = flags.DEFINE_enum('model', 'transformer', ['transformer', 'amoebanet'],
                            'transformer: search the most layers (Table 1); '
@@ -192,7 +192,7 @@ def _RunClient(cmd: list[str], env: dict, workers: Sequence[subprocess.Popen]
         else:
           time.sleep(1.0)
     finally:
-      cluster.StopAll([client])
+      local_processes.StopAll([client])
     out.seek(0)
     err.seek(0)
     return (None if stopped else client.returncode, out.read(), err.read(),
@@ -229,7 +229,7 @@ def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
   hosts, workers = [], []
   try:
     if num_workers:
-      hosts, workers = cluster.StartLocalWorkers(num_workers,
+      hosts, workers = local_processes.StartLocalWorkers(num_workers,
                                                  mem_limit_mb=cap_mb)
     start_rss = [_Status(w.pid, 'VmRSS') for w in workers]
     code, stdout, stderr, stopped = _RunClient(
@@ -238,7 +238,7 @@ def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
     reasons = [f'worker {k} exited with {w.poll()}'
                for k, w in enumerate(workers) if w.poll() is not None]
   finally:
-    cluster.StopAll(workers)
+    local_processes.StopAll(workers)
   if stopped:
     reasons.append(stopped)
   elif code == 3:  # step_memory's exit on ResourceExhaustedError
@@ -430,7 +430,7 @@ def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
       'pipeline': 'PipeliningLayer, K cells on K workers (cell k on worker '
                   'k), recompute always, partition_method params (the '
                   'default)',
-      'workers': 'lingvo_gpipe.tools.worker via cluster.StartLocalWorkers, '
+      'workers': 'lingvo_gpipe.tools.worker via local_processes.StartLocalWorkers, '
                  'fresh for every probe, not pinned (all share the cores); '
                  'under a cap worker.py sets TF_ENABLE_ONEDNN_OPTS=0, though '
                  "Einsum still runs oneDNN's kernel",

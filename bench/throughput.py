@@ -40,6 +40,7 @@ import tensorflow as tf
 from bench import common
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import pipelined_loss
@@ -221,7 +222,7 @@ def RunDriver():
       raise app.UsageError(f'--schedules: unknown schedule {name!r}; valid: '
                            f'{", ".join(pipeline.SCHEDULES)}.')
   me = [sys.executable, '-m', 'bench.throughput']
-  hosts, workers = cluster.StartLocalWorkers(2, pin=True)
+  hosts, workers = local_processes.StartLocalWorkers(2, pin=True)
   children = []
   try:
     baseline = _Child(['taskset', '-c', '0', *me, '--role=baseline', *shape], env)
@@ -246,7 +247,7 @@ def RunDriver():
   finally:
     for child in children:
       child.stdin.close()
-    cluster.StopAll(children + workers)
+    local_processes.StopAll(children + workers)
   rows = []
   for name, values in times.items():
     if name == 'plain':

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 from lingvo_gpipe.core import summary
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 from tests.support import binaries
@@ -28,7 +28,7 @@ _STARTUP_SECS = 120
 
 @contextlib.contextmanager
 def _TensorBoard(logdir):
-  port = cluster.FreePorts(1)[0]
+  port = local_processes.FreePorts(1)[0]
   process = binaries.Start(
       'tensorboard.main', f'--logdir={logdir}', '--host=127.0.0.1',
       f'--port={port}', '--reload_interval=1', stdout=subprocess.DEVNULL,

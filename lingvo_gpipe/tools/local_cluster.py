@@ -35,7 +35,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 
 flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 
@@ -109,17 +109,17 @@ def _Stoppable(run: Callable[[], int]) -> int:
 def _RunStages(num_workers: int, trainer_flags: list[str]) -> int:
   workers = []
   try:
-    hosts, workers = cluster.StartLocalWorkers(
+    hosts, workers = local_processes.StartLocalWorkers(
         num_workers, _MEM_LIMIT.value, _PIN.value, _STARTUP.value)
     logging.info('Workers listening at %s.', ', '.join(hosts))
     return _Supervise([[*trainer_flags, f'--worker_hosts={",".join(hosts)}']])
   finally:
     _IgnoreStopSignals()
-    cluster.StopAll(workers)
+    local_processes.StopAll(workers)
 
 
 def _RunReplicas(num: int, trainer_flags: list[str]) -> int:
-  hosts = [f'127.0.0.1:{p}' for p in cluster.FreePorts(num)]
+  hosts = [f'127.0.0.1:{p}' for p in local_processes.FreePorts(num)]
   logging.info('Replica processes at %s.', ', '.join(hosts))
   return _Supervise([[*trainer_flags, f'--replica_hosts={",".join(hosts)}',
                       f'--replica_index={i}'] for i in range(num)])
@@ -139,7 +139,7 @@ def _Supervise(flag_lists: list[list[str]]) -> int:
     for trainer_flags in flag_lists:
       trainers.append(subprocess.Popen(
           [sys.executable, '-m', 'lingvo_gpipe.trainer', *trainer_flags],
-          preexec_fn=cluster.DieWithThisProcess()))
+          preexec_fn=local_processes.DieWithThisProcess()))
     while True:
       statuses = [t.poll() for t in trainers]
       failed = [s for s in statuses if s]
@@ -163,7 +163,7 @@ def _Supervise(flag_lists: list[list[str]]) -> int:
         trainer.wait(timeout=max(0.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
         pass
-  cluster.StopAll(trainers)
+  local_processes.StopAll(trainers)
   if stop_signal is not None:
     return (EXIT_INTERRUPTED if stop_signal == signal.SIGINT
             else EXIT_TERMINATED)

@@ -183,7 +183,7 @@ def Measure() -> dict:
 
   # Device scopes keep the loss and the gradient sums where their inputs are:
   # with workers, unplaced ops would run in (and copy tensors to) this client.
-  @tf.function
+  @tf.function(autograph=False)  # nothing to convert; tracing is shorter
   def Step(x):
     with base_layer.Context(training=True):
       with tf.GradientTape() as tape:

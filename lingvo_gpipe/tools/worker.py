@@ -4,7 +4,7 @@ r"""A TensorFlow worker process: runs the pipeline cells a trainer places on it.
       --task_index=0
 
 Serves until killed, or until the process that launched it ends: a worker
-started by `cluster.StartLocalWorkers` (LINGVO_GPIPE_LAUNCHER_PID in its
+started by `local_processes.StartLocalWorkers` (LINGVO_GPIPE_LAUNCHER_PID in its
 environment) never outlives its launcher. Start one per host:port in
 --worker_hosts (task k listens on the k-th), then run the trainer with the
 same --worker_hosts; `lingvo_gpipe.tools.local_cluster` does both on this
@@ -26,6 +26,7 @@ from absl import logging
 import tensorflow as tf
 
 from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 
 flags.adopt_module_key_flags(tf_env)  # --tf_logs in --help
 _HOSTS = flags.DEFINE_string('worker_hosts', None,
@@ -38,11 +39,11 @@ def ExitWithLauncher(poll_secs: float = _LAUNCHER_POLL_SECS) -> None:
   """Ends this process within poll_secs of its launcher's end, if it has one.
 
   The portable fallback of the SIGKILL the launcher asks Linux to send
-  (cluster.DieWithThisProcess): a worker left behind would serve forever. The
+  (local_processes.DieWithThisProcess): a worker left behind would serve forever. The
   parent pid changes when the parent dies. No-op without
-  cluster.LAUNCHER_PID_ENV.
+  local_processes.LAUNCHER_PID_ENV.
   """
-  value = os.environ.get(cluster.LAUNCHER_PID_ENV, '')
+  value = os.environ.get(local_processes.LAUNCHER_PID_ENV, '')
   if not value.isdigit():
     return
   launcher = int(value)

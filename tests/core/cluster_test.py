@@ -1,12 +1,10 @@
-"""cluster: bounded waits for workers, the liveness watchdog, children that die with their parent.
+"""cluster: bounded waits for workers, the liveness watchdog, the lost-worker exit.
 
 The watchdog's probe is replaced by a fake here (connecting this test process
 to a cluster would change TensorFlow's context for every other test);
 tests/tools/worker_faults_test.py runs it against real workers.
 """
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 from tests.support import binaries
 
 _FLAG = '--worker_timeout_secs'
@@ -31,7 +30,7 @@ def test_check_timeout_refuses_what_is_not_finite_and_positive(value):
 
 
 def test_wait_for_workers_names_the_host_nothing_listens_at():
-  hosts = [f'127.0.0.1:{p}' for p in cluster.FreePorts(2)]
+  hosts = [f'127.0.0.1:{p}' for p in local_processes.FreePorts(2)]
   with pytest.raises(cluster.WorkerLostError) as e:
     cluster.WaitForWorkers(hosts, 0.5, _FLAG)
   assert str(e.value).startswith(f'worker task 0 ({hosts[0]}) is not '
@@ -192,7 +191,7 @@ _KILLED_TEXT = (
 def test_lost_worker_message_names_the_worker_that_no_longer_answers(
     monkeypatch):
   # TensorFlow's text names task 0 too, which only relayed the failure.
-  dead = f'127.0.0.1:{cluster.FreePorts(1)[0]}'
+  dead = f'127.0.0.1:{local_processes.FreePorts(1)[0]}'
   with _Server(greet=True) as live:
     monkeypatch.setattr(cluster, '_connected_hosts', [live.host, dead])
     message = cluster.LostWorkerMessage(
@@ -217,78 +216,6 @@ def test_lost_worker_message_falls_back_on_the_tasks_tensorflow_names(
   lost = cluster.WorkerLostError('worker task 0 (h:1) did not answer')
   assert cluster.LostWorkerMessage(lost) == str(lost)
   assert cluster.LostWorkerMessage(ValueError('x')) is None
-
-
-def test_stop_all_ends_a_stopped_process_without_waiting_out_the_grace():
-  # One that handles SIGTERM (as the trainer does): stopped, it would handle
-  # it only once resumed, after StopAll's grace.
-  process = subprocess.Popen(
-      [sys.executable, '-c',
-       'import signal, sys, time\n'
-       'signal.signal(signal.SIGTERM, lambda *unused: sys.exit(7))\n'
-       "print('ready', flush=True)\n"
-       'time.sleep(60)\n'], stdout=subprocess.PIPE, text=True)
-  try:
-    assert process.stdout.readline() == 'ready\n'
-    os.kill(process.pid, signal.SIGSTOP)
-    cluster.StopAll([process], grace_secs=20)
-    assert process.returncode == 7  # its SIGTERM handler ran: not killed
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-    process.stdout.close()
-
-
-def test_die_with_this_process_only_from_the_main_thread():
-  assert callable(cluster.DieWithThisProcess())
-  found = []
-  thread = threading.Thread(
-      target=lambda: found.append(cluster.DieWithThisProcess()))
-  thread.start()
-  thread.join()
-  assert found == [None]
-
-
-def _Gone(pid):
-  """True when pid no longer runs (a zombie left for init counts as gone)."""
-  try:
-    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
-      return f.read().rpartition(')')[2].split()[0] in ('Z', 'X')
-  except FileNotFoundError:
-    return True
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'),
-                    reason='PR_SET_PDEATHSIG is Linux only')
-def test_a_child_dies_with_its_killed_parent():
-  # A parent started with DieWithThisProcess's preexec_fn, killed outright.
-  parent = subprocess.Popen(
-      [sys.executable, '-c',
-       'import subprocess, sys, time\n'
-       'from lingvo_gpipe.core import cluster\n'
-       "child = subprocess.Popen(['sleep', '300'], "
-       'preexec_fn=cluster.DieWithThisProcess())\n'
-       'print(child.pid, flush=True)\n'
-       'time.sleep(300)\n'],
-      stdout=subprocess.PIPE, text=True, cwd=binaries.REPO_ROOT,
-      env=binaries.Env())
-  child = None
-  try:
-    child = int(parent.stdout.readline())
-    assert not _Gone(child)
-    parent.kill()
-    parent.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not _Gone(child) and time.monotonic() < deadline:
-      time.sleep(0.05)
-    assert _Gone(child)
-  finally:
-    if parent.poll() is None:
-      parent.kill()
-      parent.wait()
-    if child and not _Gone(child):
-      os.kill(child, signal.SIGKILL)
 
 
 def test_exit_process_on_lost_exits_while_the_main_thread_is_blocked():

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,7 +33,7 @@ def test_cells_on_two_workers_leave_the_client_only_the_input(
   schedule_flags = [] if schedule == 'gpipe' else [
       f'--schedule={schedule}', '--loss_inside_pipeline',
       f'--cells_per_device={2 if interleaved else 1}']
-  hosts, workers = cluster.StartLocalWorkers(2)
+  hosts, workers = local_processes.StartLocalWorkers(2)
   try:
     # 4 Dense(1024): 16 MiB of weights, 16 MiB of gradients; the input is
     # 64 x 1024 floats, 0.25 MiB (sending it costs the client a few copies).
@@ -47,7 +47,7 @@ def test_cells_on_two_workers_leave_the_client_only_the_input(
                             PYTHONPATH=_REPO),
         capture_output=True, text=True, timeout=120, check=False)
   finally:
-    cluster.StopAll(workers)
+    local_processes.StopAll(workers)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['num_partitions'] == 2 and result['num_workers'] == 2

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
-from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import local_processes
 from lingvo_gpipe.run_errors import ExitStatus
 from tests.support import binaries
 
@@ -122,7 +122,7 @@ def _Kill(pids):
 
 
 def test_trainer_exits_worker_lost_when_no_worker_listens(tmp_path):
-  host = f'127.0.0.1:{cluster.FreePorts(1)[0]}'
+  host = f'127.0.0.1:{local_processes.FreePorts(1)[0]}'
   result = binaries.Run(binaries.TRAINER, f'--model={_TOY}',
                         f'--logdir={tmp_path}', f'--worker_hosts={host}',
                         f'{_FLAG}=3', timeout=120)
@@ -146,7 +146,7 @@ def _LoseAWorkerMidRun(tmp_path, fault):
   Returns (trainer's status, its stderr, worker 1's host); every process is
   gone by then. The trainer must end within 60 s of the fault.
   """
-  hosts, workers = cluster.StartLocalWorkers(2, startup_timeout_secs=180)
+  hosts, workers = local_processes.StartLocalWorkers(2, startup_timeout_secs=180)
   trainer = None
   try:
     with open(tmp_path / 'stderr', 'w+', encoding='utf-8') as stderr:
@@ -166,7 +166,7 @@ def _LoseAWorkerMidRun(tmp_path, fault):
     if trainer is not None and trainer.poll() is None:
       trainer.kill()
       trainer.wait()
-    cluster.StopAll(workers, grace_secs=5)  # resumes a stopped one first
+    local_processes.StopAll(workers, grace_secs=5)  # resumes a stopped one first
   assert _WaitGone([trainer.pid] + [w.pid for w in workers], 10)
   _AssertNotListening(hosts)
   return status, text, hosts[1]
@@ -249,9 +249,9 @@ def test_trainer_and_workers_die_with_a_killed_launcher(tmp_path):
 def test_a_worker_exits_when_its_launcher_is_gone():
   # The portable fallback: the launcher's pid in the environment is not this
   # worker's parent (as after the launcher's death), so it exits at once.
-  host = f'127.0.0.1:{cluster.FreePorts(1)[0]}'
+  host = f'127.0.0.1:{local_processes.FreePorts(1)[0]}'
   result = binaries.Run('lingvo_gpipe.tools.worker', f'--worker_hosts={host}',
                         '--task_index=0', timeout=120,
-                        **{cluster.LAUNCHER_PID_ENV: '1'})
+                        **{local_processes.LAUNCHER_PID_ENV: '1'})
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'The launcher (pid 1) is gone' in result.stderr
