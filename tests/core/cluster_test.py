@@ -6,8 +6,6 @@ tests/tools/worker_faults_test.py runs it against real workers.
 """
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -219,14 +217,11 @@ def test_lost_worker_message_falls_back_on_the_tasks_tensorflow_names(
 
 
 def test_exit_process_on_lost_exits_while_the_main_thread_is_blocked():
-  result = subprocess.run(
-      [sys.executable, '-c',
-       'import threading\n'
-       'from lingvo_gpipe.core import cluster\n'
-       'exit_now = cluster.ExitProcessOnLost(5)\n'
-       "threading.Timer(0.2, exit_now, ['worker task 1 (h:2) lost']).start()\n"
-       'threading.Event().wait(60)\n'],
-      capture_output=True, text=True, timeout=60, cwd=binaries.REPO_ROOT,
-      env=binaries.Env(), check=False)
+  result = binaries.RunPython(
+      'import threading\n'
+      'from lingvo_gpipe.core import cluster\n'
+      'exit_now = cluster.ExitProcessOnLost(5)\n'
+      "threading.Timer(0.2, exit_now, ['worker task 1 (h:2) lost']).start()\n"
+      'threading.Event().wait(60)\n')
   assert result.returncode == 5, result.stderr[-2000:]
   assert result.stderr.endswith('error: worker task 1 (h:2) lost\n')

@@ -16,15 +16,12 @@ from tests.support import binaries
 def test_the_launcher_starts_without_tensorflow():
   # local_cluster only starts and watches processes: importing TensorFlow
   # would cost it seconds and hundreds of MB it never uses.
-  result = subprocess.run(
-      [sys.executable, '-c',
-       'import sys\n'
-       'import lingvo_gpipe.core.local_processes\n'
-       'import lingvo_gpipe.tools.local_cluster\n'
-       "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-       "('tensorflow', 'keras')))\n"],
-      capture_output=True, text=True, timeout=60, cwd=binaries.REPO_ROOT,
-      env=binaries.Env(), check=False)
+  result = binaries.RunPython(
+      'import sys\n'
+      'import lingvo_gpipe.core.local_processes\n'
+      'import lingvo_gpipe.tools.local_cluster\n'
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+      "('tensorflow', 'keras')))\n")
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout == '[]\n'
 

@@ -47,6 +47,13 @@ def Run(module: str, *flags: str, timeout: Optional[float] = 300,
                         check=False)
 
 
+def RunPython(code: str, timeout: Optional[float] = 60) -> subprocess.CompletedProcess:
+  """Runs `python -c code` as Run runs a binary (text stdout and stderr kept)."""
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=Env(),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
 def StepMemory(*flags: str, timeout: Optional[float] = 300) -> dict:
   """step_memory's measurement (peak_bytes, ...) of one step, in a process of its own.
 
