@@ -1,4 +1,4 @@
-"""TrainProgram in-process: exact resume, and a non-finite step that changes nothing."""
+"""TrainProgram in-process: exact resume, a non-finite step that changes nothing, no autograph."""
 
 import logging
 
@@ -183,3 +183,20 @@ def test_the_loss_scale_resumes_and_other_settings_restart_it(tmp_path):
   assert plain.Restore() == 3 and not plain.loss_scale.enabled
   for a, b in zip(_Weights(first), _Weights(plain)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_is_traced_without_autograph(tmp_path, monkeypatch):
+  # README: layers branch on tensors with tf.cond; autograph, which would
+  # turn this Python `if` into one, re-parsed every layer at each trace.
+  program = _Program(tmp_path)
+  fprop = program.task.FPropDefaultTheta
+
+  def BranchingFProp(batch):
+    metrics = fprop(batch)
+    if metrics.loss[0] > 0:  # a Python bool of a tensor
+      pass
+    return metrics
+
+  monkeypatch.setattr(program.task, 'FPropDefaultTheta', BranchingFProp)
+  with pytest.raises(tf.errors.OperatorNotAllowedInGraphError):
+    program.Run(until_step=1)
