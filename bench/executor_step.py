@@ -17,13 +17,17 @@ spare row (`loop_spare_row`, skip_bubbles=False).
       --dim=32 --micro_batches=8,32 --write_results
   python -m bench.executor_step --one_device --micro_batches=8,64 \\
       --write_results
+  python -m bench.executor_step --one_device --micro_batches=8,64 \\
+      --variants=unrolled,loop_unlowered --write_results
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
+from typing import Iterator
 
 from bench import tf_setup
 
@@ -31,6 +35,8 @@ tf_setup.Setup()  # before TensorFlow loads: log noise, TensorFlow's own allocat
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+
+from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
 
 from bench import common
 from lingvo_gpipe.core.gpipe import placement
@@ -45,7 +51,12 @@ VARIANTS = {
     'loop_unpacked': dict(executor='loop', pack_weights=False),
     'unrolled_jit': dict(executor='unrolled', jit_compile=True),
     'loop_jit': dict(executor='loop', jit_compile=True),
+    # The loop executor with TensorFlow's loops left as functional While ops
+    # (each iteration calls the body as a function) instead of lowered to
+    # frames; such a loop runs its whole body on one device (--one_device).
+    'loop_unlowered': dict(executor='loop'),
 }
+_UNLOWERED = ('loop_unlowered',)
 
 _VARIANTS = flags.DEFINE_list('variants', 'unrolled,loop', 'Two of '
                               f'{", ".join(VARIANTS)}; the ratio is the '
@@ -86,6 +97,20 @@ def _Stack() -> stacks.Stack:
   return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
 
 
+@contextlib.contextmanager
+def _Lowering(lower: bool) -> Iterator[None]:
+  """Loops and conds built inside are lowered to frames (TensorFlow's default) or not.
+
+  TensorFlow reads this private switch as it builds each While and If op.
+  """
+  saved = control_flow_util_v2._DISABLE_LOWER_USING_SWITCH_MERGE  # pylint: disable=protected-access
+  control_flow_util_v2._DISABLE_LOWER_USING_SWITCH_MERGE = not lower  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    control_flow_util_v2._DISABLE_LOWER_USING_SWITCH_MERGE = saved  # pylint: disable=protected-access
+
+
 def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
   """Per variant, each round's median step (s); and the per-round ratios."""
   steps = {}
@@ -95,8 +120,9 @@ def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
         layers, _NUM_PARTITIONS.value, m, _RECOMPUTE.value, devices,
         clocks_per_iteration=_CLOCKS.value, **VARIANTS[name])
     steps[name] = (common.TrainStep(model, plain=False, loss_fn=loss_fn), x)
-    for _ in range(3):  # trace, first step, warm-up
-      common.RunOnce(*steps[name])
+    with _Lowering(name not in _UNLOWERED):  # the first call traces
+      for _ in range(3):  # trace, first step, warm-up
+        common.RunOnce(*steps[name])
   medians = {name: [] for name in variants}
   for _ in range(_ROUNDS.value):
     for name in variants:
@@ -132,6 +158,9 @@ def main(argv):
   if unknown or len(variants) != 2 or variants[0] == variants[1]:
     raise app.UsageError(f'--variants={",".join(variants)}: name two '
                          f'different ones of {", ".join(VARIANTS)}.')
+  if set(variants) & set(_UNLOWERED) and not _ONE_DEVICE.value:
+    raise app.UsageError(f'--variants={",".join(variants)}: an unlowered loop '
+                         'runs its whole body on one device; add --one_device.')
   facts = common.MachineFacts()
   devices = (['/device:CPU:0'] * _NUM_PARTITIONS.value if _ONE_DEVICE.value
              else placement.SplitCpu(_NUM_PARTITIONS.value))
@@ -166,7 +195,10 @@ def main(argv):
             'one CPU device' if _ONE_DEVICE.value else
             'as many logical CPU devices') + ', one process; loop executor with '
                     f'{_CLOCKS.value} clock(s) per iteration',
-        'variants': '; '.join(f'{v}: {VARIANTS[v]}' for v in variants),
+        'variants': '; '.join(
+            f'{v}: {VARIANTS[v]}' + (', loops and conds not lowered to frames'
+                                     if v in _UNLOWERED else '')
+            for v in variants),
         'timing': f'{_ROUNDS.value} alternating rounds of {_STEPS.value} '
                   'steps per variant; a round\'s median per variant',
         'load average at end (1, 5, 15 min)': common.LoadAverage(),

@@ -94,12 +94,13 @@ and XLA per cell: with `jit_compile` on both, the loop's step at M=64 was
 2.14× the unrolled one's
 (executor_step_unrolled_jit_vs_loop_jit_dense_d64_k4.md; a compiled cell is
 one launch, dearer than the few ops it replaces); and loops TensorFlow does
-not lower to frames (`_lower_using_switch_merge` off, so each iteration
-calls the body as a function): with all cells on one device, M=64, the
-step was 1.86× and 2.30× the unrolled one's in two runs, against 2.67× and
-2.87× lowered, but such a loop runs its whole body on the loop's one
-device, so it cannot hold a pipeline (a body reading weights on two
-devices is refused at placement). Where cells do real work
+not lower to frames (each iteration calls the body as a function,
+bench/executor_step.py's `loop_unlowered`): with all cells on one device
+their step was 0.92× and 0.70× the lowered loop's at M=8 and 64, still
+1.76× and 2.37× the unrolled one's (executor_step_loop_vs_loop_unlowered_*
+and executor_step_unrolled_vs_loop_unlowered_*_one_device.md), but such a
+loop runs its whole body on the loop's one device, so it cannot hold a
+pipeline (a body reading weights on two devices is refused at placement). Where cells do real work
 (narrow Transformer blocks, Dense(512)) the loop runs 0.68-1.1× the
 unrolled step.
 
