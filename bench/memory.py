@@ -16,8 +16,8 @@ cap under which the plain model fits 3 layers.
 
 --num_workers=1,2,4 gives Table 1's Pipeline-K columns instead: for each K,
 the same GPipe step with its K cells on K fresh TensorFlow worker processes
-(`local_processes.StartLocalWorkers`, not pinned), each capped at the same cap, fed
-by an uncapped client that holds no variables (the input batch and the
+(`local_processes.StartLocalWorkers`, not pinned), each capped at the same
+cap, fed by an uncapped client that holds no variables (the input batch and the
 loss's first gradient; step_memory says what). Any failure of the
 client or of a worker counts as not fitting, and the workers are stopped
 after every probe. The goal (issue 7) is near-linear growth: at least
@@ -229,8 +229,8 @@ def _Probe(size: int, cap_mb: Optional[int], extra: Sequence[str] = (),
   hosts, workers = [], []
   try:
     if num_workers:
-      hosts, workers = local_processes.StartLocalWorkers(num_workers,
-                                                 mem_limit_mb=cap_mb)
+      hosts, workers = local_processes.StartLocalWorkers(
+          num_workers, mem_limit_mb=cap_mb)
     start_rss = [_Status(w.pid, 'VmRSS') for w in workers]
     code, stdout, stderr, stopped = _RunClient(
         _StepCommand(size, extra, hosts), env, workers)
@@ -430,8 +430,8 @@ def _WritePipelineK(cap: int, facts: dict, table: str) -> str:
       'pipeline': 'PipeliningLayer, K cells on K workers (cell k on worker '
                   'k), recompute always, partition_method params (the '
                   'default)',
-      'workers': 'lingvo_gpipe.tools.worker via local_processes.StartLocalWorkers, '
-                 'fresh for every probe, not pinned (all share the cores); '
+      'workers': 'lingvo_gpipe.tools.worker via '
+                 'local_processes.StartLocalWorkers, fresh for every probe, not pinned (all share the cores); '
                  'under a cap worker.py sets TF_ENABLE_ONEDNN_OPTS=0, though '
                  "Einsum still runs oneDNN's kernel",
       'client': 'lingvo_gpipe.tools.step_memory --worker_hosts: creates the '

@@ -41,7 +41,8 @@ class EvalProgram:
     self.directory = os.path.join(logdir, Subdir(self.split))
     self.input = params.input.Instantiate()
     self.writer = tf.summary.create_file_writer(self.directory)
-    self._eval_fn = tf.function(self._EvalStep, autograph=False)  # as train_program's
+    # No autograph, as train_program's step: nothing to convert.
+    self._eval_fn = tf.function(self._EvalStep, autograph=False)
     self._skipped: set[str] = set()
 
   def _EvalStep(self, batch):

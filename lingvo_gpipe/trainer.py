@@ -56,8 +56,8 @@ from lingvo_gpipe import run_errors
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
-from lingvo_gpipe.core import local_processes
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core import local_processes
 from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core.gpipe import placement
 
@@ -228,7 +228,7 @@ def MakeStrategy(layout: layout_lib.Layout) -> Optional[tf.distribute.Strategy]:
       # TensorFlow waits forever for an address where nothing listens.
       try:
         local_processes.WaitForListening([tpu[len('grpc://'):]],
-                                 TPU_CONNECT_TIMEOUT_SECS)
+                                         TPU_CONNECT_TIMEOUT_SECS)
       except TimeoutError as e:
         raise UsageError(f'--tpu={tpu!r}: nothing listens there '
                          f'(waited {TPU_CONNECT_TIMEOUT_SECS:.0f} s).') from e

@@ -4,8 +4,8 @@ r"""A TensorFlow worker process: runs the pipeline cells a trainer places on it.
       --task_index=0
 
 Serves until killed, or until the process that launched it ends: a worker
-started by `local_processes.StartLocalWorkers` (LINGVO_GPIPE_LAUNCHER_PID in its
-environment) never outlives its launcher. Start one per host:port in
+started by `local_processes.StartLocalWorkers` (LINGVO_GPIPE_LAUNCHER_PID in
+its environment) never outlives its launcher. Start one per host:port in
 --worker_hosts (task k listens on the k-th), then run the trainer with the
 same --worker_hosts; `lingvo_gpipe.tools.local_cluster` does both on this
 machine. A memory cap (TF_CPU_BFC_MEM_LIMIT_IN_MB) in this process's
@@ -39,8 +39,8 @@ def ExitWithLauncher(poll_secs: float = _LAUNCHER_POLL_SECS) -> None:
   """Ends this process within poll_secs of its launcher's end, if it has one.
 
   The portable fallback of the SIGKILL the launcher asks Linux to send
-  (local_processes.DieWithThisProcess): a worker left behind would serve forever. The
-  parent pid changes when the parent dies. No-op without
+  (local_processes.DieWithThisProcess): a worker left behind would serve
+  forever. The parent pid changes when the parent dies. No-op without
   local_processes.LAUNCHER_PID_ENV.
   """
   value = os.environ.get(local_processes.LAUNCHER_PID_ENV, '')

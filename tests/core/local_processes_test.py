@@ -1,4 +1,4 @@
-"""local_processes: children that die with their launcher, stopping them, no TensorFlow."""
+"""local_processes: free ports, children that die with their launcher, stopping them, no TensorFlow."""
 
 import os
 import signal
@@ -24,6 +24,14 @@ def test_the_launcher_starts_without_tensorflow():
       "('tensorflow', 'keras')))\n")
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout == '[]\n'
+
+
+def test_free_ports_are_distinct_and_nothing_listens_at_them():
+  ports = local_processes.FreePorts(3)
+  assert len(set(ports)) == 3
+  with pytest.raises(TimeoutError, match=f'127.0.0.1:{ports[0]}'):
+    local_processes.WaitForListening([f'127.0.0.1:{ports[0]}'],
+                                     timeout_secs=0.5)
 
 
 def test_stop_all_ends_a_stopped_process_without_waiting_out_the_grace():

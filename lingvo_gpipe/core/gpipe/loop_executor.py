@@ -100,9 +100,9 @@ their step was 0.92× and 0.70× the lowered loop's at M=8 and 64, still
 1.76× and 2.37× the unrolled one's (executor_step_loop_vs_loop_unlowered_*
 and executor_step_unrolled_vs_loop_unlowered_*_one_device.md), but such a
 loop runs its whole body on the loop's one device, so it cannot hold a
-pipeline (a body reading weights on two devices is refused at placement). Where cells do real work
-(narrow Transformer blocks, Dense(512)) the loop runs 0.68-1.1× the
-unrolled step.
+pipeline (a body reading weights on two devices is refused at placement).
+Where cells do real work (narrow Transformer blocks, Dense(512)) the loop
+runs 0.68-1.1× the unrolled step.
 
 Why clocks and not micro-batches: a loop over micro-batches, each iteration
 running the micro-batch through all K cells with no `cond` (bubbles never
