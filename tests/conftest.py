@@ -5,6 +5,10 @@ import os
 # TensorFlow reads this once at import; set it first so its C++ INFO/WARNING logs stay out of
 # test output. A value already in the environment wins.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The allocator the binaries run on (tf_env.Setup), which reports peaks: read
+# when TensorFlow creates its first device, so without it here a test of
+# memory passed or failed by whether another file's import had set it first.
+os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
