@@ -7,6 +7,7 @@ the Params of the layers in order, for PipeliningLayer's `layers`; a batch of
 random inputs; and the scalar loss of the last layer's output.
 """
 
+import importlib
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -17,6 +18,14 @@ from lingvo_gpipe.core.layers import transformer
 from lingvo_gpipe.core.nested_map import NestedMap
 
 Stack = tuple[list, Any, Callable[[Any], tf.Tensor]]
+
+# AmoebaNet is the application's (tasks/), found by name as model_registry
+# finds params/: the library imports neither (layering_test.py).
+AMOEBANET_MODULE = 'tasks.image.amoebanet'
+
+
+class NotOnPath(ImportError):
+  """The application's module a stack needs is not importable from here."""
 
 
 def DenseLayers(num_layers: int, dim: int) -> list:
@@ -70,3 +79,35 @@ def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,
   inputs = NestedMap(ids=ids, labels=tf.roll(ids, -1, axis=1),
                      paddings=tf.zeros(shape))
   return layers, inputs, lambda out: transformer.XentLoss(out).avg_xent
+
+
+def AmoebaNetStack(num_cells: int, num_filters: int, batch: int,
+                   image_size: int) -> Stack:
+  """AmoebaNet-D (num_cells normal cells, num_filters filters, the small-image
+  stem) on random images of 10 classes; loss the mean cross-entropy.
+
+  Raises:
+    NotOnPath: tasks.image.amoebanet cannot be imported (run from the
+      repository root); a missing dependency of it raises its own error.
+  """
+  try:
+    amoebanet = importlib.import_module(AMOEBANET_MODULE)
+  except ModuleNotFoundError as e:
+    if e.name not in ('tasks', 'tasks.image', AMOEBANET_MODULE):
+      raise
+    raise NotOnPath(f'the amoebanet stack needs {AMOEBANET_MODULE} on '
+                    f'sys.path (run from the repository root): {e}') from e
+  p = amoebanet.AmoebaNet.Params().Set(
+      num_cells=num_cells, num_filters=num_filters, genotype='D',
+      num_classes=10, image_size=image_size, stem_type='basic')
+  inputs = NestedMap(
+      image=tf.random.stateless_normal([batch, image_size, image_size, 3],
+                                       [0, 3]),
+      label=tf.random.stateless_uniform([batch], [0, 4], maxval=10,
+                                        dtype=tf.int32))
+
+  def Loss(out):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        out.label, out.logits))
+
+  return amoebanet.AmoebaNet.Layers(p), inputs, Loss

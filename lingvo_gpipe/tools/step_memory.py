@@ -20,11 +20,9 @@ from here.
       --dim=512 --batch=4096 --num_micro_batches=8 --recompute=always
 """
 
-import importlib
 import json
 import sys
 import time
-import types
 
 from lingvo_gpipe.core import tf_env
 
@@ -102,11 +100,6 @@ _FPROP_DTYPE = flags.DEFINE_enum(
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Measured steps after the '
                                 'warm-up; the smallest peak and time are kept.')
 
-# --stack=amoebanet's network is the application's (tasks/), found by name as
-# model_registry finds params/: the library imports neither (layering_test.py).
-_AMOEBANET_MODULE = 'tasks.image.amoebanet'
-
-
 def _DenseStack() -> stacks.Stack:
   return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
 
@@ -117,32 +110,12 @@ def _TransformerStack() -> stacks.Stack:
                                  _VOCAB.value, stacked=_STACK_LAYERS.value)
 
 
-def _ImportAmoebaNet() -> types.ModuleType:
-  """The module defining AmoebaNet, imported when --stack=amoebanet needs it."""
-  try:
-    return importlib.import_module(_AMOEBANET_MODULE)
-  except ModuleNotFoundError as e:
-    if e.name not in ('tasks', 'tasks.image', _AMOEBANET_MODULE):
-      raise  # a dependency of the module is missing: its own error says which
-    raise app.UsageError(
-        f'--stack=amoebanet needs {_AMOEBANET_MODULE} on sys.path (run from '
-        f'the repository root): {e}') from e
-
-
 def _AmoebaNetStack() -> stacks.Stack:
-  amoebanet = _ImportAmoebaNet()
-  p = amoebanet.AmoebaNet.Params().Set(
-      num_cells=_NUM_LAYERS.value, num_filters=_DIM.value, genotype='D',
-      num_classes=10, image_size=_IMAGE_SIZE.value, stem_type='basic')
-  size = _IMAGE_SIZE.value
-  inputs = NestedMap(
-      image=tf.random.stateless_normal([_BATCH.value, size, size, 3], [0, 3]),
-      label=tf.random.stateless_uniform([_BATCH.value], [0, 4], maxval=10,
-                                        dtype=tf.int32))
-  def Loss(out):
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-        out.label, out.logits))
-  return amoebanet.AmoebaNet.Layers(p), inputs, Loss
+  try:
+    return stacks.AmoebaNetStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value,
+                                 _IMAGE_SIZE.value)
+  except stacks.NotOnPath as e:
+    raise app.UsageError(f'--stack=amoebanet: {e}') from e
 
 
 def _Stack():
