@@ -78,3 +78,21 @@ def SequentialReference(pipe: Any, inputs: Any, sizes: list[int],
     outputs.append(x)
   collector.ApplyAll()
   return microbatch.Merge(outputs)
+
+
+class UnmergeableStats(base_layer.BaseLayer):
+  """Records statistics (its batch size) it cannot merge two at a time (no MergeStats)."""
+
+  def FProp(self, theta, x):
+    self.RecordStats(NestedMap(rows=tf.shape(x)[0]))
+    return x
+
+  def ApplyStats(self, stats_list):
+    del stats_list
+
+
+class UnknownFeatureShape(base_layer.BaseLayer):
+  """Returns its input with every dimension but the first unknown when traced."""
+
+  def FProp(self, theta, x):
+    return tf.reshape(x, tf.stack([tf.shape(x)[0], -1]))

@@ -170,7 +170,9 @@ ops cannot be ordered from outside.
 What it does not do yet, and refuses by name: input_grads_first with kept
 activations, layers that record statistics without MergeStats, activations
 whose shapes (but the batch) are not known when the graph is built, a batch
-dimension other than 0, and schedules other than fill-drain.
+dimension other than 0, and schedules other than fill-drain. `Refusal` and
+`TracedRefusal` say which, so executor='auto' runs those pipelines unrolled
+(executor_choice.py).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ from lingvo_gpipe.core.gpipe import recompute as recompute_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 
 
-def _Spec(t: tf.Tensor) -> tf.TensorSpec:
+def MicroBatchSpec(t: tf.Tensor) -> tf.TensorSpec:
   """A micro-batch's spec: the batch dimension unknown (micro-batches differ)."""
   return tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype)
 
@@ -210,6 +212,55 @@ def _SpareRow(spec: Any) -> Any:
       lambda s: tf.zeros([1] + s.shape[1:].as_list(), s.dtype), spec)
 
 
+def _FillDrain(schedule: schedule_lib.Schedule) -> schedule_lib.FillDrain:
+  return schedule_lib.FillDrain(
+      schedule.num_cells, schedule.num_micro_batches,
+      split_backward=getattr(schedule, 'split_backward', False))
+
+
+def Refusal(schedule: schedule_lib.Schedule, recompute: str,
+            batch_dim: int) -> Optional[str]:
+  """Why this loop cannot run a pipeline of these settings, or None if it can."""
+  expected = _FillDrain(schedule)
+  if any(schedule.CellOrder(c) != expected.CellOrder(c)
+         for c in range(schedule.num_cells)):
+    return (f"executor='loop' runs fill-drain only, not schedule "
+            f"{schedule.name}; use executor='unrolled'.")
+  if recompute != 'always' and expected.split_backward:
+    return (f"executor='loop' orders input gradients first only when it "
+            f"re-materializes: input_grads_first with recompute={recompute!r} "
+            "needs recompute='always' or executor='unrolled'.")
+  if batch_dim != 0:
+    return (f"executor='loop' cuts micro-batches along dimension 0, not "
+            f"batch_dim={batch_dim}; use executor='unrolled'.")
+  return None
+
+
+def TracedRefusal(specs: Sequence[Any],
+                  recorded: Sequence[Sequence[tuple[Any, Any]]]
+                  ) -> Optional[str]:
+  """Why this loop cannot run cells traced alone, or None if it can.
+
+  Args:
+    specs: the TensorSpecs the loop keeps in arrays: what each cell but the
+      first reads, then what the last one returns.
+    recorded: per cell, [(layer, its statistics' specs)] (CellRunner.Specs).
+  """
+  for spec in specs:
+    for s in tf.nest.flatten(spec):
+      if not s.shape[1:].is_fully_defined():
+        return ("executor='loop' needs every activation's shape but the "
+                f'batch dimension known when the graph is built, got '
+                f"{s.shape}; use executor='unrolled'.")
+  cannot = sorted({layer.path for cell in recorded for layer, _ in cell
+                   if type(layer).MergeStats is base_layer.BaseLayer.MergeStats})
+  if cannot:
+    return (f"executor='loop' keeps a running merge of the statistics layers "
+            f'record, and {", ".join(cannot)} cannot merge theirs (no '
+            "MergeStats); use executor='unrolled'.")
+  return None
+
+
 class LoopExecutor:
   """Runs `runners` (one per cell) over micro-batches of `sizes` in two loops."""
 
@@ -222,24 +273,11 @@ class LoopExecutor:
                skip_bubbles: bool = True,
                weights: Optional[Sequence[Any]] = None,
                pack_weights: bool = True):
-    expected = schedule_lib.FillDrain(
-        schedule.num_cells, schedule.num_micro_batches,
-        split_backward=getattr(schedule, 'split_backward', False))
-    if any(schedule.CellOrder(c) != expected.CellOrder(c)
-           for c in range(schedule.num_cells)):
-      raise hyperparams.ConfigError(
-          f"executor='loop' runs fill-drain only, not schedule "
-          f"{schedule.name}; use executor='unrolled'.")
     recompute_lib.CheckMode(recompute)
-    if recompute != 'always' and expected.split_backward:
-      raise hyperparams.ConfigError(
-          f"executor='loop' orders input gradients first only when it "
-          f"re-materializes: input_grads_first with recompute={recompute!r} "
-          "needs recompute='always' or executor='unrolled'.")
-    if batch_dim != 0:
-      raise hyperparams.ConfigError(
-          f"executor='loop' cuts micro-batches along dimension 0, not "
-          f"batch_dim={batch_dim}; use executor='unrolled'.")
+    refusal = Refusal(schedule, recompute, batch_dim)
+    if refusal:
+      raise hyperparams.ConfigError(refusal)
+    expected = _FillDrain(schedule)
     if clocks_per_iteration < 1:
       raise hyperparams.ConfigError(
           f'clocks_per_iteration must be >= 1, got {clocks_per_iteration}.')
@@ -311,11 +349,6 @@ class LoopExecutor:
     arrays = []
     with self._placement.CellScope(k):
       for s in tf.nest.flatten(spec):
-        if not s.shape[1:].is_fully_defined():
-          raise hyperparams.ConfigError(
-              "executor='loop' needs every activation's shape but the batch "
-              f'dimension known when the graph is built, got {s.shape}; use '
-              "executor='unrolled'.")
         arrays.append(tf.TensorArray(
             s.dtype, size=self._m + 1, infer_shape=False,
             clear_after_read=False,
@@ -334,7 +367,7 @@ class LoopExecutor:
     with self._placement.CellScope(k):
       return [tf.TensorArray(leaf.dtype, size=self._m, dynamic_size=True,
                              infer_shape=False, clear_after_read=False,
-                             element_shape=_Spec(leaf).shape).split(
+                             element_shape=MicroBatchSpec(leaf).shape).split(
                                  leaf, self._sizes).write(
                                      self._m, tf.zeros_like(leaf[:1]))
               for leaf in tf.nest.flatten(value)]
@@ -355,13 +388,16 @@ class LoopExecutor:
 
   def RunForward(self, inputs: Any) -> Any:
     """The last cell's outputs for the whole batch."""
-    spec = tf.nest.map_structure(_Spec, inputs)
+    spec = tf.nest.map_structure(MicroBatchSpec, inputs)
     self._in_specs = [spec]
     recorded = []  # per cell: [(layer, the spec of what it records)]
     for runner in self._runners:
-      spec, stats = runner.Specs(spec)
+      spec, stats, _ = runner.Specs(spec)
       self._in_specs.append(spec)
       recorded.append(stats)
+    refusal = TracedRefusal(self._in_specs[1:], recorded)
+    if refusal:
+      raise hyperparams.ConfigError(refusal)
     out_spec = self._out_spec = self._in_specs.pop()
     arrays = [self._Split(0, inputs)] + [
         self._Arrays(k, self._in_specs[k]) for k in range(1, self._k)]
@@ -456,19 +492,7 @@ class LoopExecutor:
     return tf.cond(tf.equal(micro_batch, self._m - 1), kept, recomputed)
 
   def _NoStatistics(self, recorded: list[list[tuple[Any, Any]]]) -> list[list]:
-    """Per cell and record, the merge of no micro-batch: zeros, count 0.
-
-    Raises:
-      ValueError: naming a layer that records statistics but cannot merge
-        them two records at a time.
-    """
-    cannot = sorted({layer.path for cell in recorded for layer, _ in cell
-                     if type(layer).MergeStats is base_layer.BaseLayer.MergeStats})
-    if cannot:
-      raise hyperparams.ConfigError(
-          f"executor='loop' keeps a running merge of the statistics layers "
-          f'record, and {", ".join(cannot)} cannot merge theirs (no '
-          "MergeStats); use executor='unrolled'.")
+    """Per cell and record, the merge of no micro-batch: zeros, count 0."""
     zeros = []
     for k, cell in enumerate(recorded):
       with self._placement.CellScope(k):
@@ -664,7 +688,7 @@ class LoopExecutor:
           x = tf.nest.pack_sequence_as(self._in_specs[k], [
               a.read(slot) for a in self._inputs[k]])
           out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
-                      tf.nest.map_structure(_Spec, dy))
+                      tf.nest.map_structure(MicroBatchSpec, dy))
           dy_k = tf.nest.pack_sequence_as(out_spec, [
               a.read(slot) for a in grads_in[k]])
           sums[k], g_x, residuals[k] = self._CellBackward(

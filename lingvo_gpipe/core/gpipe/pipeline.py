@@ -24,7 +24,7 @@ pipeline, from `Prepare`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
@@ -33,6 +33,7 @@ from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import boundary
 from lingvo_gpipe.core.gpipe import executor as executor_lib
+from lingvo_gpipe.core.gpipe import executor_choice
 from lingvo_gpipe.core.gpipe import loop_executor
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import placement as placement_lib
@@ -43,8 +44,10 @@ from lingvo_gpipe.core.nested_map import NestedMap
 
 # 'unrolled': a copy of each cell per micro-batch, every schedule the
 # executor lowers; 'loop': two loops over clocks, a graph that does not grow
-# with M (loop_executor.py says what it does not run yet).
-EXECUTORS = ('unrolled', 'loop')
+# with M (loop_executor.py says what it does not run yet); 'auto': the loop
+# where the unrolled graph would be large and the loop runs the pipeline,
+# else unrolled (executor_choice.py).
+EXECUTORS = ('auto', 'unrolled', 'loop')
 
 
 # PipeliningLayer's `schedule` names -> the schedule classes.
@@ -99,7 +102,11 @@ def RunPipeline(cells: Sequence[Any],
                 clocks_per_iteration: int = 1,
                 skip_bubbles: bool = True,
                 pack_weights: bool = True,
-                jit_compile: bool = False) -> Any:
+                jit_compile: bool = False,
+                max_unrolled_ops: int = (
+                    executor_choice.DEFAULT_MAX_UNROLLED_OPS),
+                on_choice: Optional[Callable[[executor_choice.Choice], None]]
+                = None) -> Any:
   """Runs `cells` in sequence over micro-batches of `inputs`; differentiable.
 
   Args:
@@ -130,6 +137,10 @@ def RunPipeline(cells: Sequence[Any],
     jit_compile: XLA compiles each cell's forward and backward, run on the
       cell's device (recompute.py); not with TPU placement or schedules
       that split the backward (input_grads_first).
+    max_unrolled_ops: with executor 'auto', the estimated size of the
+      unrolled graph above which the loop runs (executor_choice.py).
+    on_choice: with executor 'auto', called with what it chose and why
+      (also logged).
 
   Returns:
     The last cell's outputs for the whole batch (micro-batches merged).
@@ -146,6 +157,13 @@ def RunPipeline(cells: Sequence[Any],
                                 prepared.thetas)
   weights, collector, runners = (prepared.weights, prepared.collector,
                                  prepared.runners)
+  if executor == 'auto':
+    choice = executor_choice.Choose(schedule, runners, inputs, sizes,
+                                    recompute, batch_dim, max_unrolled_ops)
+    executor_choice.Log(choice)
+    if on_choice is not None:
+      on_choice(choice)
+    executor = choice.executor
   if executor == 'loop':
     lowered = loop_executor.LoopExecutor(schedule, runners, placement,
                                          recompute, sizes, batch_dim,

@@ -114,13 +114,14 @@ def RunPipelineLoss(cells: Sequence[Any],
     loss_fn: (outputs of one micro-batch, its targets) -> NestedMap of
       name -> (value, weight), with a 'loss' entry.
     schedule: the task order, any the executor lowers (default fill-drain).
-    executor: 'unrolled' (the loop executor does not run this yet).
+    executor: 'unrolled', or 'auto', which runs it unrolled (the loop
+      executor does not run the loss inside the pipeline yet).
 
   Returns:
     NestedMap name -> (value, weight) for the whole batch (module
     docstring); the loss's value is differentiable.
   """
-  if executor != 'unrolled':
+  if executor not in ('unrolled', 'auto'):
     raise hyperparams.ConfigError(
         f"The loss inside the pipeline runs on executor='unrolled' only for "
         f"now, not executor={executor!r}.")

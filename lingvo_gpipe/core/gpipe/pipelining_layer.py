@@ -25,6 +25,7 @@ from absl import logging
 
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
+from lingvo_gpipe.core.gpipe import executor_choice
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import partition
 from lingvo_gpipe.core.gpipe import pipeline
@@ -162,12 +163,19 @@ class PipeliningLayer(base_layer.BaseLayer):
              'with equal task times the bubble is (K-1)/(V*M+K-1) for K = '
              'num_partitions devices, when M is a multiple of K. 1 for every '
              'other schedule.')
-    p.Define('executor', 'unrolled', "How the schedule becomes a graph: "
+    p.Define('executor', 'auto', "How the schedule becomes a graph: "
              "'unrolled' (a copy of each cell per micro-batch; every recompute "
-             "mode and schedule) or 'loop' (two loops over clocks: build time "
+             "mode and schedule), 'loop' (two loops over clocks: build time "
              'and graph do not grow with M; fill-drain, every recompute '
              'mode, input_grads_first with recompute always only, '
-             'loop_executor.py).')
+             "loop_executor.py) or 'auto' (the loop where the unrolled graph "
+             'would hold more than max_unrolled_ops ops and the loop runs '
+             'the pipeline, else unrolled; executor_choice.py).')
+    p.Define('max_unrolled_ops', executor_choice.DEFAULT_MAX_UNROLLED_OPS,
+             "executor='auto': the unrolled graph's estimated size (ops) above "
+             'which the loop runs; the unrolled trace and first step cost '
+             '0.7-1.1 ms an op here (bench/results/graph_build.md, '
+             'graph_build_loop.md).')
     p.Define('clocks_per_iteration', 1, "executor='loop': clocks run per "
              'loop iteration; grows the graph as many times and, with '
              'small cells packing their weights (pack_weights), no longer '
@@ -225,6 +233,8 @@ class PipeliningLayer(base_layer.BaseLayer):
     # cut-dependent keys.
     self.cells = self._no_dependency(cells)
     self._traced_input_shapes = None
+    # What executor='auto' chose at the last trace (executor_choice.Choice).
+    self.executor_choice: Optional[executor_choice.Choice] = None
     logging.info('%s', report_lib.FormatTable(self.Report()))
 
   # --- construction ------------------------------------------------------------
@@ -295,6 +305,9 @@ class PipeliningLayer(base_layer.BaseLayer):
       _CheckBool(path, field, p.Get(field))
     p.num_partitions = _CheckInt(path, 'num_partitions', p.num_partitions, 1,
                                  'the number of cells')
+    p.max_unrolled_ops = _CheckInt(path, 'max_unrolled_ops',
+                                   p.max_unrolled_ops, 0,
+                                   "the unrolled graph's size in ops")
     p.cells_per_device = _CheckInt(path, 'cells_per_device',
                                    p.cells_per_device, 1,
                                    'cells per device (V)')
@@ -511,7 +524,13 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 clocks_per_iteration=p.clocks_per_iteration,
                                 skip_bubbles=p.skip_bubbles,
                                 pack_weights=p.pack_weights,
-                                jit_compile=p.jit_compile)
+                                jit_compile=p.jit_compile,
+                                max_unrolled_ops=p.max_unrolled_ops,
+                                on_choice=self._RecordChoice)
+
+  def _RecordChoice(self, choice: executor_choice.Choice) -> None:
+    """Keeps what executor='auto' chose at the last trace (executor_choice)."""
+    self.executor_choice = choice
 
   def FPropLoss(self, theta: NestedMap, inputs: Any, targets: Any,
                 loss_fn: pipelined_loss.LossFn) -> NestedMap:

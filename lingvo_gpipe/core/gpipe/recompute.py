@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -82,6 +82,13 @@ def Index(micro_batch: Any) -> tf.Tensor:
   return tf.cast(micro_batch, tf.int64)
 
 
+class CellTrace(NamedTuple):
+  """A cell's forward traced alone, on inputs of one spec (CellRunner.Specs)."""
+  outputs: Any  # the outputs' structure of TensorSpecs
+  recorded: list  # [(layer, its statistics' TensorSpecs)], in recording order
+  num_ops: int  # ops of the traced forward: what one micro-batch adds
+
+
 class CellRunner:
   """Runs one cell's forward and backward passes, one micro-batch at a time."""
 
@@ -101,6 +108,7 @@ class CellRunner:
     # (One list, shared with rebound copies, whose compiled forward is this
     # runner's: the layers it last recorded.)
     self._stats_layers: list[list[Any]] = []
+    self._traces: dict[Any, CellTrace] = {}  # Specs, by input spec
     if jit_compile:
       name = _CellName(cell)
       self.compiled_forward = _Compiled(self._ForwardAndStats,
@@ -187,27 +195,32 @@ class CellRunner:
         self.compiled_forward if self.jit_compile else self._ForwardAndStats,
         [theta_spec, tf.TensorSpec([], tf.int64), x_spec])
 
-  def Specs(self, x_spec: Any) -> tuple[Any, list[tuple[Any, Any]]]:
-    """What the cell returns and records for inputs like `x_spec`.
+  def Specs(self, x_spec: Any) -> CellTrace:
+    """What the cell returns and records for inputs like `x_spec`, and its size.
 
-    Returns:
-      (the outputs' structure of TensorSpecs, [(layer, its statistics'
-      structure of TensorSpecs)] in the order the cell records them).
-      Traced in a function of its own that is never run, so nothing is
-      added to the graph being built.
+    Traced in a function of its own that is never run, so nothing is added
+    to the graph being built; once per `x_spec` (its structure and specs),
+    so the executor chooser and the loop executor share one trace.
     """
-    scratch = base_layer.StatsCollector()
+    key = (repr(tf.nest.map_structure(lambda _: 0, x_spec)),
+           tuple(tf.nest.flatten(x_spec)))
+    if key not in self._traces:
+      scratch = base_layer.StatsCollector()
 
-    def Trace(x):
-      outputs = self._FProp(self.theta, tf.constant(0), x, record=True,
-                            collector=scratch)
-      return outputs, [stats for _, stats in scratch.records]
+      def Trace(x):
+        outputs = self._FProp(self.theta, tf.constant(0), x, record=True,
+                              collector=scratch)
+        return outputs, [stats for _, stats in scratch.records]
 
-    traced = tf.function(Trace, autograph=False).get_concrete_function(x_spec)
-    outputs, stats = tf.nest.map_structure(
-        lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
-    return outputs, [(layer, spec) for (layer, _), spec in
-                     zip(scratch.records, stats)]
+      traced = tf.function(Trace, autograph=False).get_concrete_function(
+          x_spec)
+      outputs, stats = tf.nest.map_structure(
+          lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
+      self._traces[key] = CellTrace(
+          outputs, [(layer, spec) for (layer, _), spec in
+                    zip(scratch.records, stats)],
+          len(traced.graph.get_operations()))
+    return self._traces[key]
 
   def _Gradients(self, tape: tf.GradientTape, theta: NestedMap, x: Any,
                  y: Any, dy: Any) -> list:

@@ -127,17 +127,6 @@ def test_eager_calls_compute_the_same():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
-class _Counting(base_layer.BaseLayer):
-  """Records statistics (its batch size) it cannot merge two at a time."""
-
-  def FProp(self, theta, x):
-    self.RecordStats(NestedMap(rows=tf.shape(x)[0]))
-    return x
-
-  def ApplyStats(self, stats_list):
-    del stats_list
-
-
 @pytest.mark.parametrize('skip_bubbles,pack_weights,recompute', [
     (True, True, 'always'), (False, True, 'always'), (True, False, 'always'),
     (True, True, 'never'), (False, False, 'except_last')])
@@ -261,8 +250,11 @@ def test_the_graph_does_not_grow_with_the_micro_batches():
      "executor='unrolled'"),
     (dict(batch_dim=1), None, 'not batch_dim=1'),
     (dict(clocks_per_iteration=0), None, 'clocks_per_iteration must be >= 1'),
-    ({}, [_Counting.Params().Set(name='counter')],
+    ({}, [test_utils.UnmergeableStats.Params().Set(name='counter')],
      'pipe/layers_0 cannot merge theirs (no MergeStats)'),
+    ({}, [test_utils.UnknownFeatureShape.Params().Set(name='shapeless')],
+     "needs every activation's shape but the batch dimension known when the "
+     'graph is built, got (None, None)'),
 ])
 def test_what_it_cannot_run_yet_is_refused_by_name(kwargs, layers, message):
   layers = layers or [dense.Dense.Params().Set(name='fc', input_dim=4,

@@ -1,0 +1,116 @@
+"""executor='auto': the unrolled executor while its graph stays small, the loop beyond.
+
+Invariant: the choice never changes the numbers (both executors run the same
+tasks in the same per-cell order), and 'auto' picks the loop only for a
+pipeline the loop runs: what it refuses (loop_executor.Refusal and
+TracedRefusal) runs unrolled, with the reason logged.
+
+Why choose at all: the unrolled graph holds a copy of every cell per
+micro-batch, so its build grows with M × layers (about a millisecond of
+trace and first step per graph op here, bench/results/graph_build.md), while
+the loop's graph holds each cell once. Yet on cells of a few tiny layers the
+loop's step is slower (16 × Dense(64), K=4: 1.7× the unrolled step,
+bench/results/executor_step_d64.md), and there the unrolled build is short:
+16 × Dense(64) at M=64 builds unrolled in 13 s, which the 15 ms it saves a
+step repay in under a thousand steps.
+Where cells do real work the loop's step is as fast or faster (narrow
+Transformer blocks 0.68-0.78×, 16 × Dense(512) 1.1×) and the unrolled graph
+is the large one. So 'auto' estimates the unrolled graph's size before
+building anything: each cell's forward is traced alone once (the trace the
+loop executor needs anyway, CellRunner.Specs), and the unrolled graph holds
+about UNROLLED_OPS_PER_FORWARD_OP times those ops per micro-batch (the
+forward, its recomputation, the gradients). Above `max_unrolled_ops` it runs
+the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+from absl import logging
+import tensorflow as tf
+
+from lingvo_gpipe.core.gpipe import loop_executor
+from lingvo_gpipe.core.gpipe import recompute as recompute_lib
+from lingvo_gpipe.core.gpipe import schedule as schedule_lib
+
+# Ops of the unrolled graph per op of the cells' forwards traced alone, per
+# micro-batch. Measured (whole training step's graph ÷ forward ops × M):
+# 2.2-2.4 on Dense stacks (16 × Dense(64), K=4, M=16 and 64; 64 × Dense(64),
+# K=8, M=32; 16 × Dense(512)), 1.8 with recompute 'never', 3.1 on 16 narrow
+# Transformer blocks (K=4, M=8), 4.7 with them stacked in a Repeat, whose
+# bodies are functions. tests/core/gpipe/executor_choice_test.py keeps the
+# estimate within a factor of two of the graph built.
+UNROLLED_OPS_PER_FORWARD_OP = 3.0
+
+# The default bound: 15-22 s of trace and first step for the unrolled graph
+# here, at 0.7-1.1 ms an op (bench/results/graph_build.md,
+# graph_build_loop.md).
+DEFAULT_MAX_UNROLLED_OPS = 20000
+
+
+class Choice(NamedTuple):
+  """What 'auto' ran and why."""
+  executor: str  # 'unrolled' or 'loop'
+  reason: str  # one sentence, logged
+  estimated_ops: int  # the unrolled graph's estimated ops; 0 if not traced
+
+
+def EstimatedUnrolledOps(forward_ops: Sequence[int],
+                         num_micro_batches: int) -> int:
+  """Ops of the unrolled graph, from each cell's forward ops traced alone."""
+  return int(UNROLLED_OPS_PER_FORWARD_OP * sum(forward_ops) *
+             num_micro_batches)
+
+
+def Choose(schedule: schedule_lib.Schedule,
+           runners: Sequence[recompute_lib.CellRunner], inputs: Any,
+           sizes: Sequence[int], recompute: str, batch_dim: int,
+           max_unrolled_ops: int) -> Choice:
+  """The executor 'auto' runs for this pipeline, and why.
+
+  Args:
+    schedule: the task order.
+    runners: per cell, its CellRunner.
+    inputs: the first cell's inputs (tensors), batched along batch_dim.
+    sizes: the micro-batch sizes.
+    recompute: the re-materialization mode.
+    batch_dim: the batch dimension of every input and output leaf.
+    max_unrolled_ops: the unrolled graph's size above which the loop runs.
+  """
+  refusal = loop_executor.Refusal(schedule, recompute, batch_dim)
+  if refusal:
+    return Choice('unrolled', refusal, 0)
+  # Sized as the unrolled executor traces a micro-batch: with the batch
+  # dimension unknown a Dense traces as a dozen shape ops around its matmul.
+  spec = tf.nest.map_structure(
+      lambda t: tf.TensorSpec([sizes[0]] + t.shape[1:].as_list(), t.dtype),
+      inputs)
+  forward_ops = []
+  for runner in runners:
+    spec, _, num_ops = runner.Specs(spec)
+    forward_ops.append(num_ops)
+  estimate = EstimatedUnrolledOps(forward_ops, schedule.num_micro_batches)
+  size = (f'the unrolled graph would hold about {estimate} ops (M='
+          f'{schedule.num_micro_batches}, {sum(forward_ops)} forward ops over '
+          f'{len(runners)} cells)')
+  if estimate <= max_unrolled_ops:
+    return Choice('unrolled', f'{size}, at most max_unrolled_ops='
+                  f'{max_unrolled_ops}', estimate)
+  # What the loop traces (CellRunner.Specs keeps it for the loop).
+  spec = tf.nest.map_structure(loop_executor.MicroBatchSpec, inputs)
+  specs, recorded = [], []
+  for runner in runners:
+    spec, stats, _ = runner.Specs(spec)
+    specs.append(spec)
+    recorded.append(stats)
+  refusal = loop_executor.TracedRefusal(specs, recorded)
+  if refusal:
+    return Choice('unrolled', f'{size}, but {refusal}', estimate)
+  return Choice('loop', f'{size}, more than max_unrolled_ops='
+                f'{max_unrolled_ops}', estimate)
+
+
+def Log(choice: Choice) -> None:
+  logging.info("executor='auto' runs %r: %s.", choice.executor,
+               choice.reason.rstrip('.'))
