@@ -58,10 +58,14 @@ _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 4, 'K cells, each on '
                                        'its own logical CPU device.')
 _MICRO_BATCHES = flags.DEFINE_list('micro_batches', '1,2,4,8,16,32,64',
                                    'Values of M, one point (process) each.')
-_STACK = flags.DEFINE_enum('stack', 'dense', ['dense', 'transformer'],
+_STACK = flags.DEFINE_enum('stack', 'dense',
+                           ['dense', 'transformer', 'amoebanet'],
                            'dense: Dense(dim) relu layers on random vectors; '
                            'transformer: the Transformer LM of step_memory '
-                           '--stack=transformer on random token ids.')
+                           '--stack=transformer on random token ids; '
+                           'amoebanet: AmoebaNet-D with num_layers normal '
+                           'cells and dim filters on random image_size '
+                           'images (run from the repository root).')
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', 8, 'Dense layers, or '
                                    'Transformer blocks.')
 _DIM = flags.DEFINE_integer('dim', 256, 'Width of every layer (d_model; '
@@ -75,6 +79,8 @@ _VOCAB = flags.DEFINE_integer('vocab_size', 2048, 'transformer: vocabulary.')
 _STACK_LAYERS = flags.DEFINE_bool('stack_layers', False, 'transformer: the '
                                   'blocks as one Repeat layer (stacked '
                                   'weights) instead of listed.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'amoebanet: image side '
+                                   '(the small-image stem).')
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(recompute.RECOMPUTE_MODES),
                                'Re-materialization mode.')
@@ -114,11 +120,15 @@ _POINT = flags.DEFINE_integer('point', None, 'Internal: measure one point in '
 
 # Flags a point's process inherits from the driver.
 _SHARED_FLAGS = (_STACK, _NUM_PARTITIONS, _NUM_LAYERS, _DIM, _BATCH, _SEQ_LEN,
-                 _NUM_HEADS, _VOCAB, _STACK_LAYERS, _RECOMPUTE, _STEADY_STEPS,
-                 _WARMUP_STEPS, _GRAPH_OPTIMIZATION, _INLINE_BODY)
+                 _NUM_HEADS, _VOCAB, _STACK_LAYERS, _IMAGE_SIZE, _RECOMPUTE,
+                 _STEADY_STEPS, _WARMUP_STEPS, _GRAPH_OPTIMIZATION,
+                 _INLINE_BODY)
 
 
 def _Stack() -> stacks.Stack:
+  if _STACK.value == 'amoebanet':
+    return stacks.AmoebaNetStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value,
+                                 _IMAGE_SIZE.value)
   if _STACK.value == 'transformer':
     return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value,
                                    _BATCH.value, _SEQ_LEN.value,
@@ -286,6 +296,11 @@ def _RatioTable(rounds: list[dict], micro_batches: list[int],
 
 
 def _Model() -> str:
+  if _STACK.value == 'amoebanet':
+    return (f'AmoebaNet-D (lingvo_gpipe.tools.stacks.AmoebaNetStack): '
+            f'{_NUM_LAYERS.value} normal cells, {_DIM.value} filters, the '
+            f'small-image stem, {_IMAGE_SIZE.value}×{_IMAGE_SIZE.value} '
+            f'random images of 10 classes, batch {_BATCH.value}, fp32')
   if _STACK.value == 'transformer':
     d = _DIM.value
     return (f'Transformer LM (lingvo_gpipe.tools.stacks.TransformerStack, as '
