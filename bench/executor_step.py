@@ -46,6 +46,7 @@ from lingvo_gpipe.tools import stacks
 # Each way to run the pipeline: its PipeliningLayer settings.
 VARIANTS = {
     'unrolled': dict(executor='unrolled'),
+    'auto': dict(executor='auto'),  # the default: one of the two per pipeline
     'loop': dict(executor='loop', skip_bubbles=True),
     'loop_spare_row': dict(executor='loop', skip_bubbles=False),
     'loop_unpacked': dict(executor='loop', pack_weights=False),

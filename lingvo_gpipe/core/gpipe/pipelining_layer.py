@@ -529,8 +529,11 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 on_choice=self._RecordChoice)
 
   def _RecordChoice(self, choice: executor_choice.Choice) -> None:
-    """Keeps what executor='auto' chose at the last trace (executor_choice)."""
-    self.executor_choice = choice
+    """Keeps what executor='auto' chose at the last trace (executor_choice).
+
+    Untracked, as `cells`: a checkpoint holds weights only.
+    """
+    self.executor_choice = self._no_dependency(choice)
 
   def FPropLoss(self, theta: NestedMap, inputs: Any, targets: Any,
                 loss_fn: pipelined_loss.LossFn) -> NestedMap:
