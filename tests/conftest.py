@@ -10,6 +10,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # memory passed or failed by whether another file's import had set it first.
 os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', 'true')
 
+import signal  # pylint: disable=g-import-not-at-top
+
+# The binaries the tests start inherit this process's SIGINT: a suite started
+# in the background by a non-interactive shell (`... &` in a script) has it
+# ignored, and then the tests' Ctrl-C reached no trainer (two Ctrl-C tests
+# timed out that way). Handle it as a foreground run does.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 # Pipeline and placement tests place cells on several devices. TensorFlow can
