@@ -16,11 +16,18 @@ step repay in under a thousand steps.
 Where cells do real work the loop's step is as fast or faster (narrow
 Transformer blocks 0.68-0.78×, 16 × Dense(512) 1.1×) and the unrolled graph
 is the large one. So 'auto' estimates the unrolled graph's size before
-building anything: each cell's forward is traced alone once (the trace the
-loop executor needs anyway, CellRunner.Specs), and the unrolled graph holds
-about UNROLLED_OPS_PER_FORWARD_OP times those ops per micro-batch (the
-forward, its recomputation, the gradients). Above `max_unrolled_ops` it runs
-the loop.
+building anything: each cell's forward is traced alone once on a micro-batch
+of known size (CellRunner.Specs), and the unrolled graph holds about
+UNROLLED_OPS_PER_FORWARD_OP times those ops per micro-batch (the forward,
+its recomputation, the gradients). Above `max_unrolled_ops` it runs the
+loop; the traces the loop makes of each cell (batch size unknown) are made
+here, for its refusals, and reused.
+
+The bound is on build time alone. It cannot see the per-op cost that makes
+the loop's step slower on tiny cells: 64 × Dense(64), K=8, M=32 (about
+29,000 estimated ops) gets the loop, 6.5 s to build against 31 s, at 1.5×
+the unrolled step (bench/results/graph_build_auto_dense_64x64_k8.md); a long
+run of such a model wants executor='unrolled' or a higher bound.
 """
 
 from __future__ import annotations
