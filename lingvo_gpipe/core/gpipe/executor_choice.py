@@ -11,8 +11,9 @@ trace and first step per graph op here, bench/results/graph_build.md), while
 the loop's graph holds each cell once. Yet on cells of a few tiny layers the
 loop's step is slower (16 × Dense(64), K=4: 1.7× the unrolled step,
 bench/results/executor_step_d64.md), and there the unrolled build is short:
-16 × Dense(64) at M=64 builds unrolled in 13 s, which the 15 ms it saves a
-step repay in under a thousand steps.
+16 × Dense(64) at M=64 builds unrolled in 13-19 s, 12-15 s more than the
+loop, which the 10-15 ms it saves a step repay in under 1,500 steps
+(graph_build_loop.md, graph_build_auto_dense_d64.md).
 Where cells do real work the loop's step is as fast or faster (narrow
 Transformer blocks 0.68-0.78×, 16 × Dense(512) 1.1×) and the unrolled graph
 is the large one. So 'auto' estimates the unrolled graph's size before
