@@ -107,13 +107,8 @@ def Choose(schedule: schedule_lib.Schedule,
     return Choice('unrolled', f'{size}, at most max_unrolled_ops='
                   f'{max_unrolled_ops}', estimate)
   # What the loop traces (CellRunner.Specs keeps it for the loop).
-  spec = tf.nest.map_structure(loop_executor.MicroBatchSpec, inputs)
-  specs, recorded = [], []
-  for runner in runners:
-    spec, stats, _ = runner.Specs(spec)
-    specs.append(spec)
-    recorded.append(stats)
-  refusal = loop_executor.TracedRefusal(specs, recorded)
+  specs, recorded = loop_executor.TraceCells(runners, inputs)
+  refusal = loop_executor.TracedRefusal(specs[1:], recorded)
   if refusal:
     return Choice('unrolled', f'{size}, but {refusal}', estimate)
   return Choice('loop', f'{size}, more than max_unrolled_ops='

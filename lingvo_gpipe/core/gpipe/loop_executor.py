@@ -236,6 +236,23 @@ def Refusal(schedule: schedule_lib.Schedule, recompute: str,
   return None
 
 
+def TraceCells(runners: Sequence[recompute_lib.CellRunner], inputs: Any
+               ) -> tuple[list[Any], list[list[tuple[Any, Any]]]]:
+  """What the loop traces: each cell alone on micro-batches like `inputs`'.
+
+  Returns:
+    (the specs every cell boundary carries: the first cell's inputs, then
+    each cell's outputs; per cell, [(layer, its statistics' specs)]).
+  """
+  specs = [tf.nest.map_structure(MicroBatchSpec, inputs)]
+  recorded = []
+  for runner in runners:
+    spec, stats, _ = runner.Specs(specs[-1])
+    specs.append(spec)
+    recorded.append(stats)
+  return specs, recorded
+
+
 def TracedRefusal(specs: Sequence[Any],
                   recorded: Sequence[Sequence[tuple[Any, Any]]]
                   ) -> Optional[str]:
@@ -388,13 +405,8 @@ class LoopExecutor:
 
   def RunForward(self, inputs: Any) -> Any:
     """The last cell's outputs for the whole batch."""
-    spec = tf.nest.map_structure(MicroBatchSpec, inputs)
-    self._in_specs = [spec]
-    recorded = []  # per cell: [(layer, the spec of what it records)]
-    for runner in self._runners:
-      spec, stats, _ = runner.Specs(spec)
-      self._in_specs.append(spec)
-      recorded.append(stats)
+    # recorded: per cell, [(layer, the spec of what it records)].
+    self._in_specs, recorded = TraceCells(self._runners, inputs)
     refusal = TracedRefusal(self._in_specs[1:], recorded)
     if refusal:
       raise hyperparams.ConfigError(refusal)
