@@ -673,3 +673,30 @@ def test_interleaved_cells_go_round_the_devices_v_times():
   assert {t.cell for t in sched.DeviceOrder(1)} == {1, 3}
   report = report_lib.FormatTable(pipe.Report())
   assert 'schedule=interleaved_1f1b, bubble=11.1%' in report  # 1/(2*4+1)
+
+
+def test_a_default_tf_function_does_not_convert_the_pipeline(monkeypatch):
+  # Autograph would parse and rewrite FProp and every Python helper it calls
+  # (micro-batch sizes, the schedule, cell thetas) at each trace, for nothing:
+  # none of them branches on a tensor.
+  from tensorflow.python.autograph.impl import api  # pylint: disable=g-import-not-at-top
+  converted = []
+  convert = api._convert_actual  # pylint: disable=protected-access
+
+  def Spy(entity, program_ctx):
+    converted.append(getattr(entity, '__module__', '') or '')
+    return convert(entity, program_ctx)
+
+  monkeypatch.setattr(api, '_convert_actual', Spy)
+  pipe = _Pipeline(_Mlp(4), k=2, m=2, recompute='always')
+  x = tf.random.normal([4, 6])
+
+  @tf.function  # autograph on, as a user's own step has it by default
+  def Step(x):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x))
+    return tape.gradient(loss, pipe.trainable_variables)
+
+  Step.get_concrete_function(x)
+  assert converted, 'autograph converted nothing: the spy missed it'
+  assert not [m for m in converted if m.startswith('lingvo_gpipe.core.gpipe')]
