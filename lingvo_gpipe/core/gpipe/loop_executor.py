@@ -101,6 +101,13 @@ their step was 0.92× and 0.70× the lowered loop's at M=8 and 64, still
 and executor_step_unrolled_vs_loop_unlowered_*_one_device.md), but such a
 loop runs its whole body on the loop's one device, so it cannot hold a
 pipeline (a body reading weights on two devices is refused at placement).
+Nor is it the `cond`s (a one-off copy with none, bubble clocks computed on
+a spare row and the micro-batch size known, stepped 0.96× this loop at
+M=64), nor one loop spanning the devices, nor control flow in a device's
+graph as such (bench/results/loop_alternatives.md, M=64, against the
+unrolled step: one loop per cell on its own device with queues between
+cells 1.86×, this loop 1.55× in the same run; the unrolled step with a
+small loop added on each device 1.06× the same step without).
 Where cells do real work (narrow Transformer blocks, Dense(512)) the loop
 runs 0.68-1.1× the unrolled step.
 
