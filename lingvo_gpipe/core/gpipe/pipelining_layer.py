@@ -498,7 +498,8 @@ class PipeliningLayer(base_layer.BaseLayer):
 
   # Nothing here or in what it calls needs autograph (RunPipeline runs the
   # cells unconverted already); converted, its Python helpers cost a traced
-  # step in a default tf.function about 1.3 s (16 x Dense(64), K=4).
+  # step in a default tf.function 1.1-2 s (16 x Dense(64), K=4,
+  # bench/results/graph_build_autograph.md).
   @tf.autograph.experimental.do_not_convert
   def FProp(self, theta: NestedMap, *inputs: Any) -> Any:
     p = self.params
