@@ -92,7 +92,12 @@ class UnmergeableStats(base_layer.BaseLayer):
 
 
 class UnknownFeatureShape(base_layer.BaseLayer):
-  """Returns its input with every dimension but the first unknown when traced."""
+  """Returns its input with every dimension but the first unknown when traced.
+
+  (Known or not, the batch size does not make them known, as it would a
+  reshape's computed from the input's shape.)
+  """
 
   def FProp(self, theta, x):
-    return tf.reshape(x, tf.stack([tf.shape(x)[0], -1]))
+    return tf.compat.v1.placeholder_with_default(
+        x, [x.shape[0]] + [None] * (x.shape.rank - 1))

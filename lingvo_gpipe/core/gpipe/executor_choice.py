@@ -21,8 +21,9 @@ building anything: each cell's forward is traced alone once on a micro-batch
 of known size (CellRunner.Specs), and the unrolled graph holds about
 UNROLLED_OPS_PER_FORWARD_OP times those ops per micro-batch (the forward,
 its recomputation, the gradients). Above `max_unrolled_ops` it runs the
-loop; the traces the loop makes of each cell (batch size unknown) are made
-here, for its refusals, and reused.
+loop, which calls those same traces where its micro-batches are all one
+size (else it traces each cell once more with the batch size unknown, here,
+for its refusals).
 
 The bound is on build time alone. It cannot see the per-op cost that makes
 the loop's step slower on tiny cells: 64 × Dense(64), K=8, M=32 (about
@@ -75,7 +76,7 @@ def EstimatedUnrolledOps(forward_ops: Sequence[int],
 def Choose(schedule: schedule_lib.Schedule,
            runners: Sequence[recompute_lib.CellRunner], inputs: Any,
            sizes: Sequence[int], recompute: str, batch_dim: int,
-           max_unrolled_ops: int) -> Choice:
+           max_unrolled_ops: int, skip_bubbles: bool = True) -> Choice:
   """The executor 'auto' runs for this pipeline, and why.
 
   Args:
@@ -86,6 +87,7 @@ def Choose(schedule: schedule_lib.Schedule,
     recompute: the re-materialization mode.
     batch_dim: the batch dimension of every input and output leaf.
     max_unrolled_ops: the unrolled graph's size above which the loop runs.
+    skip_bubbles: the loop's setting, which decides how it traces the cells.
   """
   refusal = loop_executor.Refusal(schedule, recompute, batch_dim)
   if refusal:
@@ -97,8 +99,9 @@ def Choose(schedule: schedule_lib.Schedule,
       inputs)
   forward_ops = []
   for runner in runners:
-    spec, _, num_ops = runner.Specs(spec)
-    forward_ops.append(num_ops)
+    trace = runner.Specs(spec)
+    spec = trace.outputs
+    forward_ops.append(trace.num_ops)
   estimate = EstimatedUnrolledOps(forward_ops, schedule.num_micro_batches)
   size = (f'the unrolled graph would hold about {estimate} ops (M='
           f'{schedule.num_micro_batches}, {sum(forward_ops)} forward ops over '
@@ -107,8 +110,10 @@ def Choose(schedule: schedule_lib.Schedule,
     return Choice('unrolled', f'{size}, at most max_unrolled_ops='
                   f'{max_unrolled_ops}', estimate)
   # What the loop traces (CellRunner.Specs keeps it for the loop).
-  specs, recorded = loop_executor.TraceCells(runners, inputs)
-  refusal = loop_executor.TracedRefusal(specs[1:], recorded)
+  specs, traces = loop_executor.TraceCells(
+      runners, inputs, loop_executor.Rows(sizes, skip_bubbles))
+  refusal = loop_executor.TracedRefusal(
+      specs[1:], [trace.recorded for trace in traces])
   if refusal:
     return Choice('unrolled', f'{size}, but {refusal}', estimate)
   return Choice('loop', f'{size}, more than max_unrolled_ops='

@@ -40,14 +40,27 @@ def _Trainable(t: tf.Tensor) -> bool:
 class KeptForward:
   """One cell's forward, traced once, and the backward from its residuals."""
 
-  def __init__(self, fn: Callable[..., Any], arg_specs: Sequence[Any]):
-    """Traces `fn(*args)` for args like `arg_specs` (a tf.function is used as is)."""
-    if not hasattr(fn, 'get_concrete_function'):
-      fn = tf.function(fn, autograph=False)
-    traced = fn.get_concrete_function(*arg_specs)
+  def __init__(self, fn: Callable[..., Any], arg_specs: Sequence[Any] = ()):
+    """Traces `fn(*args)` for args like `arg_specs`.
+
+    A tf.function is traced as is; a function already traced (a
+    ConcreteFunction, `arg_specs` empty) is split without tracing again.
+    """
+    if isinstance(fn, tf.types.experimental.ConcreteFunction):
+      if arg_specs:
+        raise ValueError('A traced function takes no arg_specs.')
+      traced = fn
+    else:
+      if not hasattr(fn, 'get_concrete_function'):
+        fn = tf.function(fn, autograph=False)
+      traced = fn.get_concrete_function(*arg_specs)
     graph = traced.graph
     self.structured_outputs = traced.structured_outputs
-    self._outputs = list(graph.outputs)  # before the split adds residuals
+    # fn's own outputs, before the residuals the split appends to the
+    # graph's (an eager call under a tape may have split it already).
+    self._outputs = list(graph.outputs[:len([
+        t for t in tf.nest.flatten(traced.structured_outputs,
+                                   expand_composites=True) if t is not None])])
     self._captured = list(traced.captured_inputs)
     self._num_args = len(graph.inputs) - len(self._captured)
     # pylint: disable=protected-access

@@ -48,11 +48,22 @@ fitted 16 and 33
 crossing passes a reference and the weights stay loop invariants (`_Runner`
 says what reading inside cost there).
 
-Where every micro-batch a cell sees has the same size (bubble clocks
-skipped, no ragged last micro-batch), the cell is traced with that batch
-size known, as the unrolled executor traces it: with it unknown a Dense
-ran as a dozen small ops (tensordot's shape arithmetic) instead of one
-fused matmul, and Transformer blocks reshaped at run time.
+Each cell is traced once (`TraceCells`, CellRunner.Specs), as a function
+of (its weights, the micro-batch index, its input), which gives the
+arrays' specs; the forward clocks call that function, and the backward
+clocks its split into a forward returning residuals and their gradient
+(kept_forward.py), each inlined where it runs. Tracing the cell's Python
+again in each loop made each cell three traces: on 416 narrow Transformer
+blocks at K=32, M=32 the trace took 26.0 s against 17.5 s now, and the
+first step 39.2 s against 31.2, with a step of 4.9 s either way
+(bench/results/graph_build_one_trace.md). Where every micro-batch a cell
+sees has the same size (bubble clocks skipped, no ragged last
+micro-batch), that trace has the batch size known, as the unrolled
+executor traces it: with it unknown a Dense ran as a dozen small ops
+(tensordot's shape arithmetic) instead of one fused matmul, and Transformer
+blocks reshaped at run time. With `input_grads_first` the backward traces
+the cell again: it orders ops inside the cell's gradient, which a call
+hides.
 
 A small cell in this process carries its weights, and in the backward
 their running gradient sums, packed: one tensor per dtype, unpacked inside
@@ -243,21 +254,41 @@ def Refusal(schedule: schedule_lib.Schedule, recompute: str,
   return None
 
 
-def TraceCells(runners: Sequence[recompute_lib.CellRunner], inputs: Any
-               ) -> tuple[list[Any], list[list[tuple[Any, Any]]]]:
+def Rows(sizes: Sequence[int], skip_bubbles: bool) -> Optional[int]:
+  """Rows of every micro-batch a cell's work sees, where that is one number.
+
+  Only where bubble clocks are skipped (a computed bubble sees the spare
+  row) and all micro-batches have the same size.
+  """
+  return sizes[0] if skip_bubbles and len(set(sizes)) == 1 else None
+
+
+def TraceCells(runners: Sequence[recompute_lib.CellRunner], inputs: Any,
+               rows: Optional[int]
+               ) -> tuple[list[Any], list[recompute_lib.CellTrace]]:
   """What the loop traces: each cell alone on micro-batches like `inputs`'.
 
+  Args:
+    runners: per cell, its CellRunner.
+    inputs: the first cell's inputs for the whole batch.
+    rows: every micro-batch's rows (`Rows`), or None if they differ.
+
   Returns:
-    (the specs every cell boundary carries: the first cell's inputs, then
-    each cell's outputs; per cell, [(layer, its statistics' specs)]).
+    (the specs every cell boundary's arrays carry, the batch dimension
+    unknown: the first cell's inputs, then each cell's outputs; per cell,
+    its trace on micro-batches of `rows`, which the loops call).
   """
+  spec = tf.nest.map_structure(
+      lambda t: tf.TensorSpec([rows] + t.shape[1:].as_list(), t.dtype), inputs)
   specs = [tf.nest.map_structure(MicroBatchSpec, inputs)]
-  recorded = []
+  traces = []
   for runner in runners:
-    spec, stats, _ = runner.Specs(specs[-1])
-    specs.append(spec)
-    recorded.append(stats)
-  return specs, recorded
+    traces.append(runner.Specs(spec))
+    spec = traces[-1].outputs
+    if rows is None:
+      spec = tf.nest.map_structure(MicroBatchSpec, spec)
+    specs.append(tf.nest.map_structure(MicroBatchSpec, spec))
+  return specs, traces
 
 
 def TracedRefusal(specs: Sequence[Any],
@@ -334,9 +365,8 @@ class LoopExecutor:
     self._k = schedule.num_cells
     self._m = schedule.num_micro_batches
     self._clocks = self._m + self._k - 1
-    # Rows of every micro-batch a cell's work sees, where that is one number.
-    self._rows = (self._sizes[0] if skip_bubbles and len(set(self._sizes)) == 1
-                  else None)
+    self._rows = Rows(self._sizes, skip_bubbles)
+    self._traces: list[recompute_lib.CellTrace] = []  # per cell, TraceCells
     self._in_specs: list[Any] = []
     self._inputs: list[list[tf.TensorArray]] = []
     self._no_grad: list[list[bool]] = []
@@ -412,8 +442,10 @@ class LoopExecutor:
 
   def RunForward(self, inputs: Any) -> Any:
     """The last cell's outputs for the whole batch."""
+    self._in_specs, self._traces = TraceCells(self._runners, inputs,
+                                              self._rows)
     # recorded: per cell, [(layer, the spec of what it records)].
-    self._in_specs, recorded = TraceCells(self._runners, inputs)
+    recorded = [trace.recorded for trace in self._traces]
     refusal = TracedRefusal(self._in_specs[1:], recorded)
     if refusal:
       raise hyperparams.ConfigError(refusal)
@@ -472,13 +504,8 @@ class LoopExecutor:
       return [[] for _ in range(self._k)]
     residuals = []
     for k, runner in enumerate(self._runners):
-      x_spec = self._in_specs[k]
-      if self._rows is not None:
-        x_spec = tf.nest.map_structure(
-            lambda s: tf.TensorSpec([self._rows] + s.shape[1:].as_list(),
-                                    s.dtype), x_spec)
       with self._placement.CellScope(k):
-        self._kept[k] = runner.KeptForward(x_spec)
+        self._kept[k] = runner.KeptForward(self._traces[k].inputs)
         # Shapes left open: the backward loop overwrites a slot it has read
         # with an empty tensor (_Consumed), slot M+1 where it read the spare.
         residuals.append([
@@ -594,7 +621,7 @@ class LoopExecutor:
     def Recomputed():
       probe = base_layer.StatsCollector()
       y, _ = self._Runner(k).Forward(micro_batch, self._Rows(x), keep=False,
-                                     collector=probe)
+                                     collector=probe, trace=self._traces[k])
       # A bubble's statistics (of its spare row) are left out.
       return (y, self._MergeStatistics(merged, probe.records, valid, recorded),
               list(residuals))
@@ -628,7 +655,8 @@ class LoopExecutor:
 
       def Recomputed():
         g_theta, g_x = runner.Backward(micro_batch, gated_x, gated_dy, None,
-                                       input_grad_first=self._split and k > 0)
+                                       input_grad_first=self._split and k > 0,
+                                       trace=self._traces[k])
         return g_theta, g_x, list(residuals)
 
       def Kept():

@@ -159,7 +159,8 @@ def RunPipeline(cells: Sequence[Any],
                                  prepared.runners)
   if executor == 'auto':
     choice = executor_choice.Choose(schedule, runners, inputs, sizes,
-                                    recompute, batch_dim, max_unrolled_ops)
+                                    recompute, batch_dim, max_unrolled_ops,
+                                    skip_bubbles)
     executor_choice.Log(choice)
     if on_choice is not None:
       on_choice(choice)

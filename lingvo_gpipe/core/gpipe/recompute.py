@@ -7,6 +7,12 @@ runs in the forward's mode: the same training flag, step and micro-batch
 index, so stateless dropout draws the same mask; it records no statistics
 (BatchNorm's moments are counted once, by the forward).
 
+Given the cell's trace (`Specs`, a function of theta, the micro-batch index
+and x), the recomputation calls it instead of running the cell's Python
+again: TensorFlow's split of that function into a forward that also returns
+what its gradient reads, then the gradient (kept_forward.py). The numbers
+are the same ops'; the loop executor does this so each cell is traced once.
+
 TensorFlow's own `tf.recompute_grad` does not serve a pipeline: under one
 tape around all micro-batches it keeps every micro-batch's partial weight
 gradients alive at once (TensorFlow adds them with one AddN), so the
@@ -84,9 +90,14 @@ def Index(micro_batch: Any) -> tf.Tensor:
 
 class CellTrace(NamedTuple):
   """A cell's forward traced alone, on inputs of one spec (CellRunner.Specs)."""
+  inputs: Any  # the x spec traced on
   outputs: Any  # the outputs' structure of TensorSpecs
   recorded: list  # [(layer, its statistics' TensorSpecs)], in recording order
   num_ops: int  # ops of the traced forward: what one micro-batch adds
+  # The trace itself: (theta, the micro-batch index as int64, x) ->
+  # (outputs, [statistics in recording order]). A loop calls it rather than
+  # tracing the cell again (CellRunner.Forward, Backward).
+  forward: tf.types.experimental.ConcreteFunction
 
 
 class CellRunner:
@@ -109,6 +120,8 @@ class CellRunner:
     # runner's: the layers it last recorded.)
     self._stats_layers: list[list[Any]] = []
     self._traces: dict[Any, CellTrace] = {}  # Specs, by input spec
+    # Traces split into forward and backward (kept_forward), by trace.
+    self._splits: dict[int, kept_forward.KeptForward] = {}
     if jit_compile:
       name = _CellName(cell)
       self.compiled_forward = _Compiled(self._ForwardAndStats,
@@ -155,26 +168,34 @@ class CellRunner:
     return y, [stats for _, stats in scratch.records]
 
   def _RunForward(self, micro_batch: Any, x: Any,
-                  collector: Optional[base_layer.StatsCollector]) -> Any:
+                  collector: Optional[base_layer.StatsCollector],
+                  trace: Optional[CellTrace] = None) -> Any:
     """The cell's outputs; its statistics go to `collector` or the pipeline's."""
-    if not self.jit_compile:
+    if self.jit_compile:
+      y, stats = self.compiled_forward(self.theta, Index(micro_batch), x)
+      layers = self._stats_layers[0]
+    elif trace is not None:
+      y, stats = trace.forward(self.theta, Index(micro_batch), x)
+      layers = [layer for layer, _ in trace.recorded]
+    else:
       return self._FProp(self.theta, micro_batch, x, record=True,
                          collector=collector)
-    y, stats = self.compiled_forward(self.theta, Index(micro_batch), x)
-    for layer, record in zip(self._stats_layers[0], stats):
+    for layer, record in zip(layers, stats):
       (collector or self._collector).Add(layer, record)
     return y
 
   def Forward(self, micro_batch: Any, x: Any, keep: bool,
-              collector: Optional[base_layer.StatsCollector] = None
+              collector: Optional[base_layer.StatsCollector] = None,
+              trace: Optional[CellTrace] = None
               ) -> tuple[Any, Optional[tf.GradientTape]]:
     """(outputs, the tape that kept the activations if `keep`, else None).
 
     Statistics the cell records go to `collector` if given, else to the
-    pipeline's.
+    pipeline's. `trace` (Specs for x's spec): call it rather than trace the
+    cell again, where nothing is kept.
     """
     if not keep:
-      return self._RunForward(micro_batch, x, collector), None
+      return self._RunForward(micro_batch, x, collector, trace), None
     tape = tf.GradientTape(persistent=False, watch_accessed_variables=False)
     with tape:
       _Watched(tape, self.theta, x)
@@ -189,37 +210,52 @@ class CellRunner:
     `x_spec`); it returns (outputs, [statistics in the order the cell
     records them]); with jit_compile both halves are XLA-compiled.
     """
-    theta_spec = tf.nest.map_structure(
-        lambda t: tf.TensorSpec(t.shape, t.dtype), self.theta)
+    if not self.jit_compile:
+      return self._Split(self.Specs(x_spec))
     return kept_forward.KeptForward(
-        self.compiled_forward if self.jit_compile else self._ForwardAndStats,
-        [theta_spec, tf.TensorSpec([], tf.int64), x_spec])
+        self.compiled_forward,
+        [self._ThetaSpec(), tf.TensorSpec([], tf.int64), x_spec])
+
+  def _ThetaSpec(self) -> Any:
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype), self.theta)
+
+  def _Split(self, trace: CellTrace) -> kept_forward.KeptForward:
+    """`trace` split into a forward returning residuals and a backward."""
+    if id(trace.forward) not in self._splits:
+      self._splits[id(trace.forward)] = kept_forward.KeptForward(
+          trace.forward)
+    return self._splits[id(trace.forward)]
 
   def Specs(self, x_spec: Any) -> CellTrace:
     """What the cell returns and records for inputs like `x_spec`, and its size.
 
-    Traced in a function of its own that is never run, so nothing is added
-    to the graph being built; once per `x_spec` (its structure and specs),
-    so the executor chooser and the loop executor share one trace.
+    Traced once per `x_spec` (its structure and specs) as a function of
+    (theta, micro-batch index, x), which nothing runs until a loop calls it:
+    the executor chooser, the loop's arrays, its forward clocks and its
+    backward's recomputation share the one trace (the cell's Python runs
+    once; a loop that traced the cell in each of them spent a third of its
+    trace time on the extra two, bench/results/graph_build_one_trace.md).
     """
     key = (repr(tf.nest.map_structure(lambda _: 0, x_spec)),
            tuple(tf.nest.flatten(x_spec)))
     if key not in self._traces:
-      scratch = base_layer.StatsCollector()
+      recorded_layers = []
 
-      def Trace(x):
-        outputs = self._FProp(self.theta, tf.constant(0), x, record=True,
+      def Trace(theta, micro_batch, x):
+        scratch = base_layer.StatsCollector()
+        outputs = self._FProp(theta, micro_batch, x, record=True,
                               collector=scratch)
+        recorded_layers[:] = [layer for layer, _ in scratch.records]
         return outputs, [stats for _, stats in scratch.records]
 
       traced = tf.function(Trace, autograph=False).get_concrete_function(
-          x_spec)
+          self._ThetaSpec(), tf.TensorSpec([], tf.int64), x_spec)
       outputs, stats = tf.nest.map_structure(
           lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
       self._traces[key] = CellTrace(
-          outputs, [(layer, spec) for (layer, _), spec in
-                    zip(scratch.records, stats)],
-          len(traced.graph.get_operations()))
+          x_spec, outputs, list(zip(recorded_layers, stats)),
+          len(traced.graph.get_operations()), traced)
     return self._traces[key]
 
   def _Gradients(self, tape: tf.GradientTape, theta: NestedMap, x: Any,
@@ -241,6 +277,16 @@ class CellRunner:
       y = self._FProp(theta, micro_batch, x, record=False)
     return tape, y
 
+  def _TracedGradients(self, trace: CellTrace, micro_batch: Any, x: Any,
+                       dy: Any) -> list:
+    """Flat gradients of theta then x: `trace` recomputed, then differentiated."""
+    split = self._Split(trace)
+    args = [self.theta, Index(micro_batch), x]
+    _, residuals = split.Forward(*args)
+    grads = split.Backward(args, residuals, (dy, tf.nest.map_structure(
+        lambda _: None, split.structured_outputs[1])))  # statistics: none
+    return grads[:self.num_theta] + grads[self.num_theta + 1:]
+
   def _CompiledBackward(self, theta: NestedMap, micro_batch: tf.Tensor,
                         x: Any, dy: Any) -> list:
     """The recomputation and the gradients: the body XLA compiles."""
@@ -249,7 +295,8 @@ class CellRunner:
 
   def Backward(self, micro_batch: Any, x: Any, dy: Any,
                kept: Optional[tuple[tf.GradientTape, Any]],
-               input_grad_first: bool) -> tuple[list, Any]:
+               input_grad_first: bool,
+               trace: Optional[CellTrace] = None) -> tuple[list, Any]:
     """(theta's gradients, flat; x's gradient) for one micro-batch.
 
     Args:
@@ -260,10 +307,15 @@ class CellRunner:
       input_grad_first: make the weight-gradient ops wait for x's gradient
         (grad_order), so the previous cell gets it sooner (not with
         jit_compile, whose backward is one XLA op; RunPipeline refuses it).
+      trace: where recomputing, Specs for x's spec: its forward and
+        gradient are called rather than the cell traced again (not with
+        input_grad_first, which orders ops a call hides).
     """
     created = []
     if kept is None and self.jit_compile:
       grads = self.compiled_backward(self.theta, Index(micro_batch), x, dy)
+    elif kept is None and trace is not None and not input_grad_first:
+      grads = self._TracedGradients(trace, micro_batch, x, dy)
     else:
       tape, y = kept if kept is not None else self._Recomputed(
           self.theta, micro_batch, x)

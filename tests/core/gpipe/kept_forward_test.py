@@ -65,3 +65,23 @@ def test_a_wrong_number_of_arguments_or_output_gradients_is_refused():
   _, residuals = kept.Forward(theta, x)
   with pytest.raises(ValueError, match='3 output gradients expected, got 1'):
     kept.Backward([theta, x], residuals, [tf.ones([2, 3])])
+
+
+def test_a_traced_function_already_differentiated_splits_the_same():
+  # An eager call under a tape splits the function itself, appending its
+  # residuals to the graph's outputs; splitting it again must not take them
+  # for the function's own outputs.
+  traced = tf.function(_Cell, autograph=False).get_concrete_function(*_SPECS)
+  theta, x = _Theta(), tf.random.stateless_normal([5, 4], [5, 6])
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    eager = tf.reduce_sum(traced(theta, x)[0]['y'])
+  tape.gradient(eager, x)
+  with pytest.raises(ValueError, match='takes no arg_specs'):
+    kept_forward.KeptForward(traced, _SPECS)
+  kept = kept_forward.KeptForward(traced)
+  (outputs, stats), residuals = kept.Forward(theta, x)
+  expected, expected_stats = _Cell(theta, x)
+  np.testing.assert_allclose(outputs['y'], expected['y'], rtol=1e-6)
+  np.testing.assert_allclose(stats[0], expected_stats[0], rtol=1e-6)
+  assert len(residuals) == len(kept.residual_specs) > 0
