@@ -20,6 +20,8 @@ with the blocks listed), for one more forward of the body. One iteration's
 forward and its gradient are two `tf.function`s traced once and called by
 every piece, cell and micro-batch, so a pipeline of K cells traces the body
 once, not K times (1663 blocks on K=128: bench/results/transformer_l_1663.md).
+So are a piece's two loops, with its first iteration and its size as
+arguments (`_PieceLoops`): a cell holding a piece traces one call for each.
 
 A pipeline cuts a Repeat between iterations when its cells need it
 (`piece_sizes`, set by the PipeliningLayer): piece i is iterations
@@ -98,6 +100,8 @@ class Repeat(base_layer.BaseLayer):
                          for i in range(len(self.piece_sizes))]
     # training flag -> one iteration's traced functions (_Iterations).
     self._iteration_fns = self._no_dependency({})
+    # training flag and carry structure -> a piece's two loops (_PieceLoops).
+    self._loop_fns = self._no_dependency({})
     with base_layer.StackedBuild(self.piece_sizes,
                                  getattr(_local, 'scopes', None)):
       self.CreateChild('body', p.sub)
@@ -132,68 +136,100 @@ class Repeat(base_layer.BaseLayer):
 
     Differentiable with its own gradient: a reverse loop that recomputes
     each iteration from the input it kept and takes that iteration's
-    gradients (`_Iterations`).
+    gradients (`_Iterations`). Both loops are functions every piece calls
+    (`_PieceLoops`).
     """
-    start, size = self.piece_starts[i], self.piece_sizes[i]
     outer = base_layer.CurrentContext()
-    forward, backward = self._Iterations(outer.training, piece_theta)
-    step = tf.cast(outer.step, tf.int64)
-    micro_batch = tf.cast(outer.micro_batch, tf.int64)
+    skeleton = piece_theta.Transform(lambda _: None)
+    forward_loop, backward_loop = self._PieceLoops(outer.training, skeleton,
+                                                   inputs)
+    # What every loop call takes besides theta and the carry.
+    where = (tf.cast(outer.step, tf.int64), tf.cast(outer.micro_batch,
+                                                    tf.int64),
+             tf.constant(self.piece_starts[i], tf.int64),
+             tf.constant(self.piece_sizes[i]))
     flat_theta = [tf.convert_to_tensor(v) for v in piece_theta.Flatten()]
     flat_inputs = tf.nest.flatten(inputs)
     num_theta = len(flat_theta)
 
+    @tf.custom_gradient
+    def Loop(*args):
+      theta, carry = list(args[:num_theta]), list(args[num_theta:])
+      flat_outputs, kept = forward_loop(theta, carry, *where)
+
+      def Grad(*flat_dy):
+        dy = [tf.zeros_like(y) if d is None else d
+              for d, y in zip(flat_dy, flat_outputs)]
+        g_theta, dx = backward_loop(theta, kept, dy, *where)
+        return list(g_theta) + [g if _IsDifferentiable(x) else None
+                                for g, x in zip(dx, flat_inputs)]
+
+      return list(flat_outputs), Grad
+
+    return tf.nest.pack_sequence_as(inputs, Loop(*flat_theta, *flat_inputs))
+
+  def _PieceLoops(self, training: bool, skeleton: NestedMap, inputs: Any
+                  ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(a piece's forward loop, its backward loop), traced once for all pieces.
+
+    Both are `tf.function`s of the piece's flat theta ([size, ...] each),
+    the flat carry (for the backward: each iteration's kept input, stacked,
+    and the outputs' gradients), the step, the micro-batch, the piece's
+    first iteration and its size. A pipeline cuts a Repeat into K pieces of
+    13 or 14 iterations (1663 blocks on K=128); built in each cell's trace,
+    the two loops were most of a narrow cell's ops, and the loop executor
+    traces a cell and differentiates it once per cell. As calls, a cell
+    holds one op for each (bench/results/graph_build_one_trace.md).
+    """
+    key = f'{bool(training)} {tf.nest.map_structure(lambda _: 0, inputs)!r}'
+    if key in self._loop_fns:
+      return self._loop_fns[key]
+    forward, backward = self._Iterations(training, skeleton)
+
     def Pack(flat: Sequence[Any]) -> Any:
       return tf.nest.pack_sequence_as(inputs, list(flat))
 
-    @tf.custom_gradient
-    def Loop(*args):
-      theta = list(args[:num_theta])
+    def ForwardLoop(theta, carry, step, micro_batch, start, size):
       kept = [tf.TensorArray(x.dtype, size=size, element_shape=x.shape)
-              for x in flat_inputs]
+              for x in carry]
 
       def Forward(j, carry, kept):
         kept = [a.write(j, x) for a, x in zip(kept, tf.nest.flatten(carry))]
-        for a in kept:  # read only if a gradient is taken: no warning
-          if hasattr(a, 'mark_used'):  # eager TensorArrays only
-            a.mark_used()
         carry = forward([tf.gather(w, j) for w in theta], carry, step,
-                        micro_batch, tf.cast(start + j, tf.int64))
+                        micro_batch, start + tf.cast(j, tf.int64))
         return j + 1, carry, kept
 
       _, outputs, kept = tf.while_loop(
-          lambda j, *_: j < size, Forward,
-          (tf.constant(0), Pack(args[num_theta:]), kept),
+          lambda j, *_: j < size, Forward, (tf.constant(0), Pack(carry), kept),
           parallel_iterations=1)
-      flat_outputs = tf.nest.flatten(outputs)
+      return tf.nest.flatten(outputs), [a.stack() for a in kept]
 
-      def Grad(*flat_dy):
-        dy = Pack([tf.zeros_like(y) if d is None else d
-                   for d, y in zip(flat_dy, flat_outputs)])
-        # Iteration j's weight gradients, stacked as the weights are.
-        grads = [tf.TensorArray(w.dtype, size=size, element_shape=w.shape[1:])
-                 for w in theta]
+    def BackwardLoop(theta, kept, dy, step, micro_batch, start, size):
+      # Iteration j's weight gradients, stacked as the weights are.
+      grads = [tf.TensorArray(w.dtype, size=size, element_shape=w.shape[1:])
+               for w in theta]
 
-        def Backward(done, dy, grads):
-          j = size - 1 - done
-          x = Pack([a.read(j) for a in kept])
-          g_theta, dx = backward([tf.gather(w, j) for w in theta], x, dy,
-                                 step, micro_batch,
-                                 tf.cast(start + j, tf.int64))
-          return done + 1, dx, [a.write(j, g) for a, g in zip(grads, g_theta)]
+      def Backward(done, dy, grads):
+        j = size - 1 - done
+        g_theta, dx = backward([tf.gather(w, j) for w in theta],
+                               Pack([tf.gather(x, j) for x in kept]), dy,
+                               step, micro_batch, start + tf.cast(j, tf.int64))
+        return done + 1, dx, [a.write(j, g) for a, g in zip(grads, g_theta)]
 
-        _, dx, grads = tf.while_loop(
-            lambda done, *_: done < size, Backward,
-            (tf.constant(0), dy, grads), parallel_iterations=1)
-        return [a.stack() for a in grads] + [
-            g if _IsDifferentiable(x) else None
-            for g, x in zip(tf.nest.flatten(dx), flat_inputs)]
+      _, dx, grads = tf.while_loop(
+          lambda done, *_: done < size, Backward,
+          (tf.constant(0), Pack(dy), grads), parallel_iterations=1)
+      return [a.stack() for a in grads], tf.nest.flatten(dx)
 
-      return flat_outputs, Grad
+    name = self.path.replace('/', '_')
+    ForwardLoop.__name__ = f'{name}_forward_loop'
+    BackwardLoop.__name__ = f'{name}_backward_loop'
+    fns = tuple(tf.function(fn, autograph=False, reduce_retracing=True)
+                for fn in (ForwardLoop, BackwardLoop))
+    self._loop_fns[key] = fns
+    return fns
 
-    return Pack(Loop(*flat_theta, *flat_inputs))
-
-  def _Iterations(self, training: bool, theta: NestedMap
+  def _Iterations(self, training: bool, skeleton: NestedMap
                   ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(one iteration's forward, its recomputation and gradients), traced once.
 
@@ -212,7 +248,6 @@ class Repeat(base_layer.BaseLayer):
     key = bool(training)
     if key in self._iteration_fns:
       return self._iteration_fns[key]
-    skeleton = theta.Transform(lambda _: None)
 
     def Body(flat_theta, carry, step, micro_batch, t):
       # t is the only Repeat iteration: StackedBuild refuses a Repeat inside
