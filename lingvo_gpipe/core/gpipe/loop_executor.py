@@ -284,10 +284,9 @@ def TraceCells(runners: Sequence[recompute_lib.CellRunner], inputs: Any,
   traces = []
   for runner in runners:
     traces.append(runner.Specs(spec))
-    spec = traces[-1].outputs
-    if rows is None:
-      spec = tf.nest.map_structure(MicroBatchSpec, spec)
-    specs.append(tf.nest.map_structure(MicroBatchSpec, spec))
+    specs.append(tf.nest.map_structure(MicroBatchSpec, traces[-1].outputs))
+    # Micro-batches of differing rows: the next cell is traced on any rows.
+    spec = traces[-1].outputs if rows is not None else specs[-1]
   return specs, traces
 
 

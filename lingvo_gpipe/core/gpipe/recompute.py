@@ -124,7 +124,7 @@ class CellRunner:
     self._splits: dict[int, kept_forward.KeptForward] = {}
     if jit_compile:
       name = _CellName(cell)
-      self.compiled_forward = _Compiled(self._ForwardAndStats,
+      self.compiled_forward = _Compiled(self._CompiledForward,
                                         f'{name}_xla_forward')
       self.compiled_backward = _Compiled(self._CompiledBackward,
                                          f'{name}_xla_backward')
@@ -153,19 +153,28 @@ class CellRunner:
       return self.cell.FProp(theta, x)
 
   def _ForwardAndStats(self, theta: NestedMap, micro_batch: tf.Tensor,
-                       x: Any) -> tuple[Any, list]:
-    """(outputs, the statistics recorded): the body XLA compiles, and the
-    function a kept forward splits."""
+                       x: Any, recorded_layers: list) -> tuple[Any, list]:
+    """(outputs, the statistics recorded, in order): the function Specs
+    traces and XLA compiles. Sets `recorded_layers` to the layers that
+    recorded them, in the same order (known once traced)."""
     scratch = base_layer.StatsCollector()
     y = self._FProp(theta, micro_batch, x, record=True, collector=scratch)
-    layers = [layer for layer, _ in scratch.records]
+    recorded_layers[:] = [layer for layer, _ in scratch.records]
+    return y, [stats for _, stats in scratch.records]
+
+  def _CompiledForward(self, theta: NestedMap, micro_batch: tf.Tensor,
+                       x: Any) -> tuple[Any, list]:
+    """_ForwardAndStats as XLA compiles it: one list of recording layers
+    serves all its traces, so every trace must record the same."""
+    layers = []
+    y, stats = self._ForwardAndStats(theta, micro_batch, x, layers)
     if self._stats_layers and [id(l) for l in layers] != [
         id(l) for l in self._stats_layers[0]]:
       raise ValueError(f'{_CellName(self.cell)}: with '
                        'jit_compile=True a cell must record the same '
                        'statistics for every micro-batch shape.')
     self._stats_layers[:] = [layers]
-    return y, [stats for _, stats in scratch.records]
+    return y, stats
 
   def _RunForward(self, micro_batch: Any, x: Any,
                   collector: Optional[base_layer.StatsCollector],
@@ -241,16 +250,11 @@ class CellRunner:
            tuple(tf.nest.flatten(x_spec)))
     if key not in self._traces:
       recorded_layers = []
-
-      def Trace(theta, micro_batch, x):
-        scratch = base_layer.StatsCollector()
-        outputs = self._FProp(theta, micro_batch, x, record=True,
-                              collector=scratch)
-        recorded_layers[:] = [layer for layer, _ in scratch.records]
-        return outputs, [stats for _, stats in scratch.records]
-
-      traced = tf.function(Trace, autograph=False).get_concrete_function(
-          self._ThetaSpec(), tf.TensorSpec([], tf.int64), x_spec)
+      traced = tf.function(
+          lambda theta, micro_batch, x: self._ForwardAndStats(
+              theta, micro_batch, x, recorded_layers),
+          autograph=False).get_concrete_function(
+              self._ThetaSpec(), tf.TensorSpec([], tf.int64), x_spec)
       outputs, stats = tf.nest.map_structure(
           lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
       self._traces[key] = CellTrace(

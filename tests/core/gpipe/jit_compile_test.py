@@ -246,3 +246,27 @@ def test_tpu_placement_is_refused_by_name():
       'jit_compile=False')):
     pipeline.RunPipeline(pipe.cells, thetas, _Batch(), [4, 3], tpu,
                          jit_compile=True)
+
+
+class _StatsOnLargeMicroBatches(base_layer.BaseLayer):
+  """Records statistics only for micro-batches of 3 rows or more."""
+
+  def FProp(self, theta, x):
+    if x.shape[0] >= 3:
+      self.RecordStats(base_layer.NestedMap(rows=tf.shape(x)[0]))
+    return x
+
+  def ApplyStats(self, stats_list):
+    del stats_list
+
+
+def test_statistics_that_differ_by_micro_batch_shape_are_refused():
+  # One compiled forward serves every micro-batch shape, and its callers
+  # record what it returns against one list of layers.
+  layers = _Dense(1) + [_StatsOnLargeMicroBatches.Params().Set(name='odd')]
+  pipe = _Pipeline(layers, 'unrolled', jit_compile=True, m=2)
+  with pytest.raises(ValueError, match=re.escape(
+      'with jit_compile=True a cell must record the same statistics for '
+      'every micro-batch shape')):
+    with base_layer.Context(training=True):
+      pipe.FPropDefaultTheta(tf.ones([5, 4]))
