@@ -49,6 +49,7 @@ from absl import flags
 import tensorflow as tf
 
 from bench import common
+from lingvo_gpipe.core import graph_optimization
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import recompute
@@ -102,9 +103,10 @@ _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 2, 'Steps after the '
                                      'first and before the measured ones.')
 _INLINE_BODY = flags.DEFINE_bool('inline_body', True, 'transformer, '
                                   "--stack_layers: the Repeat's inline_body.")
-_GRAPH_OPTIMIZATION = flags.DEFINE_bool(
-    'graph_optimization', True, "TensorFlow's graph optimizer (Grappler) on "
-    'the traced step, as the trainer\'s train.graph_optimization.')
+_GRAPH_OPTIMIZATION = flags.DEFINE_enum(
+    'graph_optimization', 'lean', graph_optimization.MODES,
+    "TensorFlow's graph optimizer (Grappler) on the traced step, as the "
+    "trainer's train.graph_optimization (core/graph_optimization.py).")
 _TIMEOUT = flags.DEFINE_integer('timeout', 300, 'Seconds allowed per point; '
                                 'a point that takes longer is recorded as '
                                 'not finished.')
@@ -142,8 +144,7 @@ def MeasurePoint(m: int, executor: str) -> dict:
   """One point in this process; m=0 runs the plain stack."""
   k = _NUM_PARTITIONS.value
   devices = placement.SplitCpu(k)  # before any op runs
-  tf.config.optimizer.set_experimental_options(
-      {'disable_meta_optimizer': not _GRAPH_OPTIMIZATION.value})
+  graph_optimization.Configure(_GRAPH_OPTIMIZATION.value)
   start = time.perf_counter()
   layers, x, loss_fn = _Stack()
   model = common.BuildPipeline(layers, k, max(m, 1), _RECOMPUTE.value, devices,
@@ -367,8 +368,7 @@ def Run() -> tuple[str, dict]:
       'pipeline': f'K={k} cells on {k} logical CPU devices '
                   f'(placement.SplitCpu), recompute={_RECOMPUTE.value}, '
                   f'executor={", ".join(executors)}',
-      'graph optimization (Grappler)': 'on' if _GRAPH_OPTIMIZATION.value
-                                       else 'off',
+      'graph optimization (Grappler)': _GRAPH_OPTIMIZATION.value,
       'step': 'tf.function: plain GradientTape around the model, loss = '
               + ('average cross-entropy (transformer.XentLoss)'
                  if _STACK.value == 'transformer' else 'mean(y²)') +

@@ -90,12 +90,12 @@ class ModelParams:
     p.Define('checkpoint_input', True,
              'Save the input position in checkpoints, so a resumed run sees the '
              'batches it would have seen (costs the shuffle buffer in each checkpoint).')
-    p.Define('graph_optimization', True,
-             "TensorFlow's graph optimizer (Grappler) rewrites each traced "
-             'step before its first run. False skips it for the whole run: '
-             "a giant pipeline's first step starts minutes sooner (1663 "
-             'Transformer blocks on K=128: 156 s against 261 s) for a slower '
-             'step (bench/results/transformer_l_1663.md).')
+    p.Define('graph_optimization', 'lean',
+             "How much of TensorFlow's graph optimizer (Grappler) rewrites "
+             "each traced step before its first run: 'lean' (one round, no "
+             "layout optimizer without a GPU), 'full' (TensorFlow's default), "
+             "'off' (the first step starts soonest, each step is slower) "
+             '(core/graph_optimization.py).')
     p.Define('eval_max_batches', 0,
              'Batches of the eval split per evaluation; 0: the whole split.')
     p.Define('warm_start', [],

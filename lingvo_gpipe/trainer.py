@@ -56,6 +56,7 @@ from lingvo_gpipe import run_errors
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
 from lingvo_gpipe.core import cluster
+from lingvo_gpipe.core import graph_optimization
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import local_processes
 from lingvo_gpipe.core import replicas as replicas_lib
@@ -251,27 +252,17 @@ def CheckData(params: hyperparams.Params, mode: str, eval_split: str) -> None:
     inputs.Dataset(eval_split, training=False)
 
 
-def ConfigureGraphOptimization(enabled: bool) -> None:
-  """Turns TensorFlow's graph optimizer (Grappler) on or off for this process.
-
-  TensorFlow reads the setting when a traced function first runs, and runs
-  it again, optimized anew, if the setting has changed since; so it is set
-  once, before anything is traced (train.graph_optimization).
-  """
-  tf.config.optimizer.set_experimental_options(
-      {'disable_meta_optimizer': not enabled})
-  if not enabled:
-    logging.info('Graph optimization (Grappler) is off '
-                 '(train.graph_optimization=False).')
-
-
 def Run(params: hyperparams.Params, logdir: str, mode: str,
         groups: list[list[str]],
         strategy: Optional[tf.distribute.Strategy] = None) -> None:
   """Builds the task (each replica's, for training) once and runs `mode`."""
+  try:
+    graph_optimization.CheckMode(params.train.graph_optimization)
+  except ValueError as e:
+    raise hyperparams.ConfigError(f'train.graph_optimization: {e}') from None
   split = _EVAL_SPLIT.value or params.input.eval_split
   CheckData(params, mode, split)
-  ConfigureGraphOptimization(params.train.graph_optimization)
+  graph_optimization.Configure(params.train.graph_optimization)
   if mode == 'eval':
     # One evaluator per split beside the trainer, which holds the logdir.
     lock = logdir_lib.Lock(os.path.join(logdir, eval_program.Subdir(split)),

@@ -40,8 +40,8 @@ def _CheckpointSteps(logdir):
 
 
 # Without Grappler, which no other test of the binary turns off; the run
-# that resumes from its checkpoints has it on.
-_FIXTURE_OVERRIDES = _FAST + '; train.graph_optimization=false'
+# that resumes from its checkpoints has the default ('lean').
+_FIXTURE_OVERRIDES = _FAST + '; train.graph_optimization=off'
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +61,7 @@ def test_train_writes_params_checkpoints_and_summaries(trained):
   assert (logdir / 'params.txt').read_text() == printed.stdout
   assert _CheckpointSteps(logdir) == [3, 6]
   assert 'step 6/6  loss' in result.stderr and 'ETA' in result.stderr
-  assert 'Graph optimization (Grappler) is off' in result.stderr
+  assert 'Graph optimization (Grappler): off' in result.stderr
   train = summary.ReadEvents(logdir / 'train')
   for tag in ('loss', 'learning_rate', 'grad_norm', 'examples_per_sec',
               'step_time', 'metrics/mse', 'memory/process_peak_bytes'):
@@ -218,6 +218,11 @@ _BAD_INPUTS = [
     ('bad_loss_scale', [f'--model={_TOY}', '--logdir={tmp}',
                         '--params_override=train.loss_scale=dynamc'],
      ExitStatus.USAGE, ["train.loss_scale='dynamc'", 'auto, dynamic, none']),
+    ('bad_graph_optimization', [f'--model={_TOY}', '--logdir={tmp}',
+                                '--params_override=train.graph_optimization='
+                                'false'],
+     ExitStatus.USAGE, ["train.graph_optimization: Unknown graph optimization "
+                        "'false'", "lean, full, off", "is 'off'"]),
     ('non_finite_loss', [f'--model={_TOY}', '--logdir={tmp}',
                          '--params_override=train.optimizer=sgd; '
                          'train.learning_rate=1e12'],

@@ -20,7 +20,7 @@ and ran its first step in 9.5 s against 171 s, at 0.9 GB peak RSS against
 "task.network.pipeline.executor='unrolled'"` gives the other.
 
 At the depths of Pipeline-128 (1663 blocks), `--params_override=
-'task.network.inline_stacked_body=false; train.graph_optimization=false'`
+'task.network.inline_stacked_body=false; train.graph_optimization=off'`
 gets to the first step in a fraction of the time and memory, for slower
 steps (bench/results/transformer_l_1663.md).
 """
