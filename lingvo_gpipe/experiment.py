@@ -17,6 +17,7 @@ import math
 from typing import Any, Iterator, Optional
 
 from lingvo_gpipe import model_registry
+from lingvo_gpipe.core import graph_optimization
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import loss_scale
 from lingvo_gpipe.core import precision
@@ -181,8 +182,8 @@ def Validate(params: hyperparams.Params) -> None:
 
   Every number in the tree must be finite (a NaN learning rate would write
   NaN weights); the step, interval and batch-size knobs of `train` and
-  `input` must be in range; every fprop_dtype must name a compute dtype and
-  train.loss_scale a mode.
+  `input` must be in range; every fprop_dtype must name a compute dtype, and
+  train.loss_scale and train.graph_optimization a mode.
 
   Raises:
     hyperparams.ParamsError: the first bad field.
@@ -207,6 +208,9 @@ def Validate(params: hyperparams.Params) -> None:
     mode = _Get(params, 'train.loss_scale')
     if mode is not None:
       loss_scale.CheckMode(mode)
+    mode = _Get(params, 'train.graph_optimization')
+    if mode is not None:
+      graph_optimization.CheckMode(mode)
   except ValueError as e:
     raise hyperparams.ParamsError(str(e)) from None
   CheckMicroBatches(params)

@@ -256,10 +256,6 @@ def Run(params: hyperparams.Params, logdir: str, mode: str,
         groups: list[list[str]],
         strategy: Optional[tf.distribute.Strategy] = None) -> None:
   """Builds the task (each replica's, for training) once and runs `mode`."""
-  try:
-    graph_optimization.CheckMode(params.train.graph_optimization)
-  except ValueError as e:
-    raise hyperparams.ConfigError(f'train.graph_optimization: {e}') from None
   split = _EVAL_SPLIT.value or params.input.eval_split
   CheckData(params, mode, split)
   graph_optimization.Configure(params.train.graph_optimization)

@@ -58,8 +58,8 @@ def CheckMode(mode: str) -> None:
       hint = " (TensorFlow's default is 'full')"
     elif close:
       hint = f'; did you mean {close[0]!r}?'
-  raise ValueError(f'Unknown graph optimization {mode!r}; valid: '
-                   f'{", ".join(MODES)}{hint}')
+  raise ValueError(f'train.graph_optimization: Unknown graph optimization '
+                   f'{mode!r}; valid: {", ".join(MODES)}{hint}')
 
 
 def _RoundsAndLayout(mode: str) -> tuple[int, int]:
