@@ -165,6 +165,23 @@ before; with bubble clocks skipped, the default since, 1.08× and 2.9× and
 2.5×). The Transformer at 6 layers on two capped workers: its workers'
 RSS growth 368 and 523 MB → 158 and 240 MB.
 
+Where bubble clocks are skipped, the whole batches a loop only reads (the
+first cell's inputs, the last cell's output gradient) are no longer copied
+into arrays at all: each clock slices its micro-batch from the batch
+itself (`_Whole`, microbatch.Indexed), a slice that shares the batch's
+buffer. TensorFlow's list split copies every element, and the backward
+loop started recomputing before the copy was done, so both copies of the
+output gradient were alive at once. The outputs are merged from the first
+M slots only (`_Merge`), a tensor of the batch's size, where the spare
+slot was concatenated too and sliced off after (the slice shares the
+longer buffer). Measured on one uncapped worker (its allocator's peak, the Transformer of
+bench/memory.py, M=8): 2 layers 132.6 → 127.5 MiB (the unrolled executor
+85.5; the rest is the forward's outputs and their merge, alive together,
+which the unrolled executor's graph lets TensorFlow avoid), 8 layers 192.6
+→ 184.4 (unrolled 178.6), 16 layers 311.5 → 301.5 (unrolled 295.0); in
+one process, 2 × Dense(512) on a batch of 16384, 139 → 106 MiB, where the
+unrolled executor peaks at 128 (tests/core/gpipe/memory_test.py).
+
 Statistics layers record (BatchNorm's moments) are loop variables too,
 merged a micro-batch at a time (BaseLayer.MergeStats) and recorded once.
 
@@ -204,6 +221,7 @@ from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import accumulate
 from lingvo_gpipe.core.gpipe import kept_forward
+from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import packed_weights
 from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
@@ -433,11 +451,51 @@ class LoopExecutor:
               for a, leaf in zip(arrays, tf.nest.flatten(value))]
 
   def _Merge(self, k: int, arrays: Sequence[tf.TensorArray], spec: Any) -> Any:
-    """The whole batch from arrays of `_Arrays`, less the spare slot M at the end."""
-    batch = sum(self._sizes)
+    """The whole batch from arrays of `_Arrays`: their first M slots, concatenated.
+
+    The spare slot M is dropped from the list (no copy) before the concat,
+    so the merge holds the batch and no more.
+    """
     with self._placement.CellScope(k):
       return tf.nest.pack_sequence_as(
-          spec, [a.concat()[:batch] for a in arrays])
+          spec, [self._FirstSlots(a) for a in arrays])
+
+  def _FirstSlots(self, array: tf.TensorArray) -> tf.Tensor:
+    """Slots 0..M-1 of `array`, concatenated."""
+    if tf.executing_eagerly():  # an eager array is a list of tensors
+      return tf.concat([array.read(m) for m in range(self._m)], 0)
+    return tf.raw_ops.TensorListConcatV2(
+        input_handle=tf.raw_ops.TensorListResize(input_handle=array.flow,
+                                                 size=self._m),
+        element_shape=[-1 if d is None else d
+                       for d in array.element_shape.as_list()],
+        leading_dims=tf.zeros([0], tf.int64),
+        element_dtype=array.dtype).tensor
+
+  def _Whole(self, k: int, value: Any) -> Any:
+    """`value`, a whole batch that cell k reads a micro-batch at a time.
+
+    Where bubble clocks are skipped, the loops slice each micro-batch from
+    `value` itself (microbatch.Indexed), which shares its buffer: split into
+    an array it was copied, a second copy of the batch's output gradient
+    alive beside the first (module docstring). A bubble clock that computes
+    reads the spare row, which only an array has (`_Split`). The identity
+    on cell k's device is what the loops capture: a tensor enters a loop on
+    its producer's device, and one made elsewhere would be sent to cell k
+    at every clock.
+    """
+    if not self._skip_bubbles:
+      return self._Split(k, value)
+    with self._placement.CellScope(k):
+      return tf.nest.map_structure(tf.identity, value)
+
+  def _Read(self, k: int, source: Any, slot: tf.Tensor,
+            micro_batch: tf.Tensor, spec: Any) -> Any:
+    """Cell k's micro-batch from `source`: arrays (read at `slot`) or a whole
+    batch (`_Whole`, sliced at `micro_batch`)."""
+    if isinstance(source, list):
+      return tf.nest.pack_sequence_as(spec, [a.read(slot) for a in source])
+    return microbatch.Indexed(source, self._sizes, micro_batch)
 
   def RunForward(self, inputs: Any) -> Any:
     """The last cell's outputs for the whole batch."""
@@ -449,7 +507,8 @@ class LoopExecutor:
     if refusal:
       raise hyperparams.ConfigError(refusal)
     out_spec = self._out_spec = self._in_specs.pop()
-    arrays = [self._Split(0, inputs)] + [
+    whole = self._Whole(0, inputs)
+    arrays = [[]] + [
         self._Arrays(k, self._in_specs[k]) for k in range(1, self._k)]
     outputs = self._Arrays(self._k - 1, out_spec)
     merged = self._NoStatistics(recorded)
@@ -472,8 +531,8 @@ class LoopExecutor:
           clock = self._Clock(t)
         slot, micro_batch = clock[k]
         with self._placement.CellScope(k):
-          x = tf.nest.pack_sequence_as(
-              self._in_specs[k], [a.read(slot) for a in arrays[k]])
+          x = self._Read(k, arrays[k] if k else whole, slot, micro_batch,
+                         self._in_specs[k])
           x = self._placement.Annotate(k, x)
           y, merged[k], residuals[k] = self._CellForward(
               k, micro_batch, slot, x, merged[k], recorded[k], residuals[k])
@@ -490,7 +549,7 @@ class LoopExecutor:
     for cell_records, cell_merged in zip(recorded, merged):
       for (layer, _), stats in zip(cell_records, cell_merged):
         self._collector.Add(layer, stats)
-    self._inputs = arrays
+    self._inputs = [whole] + arrays[1:]
     return self._Merge(self._k - 1, outputs, out_spec)
 
   def _Residuals(self) -> list[list[tf.TensorArray]]:
@@ -707,8 +766,9 @@ class LoopExecutor:
 
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
+    last = self._Whole(self._k - 1, dy)
     grads_in = [self._Arrays(k, self._in_specs[k + 1])
-                for k in range(self._k - 1)] + [self._Split(self._k - 1, dy)]
+                for k in range(self._k - 1)] + [[]]
     input_grads = self._Arrays(0, self._in_specs[0])
     sums = []
     for k, runner in enumerate(self._runners):
@@ -731,12 +791,12 @@ class LoopExecutor:
         with self._placement.CellScope(k):
           # At a bubble clock both are the spare row, the output gradient
           # zero (or a bubble's zero input gradient): nothing is added.
-          x = tf.nest.pack_sequence_as(self._in_specs[k], [
-              a.read(slot) for a in self._inputs[k]])
+          x = self._Read(k, self._inputs[k], slot, micro_batch,
+                         self._in_specs[k])
           out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
                       tf.nest.map_structure(MicroBatchSpec, dy))
-          dy_k = tf.nest.pack_sequence_as(out_spec, [
-              a.read(slot) for a in grads_in[k]])
+          dy_k = self._Read(k, grads_in[k] if k + 1 < self._k else last,
+                            slot, micro_batch, out_spec)
           sums[k], g_x, residuals[k] = self._CellBackward(
               k, micro_batch, slot, x, dy_k, sums[k], residuals[k])
         if k > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from lingvo_gpipe.core import hyperparams
@@ -108,6 +109,23 @@ def Split(inputs: Any, sizes: list[int], batch_dim: int = 0) -> list[Any]:
       tf.nest.pack_sequence_as(inputs, [p[m] for p in pieces])
       for m in range(len(sizes))
   ]
+
+
+def Indexed(inputs: Any, sizes: list[int], index: tf.Tensor) -> Any:
+  """Micro-batch `index` (a scalar tensor) of `inputs`: `Split(inputs, sizes)[index]`.
+
+  Each leaf's rows of that micro-batch, sliced along dimension 0 at run
+  time. Where a row is a whole number of 64-byte blocks (16 floats),
+  TensorFlow's slice shares the batch's buffer instead of copying it, so a
+  loop that reads every micro-batch this way holds the batch once
+  (loop_executor.py).
+  """
+  ends = np.cumsum(sizes)
+  bounds = tf.constant(np.stack([ends - np.asarray(sizes), ends], -1)[:, :, None],
+                       tf.int32)
+  begin, end = tf.unstack(tf.gather(bounds, index))
+  return tf.nest.map_structure(
+      lambda leaf: tf.strided_slice(leaf, begin, end), inputs)
 
 
 def Merge(micro_batches: list[Any], batch_dim: int = 0) -> Any:

@@ -45,6 +45,23 @@ def test_split_merge_round_trip_nested_and_batch_dim():
   np.testing.assert_array_equal(microbatch.Merge(parts, batch_dim=1)[0], y)
 
 
+def test_indexed_reads_the_micro_batch_split_cuts():
+  x = NestedMap(ids=tf.reshape(tf.range(30), [10, 3]),
+                paddings=tf.reshape(tf.range(10, dtype=tf.float32), [10, 1]))
+  sizes = microbatch.MicroBatchSizes(10, num_micro_batches=4)
+  parts = microbatch.Split(x, sizes)
+
+  @tf.function
+  def Read(index):
+    return microbatch.Indexed(x, sizes, index)
+
+  for m, part in enumerate(parts):
+    got = Read(tf.constant(m))
+    assert isinstance(got, NestedMap)
+    np.testing.assert_array_equal(got.ids, part.ids)
+    np.testing.assert_array_equal(got.paddings, part.paddings)
+
+
 def test_batch_size_checks_leaves():
   assert microbatch.BatchSize((tf.zeros([4, 2]), tf.zeros([4]))) == 4
   with pytest.raises(ValueError, match='disagree on the batch size'):
