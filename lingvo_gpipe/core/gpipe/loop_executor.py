@@ -212,6 +212,7 @@ dimension other than 0, and schedules other than fill-drain. `Refusal` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -331,6 +332,12 @@ def TracedRefusal(specs: Sequence[Any],
             f'record, and {", ".join(cannot)} cannot merge theirs (no '
             "MergeStats); use executor='unrolled'.")
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sliced:
+  """A whole batch the loops read by slicing it (LoopExecutor._Whole)."""
+  batch: Any
 
 
 class LoopExecutor:
@@ -473,7 +480,7 @@ class LoopExecutor:
         element_dtype=array.dtype).tensor
 
   def _Whole(self, k: int, value: Any) -> Any:
-    """`value`, a whole batch that cell k reads a micro-batch at a time.
+    """What cell k's loops read `value`, a whole batch, from: `_Sliced` or arrays.
 
     Where bubble clocks are skipped, the loops slice each micro-batch from
     `value` itself (microbatch.Indexed), which shares its buffer: split into
@@ -487,15 +494,15 @@ class LoopExecutor:
     if not self._skip_bubbles:
       return self._Split(k, value)
     with self._placement.CellScope(k):
-      return tf.nest.map_structure(tf.identity, value)
+      return _Sliced(tf.nest.map_structure(tf.identity, value))
 
-  def _Read(self, k: int, source: Any, slot: tf.Tensor,
-            micro_batch: tf.Tensor, spec: Any) -> Any:
-    """Cell k's micro-batch from `source`: arrays (read at `slot`) or a whole
-    batch (`_Whole`, sliced at `micro_batch`)."""
-    if isinstance(source, list):
-      return tf.nest.pack_sequence_as(spec, [a.read(slot) for a in source])
-    return microbatch.Indexed(source, self._sizes, micro_batch)
+  def _Read(self, source: Any, slot: tf.Tensor, micro_batch: tf.Tensor,
+            spec: Any) -> Any:
+    """A micro-batch from `source`: arrays (read at `slot`) or a whole batch
+    (`_Sliced`, sliced at `micro_batch`)."""
+    if isinstance(source, _Sliced):
+      return microbatch.Indexed(source.batch, self._sizes, micro_batch)
+    return tf.nest.pack_sequence_as(spec, [a.read(slot) for a in source])
 
   def RunForward(self, inputs: Any) -> Any:
     """The last cell's outputs for the whole batch."""
@@ -531,7 +538,7 @@ class LoopExecutor:
           clock = self._Clock(t)
         slot, micro_batch = clock[k]
         with self._placement.CellScope(k):
-          x = self._Read(k, arrays[k] if k else whole, slot, micro_batch,
+          x = self._Read(arrays[k] if k else whole, slot, micro_batch,
                          self._in_specs[k])
           x = self._placement.Annotate(k, x)
           y, merged[k], residuals[k] = self._CellForward(
@@ -791,11 +798,11 @@ class LoopExecutor:
         with self._placement.CellScope(k):
           # At a bubble clock both are the spare row, the output gradient
           # zero (or a bubble's zero input gradient): nothing is added.
-          x = self._Read(k, self._inputs[k], slot, micro_batch,
+          x = self._Read(self._inputs[k], slot, micro_batch,
                          self._in_specs[k])
           out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
                       tf.nest.map_structure(MicroBatchSpec, dy))
-          dy_k = self._Read(k, grads_in[k] if k + 1 < self._k else last,
+          dy_k = self._Read(grads_in[k] if k + 1 < self._k else last,
                             slot, micro_batch, out_spec)
           sums[k], g_x, residuals[k] = self._CellBackward(
               k, micro_batch, slot, x, dy_k, sums[k], residuals[k])
