@@ -174,8 +174,8 @@ loop started recomputing before the copy was done, so both copies of the
 output gradient were alive at once. The outputs are merged from the first
 M slots only (`_Merge`), a tensor of the batch's size, where the spare
 slot was concatenated too and sliced off after (the slice shares the
-longer buffer). Measured on one uncapped worker (its allocator's peak, the Transformer of
-bench/memory.py, M=8): 2 layers 132.6 → 127.5 MiB (the unrolled executor
+longer buffer). Measured on one uncapped worker (its allocator's peak,
+the Transformer of bench/memory.py, M=8): 2 layers 132.6 → 127.5 MiB (the unrolled executor
 85.5; the rest is the forward's outputs and their merge, alive together,
 which the unrolled executor's graph lets TensorFlow avoid), 8 layers 192.6
 → 184.4 (unrolled 178.6), 16 layers 311.5 → 301.5 (unrolled 295.0); in

@@ -121,8 +121,8 @@ def Indexed(inputs: Any, sizes: list[int], index: tf.Tensor) -> Any:
   (loop_executor.py).
   """
   ends = np.cumsum(sizes)
-  bounds = tf.constant(np.stack([ends - np.asarray(sizes), ends], -1)[:, :, None],
-                       tf.int32)
+  starts = ends - np.asarray(sizes)
+  bounds = tf.constant(np.stack([starts, ends], -1)[:, :, None], tf.int32)
   begin, end = tf.unstack(tf.gather(bounds, index))
   return tf.nest.map_structure(
       lambda leaf: tf.strided_slice(leaf, begin, end), inputs)
