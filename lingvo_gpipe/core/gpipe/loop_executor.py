@@ -182,6 +182,15 @@ which the unrolled executor's graph lets TensorFlow avoid), 8 layers 192.6
 one process, 2 × Dense(512) on a batch of 16384, 139 → 106 MiB, where the
 unrolled executor peaks at 128 (tests/core/gpipe/memory_test.py).
 
+The running sums start empty, not as zeros (`_EmptySums`): a cell's first
+micro-batch in the backward (M-1) starts them with its gradients, a
+`tf.cond` choosing at each clock between starting and adding. Zeros of each
+weight's shape, made before the loop, depend on nothing: in a worker's
+memory profile at 19 layers (bench/memory.py's Transformer, M=8, K=1) 6 MiB
+of them (5 of the 116) were made at the start of the step and were still
+alive at the backward's peak, on its last clock. Without them that worker's peak
+fell from 348.5 to 339.7 MiB, where the unrolled executor's is 335-337.
+
 Statistics layers record (BatchNorm's moments) are loop variables too,
 merged a micro-batch at a time (BaseLayer.MergeStats) and recorded once.
 
@@ -741,7 +750,8 @@ class LoopExecutor:
         g_theta, g_x, left = grads()
         g_x = tf.nest.map_structure(
             lambda g, ref: tf.zeros_like(ref) if g is None else g, g_x, x)
-        return self._Summed(k, sums, g_theta, valid), g_x, left
+        return (self._Summed(k, micro_batch, sums, g_theta, valid), g_x,
+                left)
 
       return self._Keeping(micro_batch, lambda: Summed(Kept),
                            lambda: Summed(Recomputed))
@@ -752,24 +762,50 @@ class LoopExecutor:
 
     return self._Bubble(valid, Work, Bubble)
 
-  def _Summed(self, k: int, sums: list, g_theta: list,
-              valid: tf.Tensor) -> list:
-    """Cell k's running `sums` with one micro-batch's `g_theta` added."""
+  def _Summed(self, k: int, micro_batch: tf.Tensor, sums: list,
+              g_theta: list, valid: tf.Tensor) -> list:
+    """Cell k's running `sums` with one micro-batch's `g_theta` added.
+
+    The sums start empty (`_EmptySums`): the cell's first micro-batch in the
+    backward, M-1, starts them with its gradients. A bubble clock computed
+    before it (`skip_bubbles=False`) also starts them, and micro-batch M-1
+    starts them again.
+    """
     for i, g in enumerate(g_theta):
       if g is None:
         self._no_grad[k][i] = True
     if self._packs[k] is not None:
       g_theta = self._packs[k].Pack(g_theta)
+    summed = [i for i, g in enumerate(g_theta) if g is not None]
+    grads = [tf.convert_to_tensor(g_theta[i]) for i in summed]
+
+    def Added():
+      added = []
+      for i, g in zip(summed, grads):
+        total = sums[i] + g
+        # A layer that reduces over the batch (BatchNorm) could make a
+        # bubble's gradient 0 · inf; keep the bubble out of the sum.
+        added.append(tf.where(valid, total, sums[i])
+                     if self._reduces_batch[k] else total)
+      return added
+
     new_sums = list(sums)
-    for i, g in enumerate(g_theta):
-      if g is None:
-        continue
-      added = sums[i] + tf.convert_to_tensor(g)
-      # A layer that reduces over the batch (BatchNorm) could make a
-      # bubble's gradient 0 · inf; keep the bubble out of the sum.
-      new_sums[i] = (tf.where(valid, added, sums[i]) if self._reduces_batch[k]
-                     else added)
+    if summed:
+      started = tf.cond(tf.equal(micro_batch, self._m - 1),
+                        lambda: list(grads), Added)
+      for i, total in zip(summed, started):
+        new_sums[i] = total
     return new_sums
+
+  @staticmethod
+  def _EmptySums(like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Running sums before any micro-batch: empty, not zeros.
+
+    Zeros of every weight's shape made before the loop depend on nothing;
+    on a worker some were made at the start of the step and were alive at
+    the backward's peak (module docstring).
+    """
+    return [tf.zeros([0], t.dtype) for t in like]
 
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
@@ -777,12 +813,13 @@ class LoopExecutor:
     grads_in = [self._Arrays(k, self._in_specs[k + 1])
                 for k in range(self._k - 1)] + [[]]
     input_grads = self._Arrays(0, self._in_specs[0])
-    sums = []
+    sums, shapes = [], []
     for k, runner in enumerate(self._runners):
+      summed = (self._packed[k] if self._packs[k] is not None
+                else tf.nest.flatten(runner.theta))
+      shapes.append([t.shape for t in summed])
       with self._placement.CellScope(k):
-        sums.append([tf.zeros_like(t) for t in (
-            self._packed[k] if self._packs[k] is not None
-            else tf.nest.flatten(runner.theta))])
+        sums.append(self._EmptySums(summed))
     self._no_grad = [[False] * r.num_theta for r in self._runners]
 
     def Body(done, grads_in, input_grads, sums, residuals):
@@ -812,13 +849,23 @@ class LoopExecutor:
           input_grads = self._Written(0, input_grads, slot, g_x)
       return done + self._unroll, grads_in, input_grads, sums, residuals
 
+    loop_vars = (tf.constant(0), grads_in, input_grads, sums,
+                 self._residuals)
+    # The sums' shape changes once, from empty to the weights'.
+    invariants = tf.nest.map_structure(lambda _: None, loop_vars)
+    invariants = invariants[:3] + (tf.nest.map_structure(
+        lambda _: tf.TensorShape(None), sums),) + invariants[4:]
     _, _, input_grads, sums, _ = tf.while_loop(
-        lambda s, *_: s < self._clocks, Body,
-        (tf.constant(0), grads_in, input_grads, sums, self._residuals),
-        parallel_iterations=1)
+        lambda s, *_: s < self._clocks, Body, loop_vars,
+        shape_invariants=invariants, parallel_iterations=1)
     for k, pack in enumerate(self._packs):
-      if pack is not None:
-        with self._placement.CellScope(k):
+      with self._placement.CellScope(k):
+        # A weight with no gradient keeps its empty sum (None below); a
+        # packed sum always has one (Pack packs a missing gradient as zeros).
+        sums[k] = [s if none and pack is None else tf.ensure_shape(s, shape)
+                   for s, shape, none in zip(sums[k], shapes[k],
+                                             self._no_grad[k])]
+        if pack is not None:
           sums[k] = pack.Unpack(sums[k])
     sums = [[None if none else g for g, none in zip(cell_sums, no_grad)]
             for cell_sums, no_grad in zip(sums, self._no_grad)]

@@ -303,6 +303,35 @@ def test_clocks_run_one_at_a_time_and_the_output_gradient_is_not_copied_twice(
       op.inputs[0].op.type for op in splits]
 
 
+@pytest.mark.parametrize('skip_bubbles', [True, False])
+@pytest.mark.parametrize('pack_weights', [True, False])
+def test_the_running_sums_start_empty_not_as_zeros(skip_bubbles, pack_weights):
+  # Zeros of every weight's shape made before the backward loop were alive
+  # from the start of the step, and on a worker some stayed to its end (6 MiB
+  # at bench/memory.py's 19 Transformer layers). The sums start empty and the
+  # first micro-batch's gradients start them.
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=[dense.Dense.Params().Set(
+          name=f'fc{i}', input_dim=8, output_dim=8) for i in range(2)],
+      num_partitions=2, num_micro_batches=4, devices=_DEVICES,
+      executor='loop', skip_bubbles=skip_bubbles,
+      pack_weights=pack_weights).Instantiate()
+  x = tf.ones([12, 8])
+
+  @tf.function
+  def Step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
+    return tape.gradient(loss, pipe.trainable_variables)
+
+  graph = Step.get_concrete_function().graph
+  backward = [op for op in graph.get_operations()
+              if op.type in ('While', 'StatelessWhile')][1]
+  made = [t for t in backward.inputs if t.dtype.is_floating and
+          t.op.type in ('ZerosLike', 'Fill', 'Const')]
+  assert made and all(t.shape.num_elements() == 0 for t in made), [
+      (t.op.type, t.shape) for t in made]
+
 class _BatchSeen(base_layer.BaseLayer):
   """Identity that notes the batch size its FProp is traced with."""
 
