@@ -12,9 +12,9 @@ TensorArray and writing its output into the next cell's. The backward is a
 second loop over the clocks in reverse, with the running sums as loop
 variables. At a bubble clock (cell k with no micro-batch t-k) the cell does
 nothing: its work sits in a `tf.cond` on the clock, whose other branch
-passes the running sums through and yields a one-row batch of zeros. Every
-array has a spare slot M for what bubble clocks read and write, so one
-clock's graph serves every clock. Skipping matters wherever a bubble costs
+passes the running sums through and yields an empty batch. Every array has
+a spare slot M for what bubble clocks read and write, so one clock's graph
+serves every clock. Skipping matters wherever a bubble costs
 what a micro-batch does: with Transformer blocks on 2-example micro-batches
 (K=8) the step took 0.69x the time at M=8 and 0.88x at M=32
 (bench/results/executor_step_loop_spare_row_vs_loop_transformer_d32_k8.md),
@@ -252,12 +252,6 @@ def _InAnotherProcess(device: str) -> bool:
   return job not in (None, 'localhost')
 
 
-def _SpareRow(spec: Any) -> Any:
-  """A one-row batch of zeros like `spec`: what a skipped bubble clock yields."""
-  return tf.nest.map_structure(
-      lambda s: tf.zeros([1] + s.shape[1:].as_list(), s.dtype), spec)
-
-
 def _FillDrain(schedule: schedule_lib.Schedule) -> schedule_lib.FillDrain:
   return schedule_lib.FillDrain(
       schedule.num_cells, schedule.num_micro_batches,
@@ -414,12 +408,12 @@ class LoopExecutor:
     """Per cell k, (slot, micro-batch index) at clock t.
 
     Cell k runs micro-batch t-k. At a bubble clock its slot is the spare slot
-    M, which holds a one-example batch in every array (zeros, or what a
-    bubble wrote), so the cell computes on one row and writes nothing that
-    counts. Looked up in a table of every clock (with `clocks_per_iteration`
-    clocks either side, which only bubbles fill): one gather and one unstack
-    a clock, where computing each cell's took seven small ops, run at every
-    clock like any op in a loop.
+    M (`_Spare`), which a computed bubble reads as a one-example batch, so
+    the cell computes on one row and writes nothing that counts. Looked up
+    in a table of every clock (with `clocks_per_iteration` clocks either
+    side, which only bubbles fill): one gather and one unstack a clock,
+    where computing each cell's took seven small ops, run at every clock
+    like any op in a loop.
     """
     pad = self._unroll
     clocks = np.arange(-pad, self._clocks + pad)[:, None]
@@ -431,15 +425,27 @@ class LoopExecutor:
                      t + pad)
     return [tuple(tf.unstack(cell)) for cell in tf.unstack(both)]
 
+  def _Spare(self, spec: Any) -> Any:
+    """Zeros like `spec`: what the spare slot M holds and a skipped bubble yields.
+
+    One row where bubble clocks compute (on it); none where they are skipped,
+    since nothing computes on it then, and a row of the last cell's output
+    (one sequence's logits, 1 MiB in bench/memory.py's Transformer) held in
+    its array and in the bubble's yield was a part of the loop's peak.
+    """
+    rows = 0 if self._skip_bubbles else 1
+    return tf.nest.map_structure(
+        lambda s: tf.zeros([rows] + s.shape[1:].as_list(), s.dtype), spec)
+
   def _Arrays(self, k: int, spec: Any) -> list[tf.TensorArray]:
-    """Arrays for micro-batches like `spec` on cell k's device; slot M one zero row."""
+    """Arrays for micro-batches like `spec` on cell k's device; slot M `_Spare`."""
     arrays = []
     with self._placement.CellScope(k):
       for s in tf.nest.flatten(spec):
         arrays.append(tf.TensorArray(
             s.dtype, size=self._m + 1, infer_shape=False,
             clear_after_read=False,
-            element_shape=s.shape).write(self._m, _SpareRow(s)))
+            element_shape=s.shape).write(self._m, self._Spare(s)))
     return arrays
 
   def _Split(self, k: int, value: Any) -> list[tf.TensorArray]:
@@ -709,7 +715,7 @@ class LoopExecutor:
               [a.write(slot, v) for a, v in zip(residuals, values)])
 
     def Bubble():
-      return _SpareRow(out_spec), merged, list(residuals)
+      return self._Spare(out_spec), merged, list(residuals)
 
     return self._Bubble(
         valid, lambda: self._Keeping(micro_batch, Kept, Recomputed), Bubble)
