@@ -182,9 +182,10 @@ which the unrolled executor's graph lets TensorFlow avoid), 8 layers 192.6
 one process, 2 × Dense(512) on a batch of 16384, 139 → 106 MiB, where the
 unrolled executor peaks at 128 (tests/core/gpipe/memory_test.py).
 
-The running sums start empty, not as zeros (`_EmptySums`): a cell's first
-micro-batch in the backward (M-1) starts them with its gradients, a
-`tf.cond` choosing at each clock between starting and adding. Zeros of each
+The running sums start empty, not as zeros (`_StartingSums`): a cell's
+first micro-batch in the backward (M-1) starts them with its gradients, a
+`tf.cond` choosing at each clock between starting and adding (a packed
+cell's small sums still start as zeros: the `cond` cost its clock more). Zeros of each
 weight's shape, made before the loop, depend on nothing: in a worker's
 memory profile at 19 layers (bench/memory.py's Transformer, M=8, K=1) 6 MiB
 of them (5 of the 116) were made at the start of the step and were still
@@ -772,10 +773,10 @@ class LoopExecutor:
               g_theta: list, valid: tf.Tensor) -> list:
     """Cell k's running `sums` with one micro-batch's `g_theta` added.
 
-    The sums start empty (`_EmptySums`): the cell's first micro-batch in the
-    backward, M-1, starts them with its gradients. A bubble clock computed
-    before it (`skip_bubbles=False`) also starts them, and micro-batch M-1
-    starts them again.
+    Sums that start empty (`_StartingSums`) are started by the cell's first
+    micro-batch in the backward, M-1, with its gradients. A bubble clock
+    computed before it (`skip_bubbles=False`) also starts them, and
+    micro-batch M-1 starts them again.
     """
     for i, g in enumerate(g_theta):
       if g is None:
@@ -796,21 +797,32 @@ class LoopExecutor:
       return added
 
     new_sums = list(sums)
-    if summed:
-      started = tf.cond(tf.equal(micro_batch, self._m - 1),
-                        lambda: list(grads), Added)
-      for i, total in zip(summed, started):
-        new_sums[i] = total
+    if not summed:
+      return new_sums
+    if self._packs[k] is not None:  # zeros to add to (_StartingSums)
+      totals = Added()
+    else:
+      totals = tf.cond(tf.equal(micro_batch, self._m - 1),
+                       lambda: list(grads), Added)
+    for i, total in zip(summed, totals):
+      new_sums[i] = total
     return new_sums
 
-  @staticmethod
-  def _EmptySums(like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    """Running sums before any micro-batch: empty, not zeros.
+  def _StartingSums(self, k: int, like: Sequence[tf.Tensor]
+                    ) -> list[tf.Tensor]:
+    """Cell k's running sums before any micro-batch: empty, or zeros if packed.
 
     Zeros of every weight's shape made before the loop depend on nothing;
     on a worker some were made at the start of the step and were alive at
-    the backward's peak (module docstring).
+    the backward's peak (module docstring). Empty sums take a `tf.cond` a
+    clock to start, which seemed to lengthen a packed tiny cell's step (16 ×
+    Dense(64), K=4, the loop's step against the unrolled one's, medians of
+    three alternating runs: 1.86× against 1.66× at M=8, 1.99× against 1.84×
+    at M=64, where single runs here vary by ±15%); a packed cell's weights
+    are small (packed_weights.Worth), so its sums start as zeros.
     """
+    if self._packs[k] is not None:
+      return [tf.zeros_like(t) for t in like]
     return [tf.zeros([0], t.dtype) for t in like]
 
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
@@ -825,7 +837,7 @@ class LoopExecutor:
                 else tf.nest.flatten(runner.theta))
       shapes.append([t.shape for t in summed])
       with self._placement.CellScope(k):
-        sums.append(self._EmptySums(summed))
+        sums.append(self._StartingSums(k, summed))
     self._no_grad = [[False] * r.num_theta for r in self._runners]
 
     def Body(done, grads_in, input_grads, sums, residuals):
