@@ -185,12 +185,15 @@ unrolled executor peaks at 128 (tests/core/gpipe/memory_test.py).
 The running sums start empty, not as zeros (`_StartingSums`): a cell's
 first micro-batch in the backward (M-1) starts them with its gradients, a
 `tf.cond` choosing at each clock between starting and adding (a packed
-cell's small sums still start as zeros: the `cond` cost its clock more). Zeros of each
-weight's shape, made before the loop, depend on nothing: in a worker's
-memory profile at 19 layers (bench/memory.py's Transformer, M=8, K=1) 6 MiB
-of them (5 of the 116) were made at the start of the step and were still
-alive at the backward's peak, on its last clock. Without them that worker's peak
-fell from 348.5 to 339.7 MiB, where the unrolled executor's is 335-337.
+cell's small sums still start as zeros: the `cond` cost its clock more).
+Zeros of each weight's shape, made before the loop, depend on nothing: in a
+worker's memory profile at 19 layers (bench/memory.py's Transformer, M=8,
+K=1) 6 MiB of them (5 of the 116) were made at the start of the step and
+were still alive at the backward's peak, on its last clock. Without them
+that worker's peak fell from 348.5 to 339.7 MiB, where the unrolled
+executor's is 335-337 (at 20 layers it did not move, 360.0 against 359.2: a
+single peak moves by ±5 MiB from run to run), and capped at 351 MB it fits
+19 layers where it fitted 18 (bench/results/memory_loop.md).
 
 Statistics layers record (BatchNorm's moments) are loop variables too,
 merged a micro-batch at a time (BaseLayer.MergeStats) and recorded once.
