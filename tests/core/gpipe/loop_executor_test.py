@@ -49,6 +49,18 @@ def _Pipeline(layers, k, m, **kwargs):
       devices=_DEVICES, executor='loop', **kwargs).Instantiate()
 
 
+def _WeightGradients(pipe, x):
+  """A tf.function: the gradients of sum(pipe(x)²) by the pipeline's weights."""
+
+  @tf.function
+  def Step():
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
+    return tape.gradient(loss, pipe.trainable_variables)
+
+  return Step
+
+
 def _Layers():
   return [_Masked.Params().Set(name=f'm{i}') for i in range(4)]
 
@@ -193,14 +205,7 @@ def test_bubble_clocks_are_skipped_and_kept_micro_batches_not_recomputed(
   pipe = _Pipeline(layers, 3, 4, skip_bubbles=skip_bubbles,
                    recompute=recompute)
   x = tf.ones([10, 4])
-
-  @tf.function
-  def Step():
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
-    return tape.gradient(loss, pipe.trainable_variables)
-
-  Step()
+  _WeightGradients(pipe, x)()
   rows = [pipe.layers[2 * i + 1].rows.numpy() for i in range(3)]
   # The forward sees the 10 rows (micro-batches of 3, 3, 2, 2) once, the
   # recomputation those not kept; a cell that computes its bubbles adds one
@@ -310,21 +315,11 @@ def test_the_running_sums_start_empty_not_as_zeros(skip_bubbles):
   # at bench/memory.py's 19 Transformer layers). The sums start empty and the
   # first micro-batch's gradients start them. (A packed cell's sums, small by
   # construction, start as zeros: starting them costs a cond a clock.)
-  pipe = PipeliningLayer.Params().Set(
-      name='pipe', layers=[dense.Dense.Params().Set(
-          name=f'fc{i}', input_dim=8, output_dim=8) for i in range(2)],
-      num_partitions=2, num_micro_batches=4, devices=_DEVICES,
-      executor='loop', skip_bubbles=skip_bubbles,
-      pack_weights=False).Instantiate()
+  pipe = _Pipeline([dense.Dense.Params().Set(
+      name=f'fc{i}', input_dim=8, output_dim=8) for i in range(2)], 2, 4,
+                   skip_bubbles=skip_bubbles, pack_weights=False)
   x = tf.ones([12, 8])
-
-  @tf.function
-  def Step():
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
-    return tape.gradient(loss, pipe.trainable_variables)
-
-  graph = Step.get_concrete_function().graph
+  graph = _WeightGradients(pipe, x).get_concrete_function().graph
   backward = [op for op in graph.get_operations()
               if op.type in ('While', 'StatelessWhile')][1]
   made = [t for t in backward.inputs if t.dtype.is_floating and
@@ -381,14 +376,7 @@ def test_cells_are_traced_with_the_micro_batch_size_where_all_are_alike(
             _BatchSeen.Params().Set(name='seen')]
   pipe = _Pipeline(layers, 2, 4, skip_bubbles=skip_bubbles)
   x = tf.ones([batch, 4])
-
-  @tf.function
-  def Step():
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(pipe.FPropDefaultTheta(x) ** 2)
-    return tape.gradient(loss, pipe.trainable_variables)
-
-  Step.get_concrete_function()
+  _WeightGradients(pipe, x).get_concrete_function()
   # (None is also there: the executor first traces each cell on a spec.)
   seen = pipe.layers[1].seen
   assert (2 in seen) == known and seen <= {2, None}, seen
