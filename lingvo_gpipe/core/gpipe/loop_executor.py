@@ -10,217 +10,54 @@ How: the forward is a `tf.while_loop` over the M+K-1 clocks of fill-drain;
 at clock t every cell k runs micro-batch t-k, reading its input from a
 TensorArray and writing its output into the next cell's. The backward is a
 second loop over the clocks in reverse, with the running sums as loop
-variables. At a bubble clock (cell k with no micro-batch t-k) the cell does
-nothing: its work sits in a `tf.cond` on the clock, whose other branch
-passes the running sums through and yields an empty batch. Every array has
-a spare slot M for what bubble clocks read and write, so one clock's graph
-serves every clock. Skipping matters wherever a bubble costs
-what a micro-batch does: with Transformer blocks on 2-example micro-batches
-(K=8) the step took 0.69x the time at M=8 and 0.88x at M=32
-(bench/results/executor_step_loop_spare_row_vs_loop_transformer_d32_k8.md),
-and at K=128, M=32, where 80% of the clocks are bubbles, 60 s against 369 s
-(bench/results/transformer_l_1663.md). On cells of a few Dense(64) too,
-now that they carry packed weights (0.57x at M=8, 0.73x at M=64,
-executor_step_loop_spare_row_vs_loop_dense_d64_k4.md; unpacked, the
-branch cost more than it saved there, 1.09x and 1.15x).
-`skip_bubbles=False` keeps the older way: the cell computes on the spare
-row, whose output gradient is zero, so it adds nothing to the sums
-(computing on a real micro-batch and masking its gradient was measured
-slower; an empty batch breaks layers that reshape, such as AmoebaNet's;
-with jit_compile XLA compiles each cell for that one row too, which
-lengthens the first step, bench/results/jit_compile.md).
+variables. Both run one clock at a time (`parallel_iterations=1`), as
+fill-drain has it. At a bubble clock (cell k with no micro-batch t-k) the
+cell does nothing: its work sits in a `tf.cond` on the clock, whose other
+branch passes the running sums through and yields an empty batch. Every
+array has a spare slot M for what bubble clocks read and write, so one
+clock's graph serves every clock. `skip_bubbles=False` has bubble clocks
+compute on a one-row spare batch instead, whose output gradient is zero.
 
-Each TensorArray lives on the device of the cell that reads it, and the
-cell before writes into it there: written on the writer's device, the whole
-array crossed devices at every write, which made a first loop prototype run
-at half the unrolled executor's speed (bench/results/executor_step_d64.md
-and executor_step_d512.md give today's ratios).
+Where tensors live: each TensorArray on the device of the cell that reads
+it, the cell before writing into it there; a cell on a TensorFlow worker
+process reads its weights inside the loops, on its own device; the whole
+batches the loops only read (the first cell's inputs, the last cell's
+output gradient) are sliced a micro-batch at a clock (`_Whole`), not copied
+into arrays.
 
-A cell on a TensorFlow worker process reads its weights inside the loops,
-on its own device. Read before a loop, a weight enters it on the loop's own
-device (the client's) and crosses to the cell's at every clock: with the
-cells on capped workers the client held every weight (55 MB at 16
-Transformer layers, bench/memory.py) and each worker received its weights
-anew at every clock; reading them inside, capped workers fit 18-19 and
-37-38 layers at K=1 and 2 (the edge moves from run to run) where they
-fitted 16 and 33
-(bench/results/memory_loop.md). In one process the
-crossing passes a reference and the weights stay loop invariants (`_Runner`
-says what reading inside cost there).
+What each clock runs: each cell is traced once (`TraceCells`), as a
+function of (its weights, the micro-batch index, its input); the forward
+clocks call that function, the backward clocks its split into a forward
+returning residuals and their gradient (kept_forward.py), each inlined
+where it runs. Where every micro-batch a cell sees has the same size, the
+trace knows it (`_Rows`). A small cell in this process carries its weights,
+and in the backward their running sums, packed: one tensor per dtype
+(packed_weights.py). `clocks_per_iteration` clocks run in one iteration.
 
-Each cell is traced once (`TraceCells`, CellRunner.Specs), as a function
-of (its weights, the micro-batch index, its input), which gives the
-arrays' specs; the forward clocks call that function, and the backward
-clocks its split into a forward returning residuals and their gradient
-(kept_forward.py), each inlined where it runs. Tracing the cell's Python
-again in each loop made each cell three traces: on 416 narrow Transformer
-blocks at K=32, M=32 the trace took 26.0 s against 17.5 s now, and the
-first step 39.2 s against 31.2, with a step of 4.9 s either way
-(bench/results/graph_build_one_trace.md). Where every micro-batch a cell
-sees has the same size (bubble clocks skipped, no ragged last
-micro-batch), that trace has the batch size known, as the unrolled
-executor traces it: with it unknown a Dense ran as a dozen small ops
-(tensordot's shape arithmetic) instead of one fused matmul, and Transformer
-blocks reshaped at run time. With `input_grads_first` the backward traces
-the cell again: it orders ops inside the cell's gradient, which a call
-hides.
-
-A small cell in this process carries its weights, and in the backward
-their running gradient sums, packed: one tensor per dtype, unpacked inside
-the cell's `tf.cond` (packed_weights.py). Every tensor a loop uses is a loop
-variable, and every loop variable and `cond` input runs a few control-flow
-nodes at every clock; unpacked, 16 × Dense(64) in 4 cells ran 10k nodes a
-step at M=8, 6k of them control flow, most for its 32 weights and 32 sums.
-Packed it runs 5.2k, and each cell's clock reads its micro-batch indices
-from one table (`_Clock`). Against the same loop unpacked, two variants
-alternating in one process: 16 × Dense(64), K=4, 0.51× the step at M=8 and
-0.64× at M=64; narrow Transformer blocks (d 32, K=4) 0.84× at M=8 and
-0.74× at M=32. Against the unrolled executor the tiny stack's step is
-still 1.50× and 1.29× (it was 3.4× and 2.3×), while the narrow
-Transformer's is 0.78× and 0.68× (it was 0.99× and 0.98×): a packed
-cell's clock still runs some 60 nodes, a third of them control flow
-(bench/results/executor_step_*.md).
-
-`clocks_per_iteration` clocks run in one iteration: each loop iteration
-over 4 devices has a fixed cost that dominated tiny cells before packing
-(16 × Dense(64), K=4, M=64: the step 1.9× the unrolled one at 1 clock an
-iteration, 1.4× at 4), at the price of a graph that many times the cells
-(build 1.7 s → 3.5 s). With packed weights more clocks an iteration no
-longer help (1.36×, 1.43× and 1.43× the unrolled step at 1, 2 and 4, M=64,
-one run each).
-
-Where the rest of a tiny cell's step goes (measured 2026-11-29, 16 ×
-Dense(64), batch 64, K=4, alternating in one process): not into crossing
-devices, since with all four cells on one device the loop's step is 1.68×
-and 2.67× the unrolled one's at M=8 and 64, against 1.76× and 1.69× on four
-logical devices (executor_step_d64_one_device.md, executor_step_d64.md); not
-into anything that grows with M, since at batch 256 the ratio stayed at
-1.45-1.64× from M=16 to 256 and the time a clock shrank as micro-batches
-did. A cell's backward clock runs 56 ops inside its branch, 28 of them the
-recomputation and gradients, each a few microseconds here; each op run
-inside a loop frame costs more than the same op outside, and that is the
-gap. Tried and not kept: looking each cell's clock up on its own device
-(one scalar sent a clock instead of two; 1.65× against 1.66× in one run),
-and XLA per cell: with `jit_compile` on both, the loop's step at M=64 was
-2.14× the unrolled one's
-(executor_step_unrolled_jit_vs_loop_jit_dense_d64_k4.md; a compiled cell is
-one launch, dearer than the few ops it replaces); and loops TensorFlow does
-not lower to frames (each iteration calls the body as a function,
-bench/executor_step.py's `loop_unlowered`): with all cells on one device
-their step was 0.92× and 0.70× the lowered loop's at M=8 and 64, still
-1.76× and 2.37× the unrolled one's (executor_step_loop_vs_loop_unlowered_*
-and executor_step_unrolled_vs_loop_unlowered_*_one_device.md), but such a
-loop runs its whole body on the loop's one device, so it cannot hold a
-pipeline (a body reading weights on two devices is refused at placement).
-Nor is it the `cond`s (a one-off copy with none, bubble clocks computed on
-a spare row and the micro-batch size known, stepped 0.96× this loop at
-M=64), nor one loop spanning the devices, nor control flow in a device's
-graph as such (bench/results/loop_alternatives.md, M=64, against the
-unrolled step: one loop per cell on its own device with queues between
-cells 1.86×, this loop 1.55× in the same run; the unrolled step with a
-small loop added on each device 1.06× the same step without).
-Where cells do real work (narrow Transformer blocks, Dense(512)) the loop
-runs 0.68-1.1× the unrolled step.
-
-Why clocks and not micro-batches: a loop over micro-batches, each iteration
-running the micro-batch through all K cells with no `cond` (bubbles never
-run) and letting iterations overlap (`parallel_iterations` K) to pipeline,
-was prototyped on 16 × Dense(64), K=4: its step was 2.4-2.6× the unrolled
-one at M=8 and 2.3-2.9× at M=64, with this loop 1.6× and 1.2-1.4× in the
-same runs. Its weights' running sums are loop variables of the backward
-loop and cost more than the conds it saves.
-
-Both loops run with `parallel_iterations=1`: one clock at a time, as
-fill-drain has it. With TensorFlow's default of 10, clocks could run ahead
-of each other wherever nothing chains them (at K=1 every forward clock only
-reads the input's array, and each backward clock is gated on the running
-sums only for its recomputation), so up to 10 micro-batches' tensors were
-alive at once. In one process it did not show (the peak was the same with
-1 or 10), but with the cells on TensorFlow worker processes each capped at
-351 MB (bench/memory.py, Transformer d_model 256, batch 32, seq 128, vocab
-2048, M=8), the loop executor fitted 3 layers at K=1 (the unrolled one 20)
-and ran out of memory, or crashed with signal 11, at 4 to 8 layers from one
-probe to the next; with one clock at a time it fits 16 at K=1 and 33 at
-K=2, where it fitted 3 and 8 (the unrolled one 20 and 40;
-bench/results/memory_loop.md). Measured on one uncapped worker at 8 layers
-(its allocator's peak, read inside the worker process): 470 MiB in one run
-and 211 MiB in others at 10 (it depends on how the threads are scheduled),
-214 at 1; the unrolled executor 173. Re-measured since (weights read in
-the loops, packed sums; three alternating runs each): 185-193 MiB against
-175-180. A memory profile of the worker (its allocator's allocations, each
-attributed to the op that made it) finds the same parts live at either
-executor's peak: the weights, the running sums, one micro-batch's
-recomputed activations and gradients, the output gradient; the loop's
-extra is a few MiB spread over them, where its peak falls in the clock.
-Freeing each output-gradient slot once read, or splitting the output
-gradient on the client, did not move the peak. `_Split` splits the batch
-itself into its array and then writes the spare slot, which copies it once
-where concatenating the zero row first copied it twice (the backward's
-output gradient, [33, 128, 2048] floats, is where the capped worker first
-ran out of memory). Speed, re-measured with bench/executor_step.py after
-the change: the loop's step against the unrolled one 1.08× on 16 ×
-Dense(512), batch 1024, M=32 (1.04× before), 2.7× and 2.3× on 16 ×
-Dense(64) at M=8 and 64 (2.4× and 1.9× before; the ratios above are from
-before; with bubble clocks skipped, the default since, 1.08× and 2.9× and
-2.5×). The Transformer at 6 layers on two capped workers: its workers'
-RSS growth 368 and 523 MB → 158 and 240 MB.
-
-Where bubble clocks are skipped, the whole batches a loop only reads (the
-first cell's inputs, the last cell's output gradient) are no longer copied
-into arrays at all: each clock slices its micro-batch from the batch
-itself (`_Whole`, microbatch.Indexed), a slice that shares the batch's
-buffer. TensorFlow's list split copies every element, and the backward
-loop started recomputing before the copy was done, so both copies of the
-output gradient were alive at once. The outputs are merged from the first
-M slots only (`_Merge`), a tensor of the batch's size, where the spare
-slot was concatenated too and sliced off after (the slice shares the
-longer buffer). Measured on one uncapped worker (its allocator's peak,
-the Transformer of bench/memory.py, M=8): 2 layers 132.6 → 127.5 MiB (the unrolled executor
-85.5; the rest is the forward's outputs and their merge, alive together,
-which the unrolled executor's graph lets TensorFlow avoid), 8 layers 192.6
-→ 184.4 (unrolled 178.6), 16 layers 311.5 → 301.5 (unrolled 295.0); in
-one process, 2 × Dense(512) on a batch of 16384, 139 → 106 MiB, where the
-unrolled executor peaks at 128 (tests/core/gpipe/memory_test.py).
-
-The running sums start empty, not as zeros (`_StartingSums`): a cell's
-first micro-batch in the backward (M-1) starts them with its gradients, a
-`tf.cond` choosing at each clock between starting and adding (a packed
-cell's small sums still start as zeros: the `cond` cost its clock more).
-Zeros of each weight's shape, made before the loop, depend on nothing: in a
-worker's memory profile at 19 layers (bench/memory.py's Transformer, M=8,
-K=1) 6 MiB of them (5 of the 116) were made at the start of the step and
-were still alive at the backward's peak, on its last clock. Without them
-that worker's peak fell from 348.5 to 339.7 MiB, where the unrolled
-executor's is 335-337 (at 20 layers it did not move, 360.0 against 359.2: a
-single peak moves by ±5 MiB from run to run), and capped at 351 MB it fits
-19 layers where it fitted 18 (bench/results/memory_loop.md).
-
-Statistics layers record (BatchNorm's moments) are loop variables too,
-merged a micro-batch at a time (BaseLayer.MergeStats) and recorded once.
-
-Every recompute mode runs. A micro-batch that keeps its activations
-(recompute 'never'; under 'except_last' the last one) cannot keep a tape
-from one loop to the other, so each cell's forward is traced once and split
-from its backward (kept_forward.py): in the forward loop the cell also
-returns the tensors its gradient reads, written into arrays on its device,
-one slot per micro-batch, and the backward loop reads them where it would
-have recomputed, then overwrites the slot it read with an empty tensor,
-freeing it (an array a loop only reads lives until the loop ends: under
-'except_last' the last micro-batch's activations stayed through the whole
-backward, a 90 MiB peak where recompute 'always' had 66; freed, 66). With
-24 × Dense(512), batch 4096, K=1, M=8, recompute 'never' peaked at 231 MiB
-against 216 for the unrolled executor (tests/core/gpipe/memory_test.py).
-The forward's own inputs (weights, the cell's input) are not stored: the
-backward is given them again. Input gradients first (`input_grads_first`)
-needs recompute 'always' here: a kept backward is one function call whose
-ops cannot be ordered from outside.
+Memory: the running sums of a cell's unpacked weights start empty
+(`_StartingSums`), and the cell's first micro-batch in the backward, M-1,
+starts them. Statistics layers record (BatchNorm's moments) are loop
+variables too, merged a micro-batch at a time (BaseLayer.MergeStats) and
+recorded once. Every recompute mode runs: a micro-batch that keeps its
+activations (recompute 'never'; under 'except_last' the last one) cannot
+keep a tape from one loop to the other, so in the forward loop the cell
+also returns the tensors its gradient reads, written into arrays on its
+device, one slot per micro-batch, and the backward loop reads them where it
+would have recomputed, then overwrites the slot it read with an empty
+tensor, freeing it (`_Consumed`). The forward's own inputs (weights, the
+cell's input) are not stored: the backward is given them again.
 
 What it does not do yet, and refuses by name: input_grads_first with kept
-activations, layers that record statistics without MergeStats, activations
-whose shapes (but the batch) are not known when the graph is built, a batch
-dimension other than 0, and schedules other than fill-drain. `Refusal` and
-`TracedRefusal` say which, so executor='auto' runs those pipelines unrolled
-(executor_choice.py).
+activations (a kept backward is one function call whose ops cannot be
+ordered from outside), layers that record statistics without MergeStats,
+activations whose shapes (but the batch) are not known when the graph is
+built, a batch dimension other than 0, and schedules other than fill-drain.
+`Refusal` and `TracedRefusal` say which, so executor='auto' runs those
+pipelines unrolled (executor_choice.py).
+
+docs/loop_executor.md gives the measurements behind each of these choices
+(speed, build time and memory on this repository's benchmarks) and what was
+tried and not kept.
 """
 
 from __future__ import annotations
@@ -504,7 +341,7 @@ class LoopExecutor:
     Where bubble clocks are skipped, the loops slice each micro-batch from
     `value` itself (microbatch.Indexed), which shares its buffer: split into
     an array it was copied, a second copy of the batch's output gradient
-    alive beside the first (module docstring). A bubble clock that computes
+    alive beside the first (docs/loop_executor.md). A bubble clock that computes
     reads the spare row, which only an array has (`_Split`). The identity
     on cell k's device is what the loops capture: a tensor enters a loop on
     its producer's device, and one made elsewhere would be sent to cell k
@@ -669,7 +506,7 @@ class LoopExecutor:
     A weight read before the loop enters it on the loop's own device and is
     sent from there to the cell's device at every clock; with the cell on
     another process that is the whole cell's weights over the network every
-    clock, and the client holding a copy of them (module docstring). Read
+    clock, and the client holding a copy of them (docs/loop_executor.md). Read
     inside the loop, on the cell's device, only the handle travels. In this
     process the send passes a reference and reading inside was a trade, not
     kept: narrow Transformer blocks (K=4) stepped 0.84x as long, but 16 ×
@@ -817,7 +654,7 @@ class LoopExecutor:
 
     Zeros of every weight's shape made before the loop depend on nothing;
     on a worker some were made at the start of the step and were alive at
-    the backward's peak (module docstring). Empty sums take a `tf.cond` a
+    the backward's peak (docs/loop_executor.md). Empty sums take a `tf.cond` a
     clock to start, which seemed to lengthen a packed tiny cell's step (16 ×
     Dense(64), K=4, the loop's step against the unrolled one's, medians of
     three alternating runs: 1.86× against 1.66× at M=8, 1.99× against 1.84×

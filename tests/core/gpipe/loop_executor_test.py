@@ -277,7 +277,7 @@ def test_clocks_run_one_at_a_time_and_the_output_gradient_is_not_copied_twice(
   # On a capped TensorFlow worker the default parallel_iterations=10 let
   # clocks run ahead, and concatenating the spare row before splitting copied
   # the output gradient twice: bench/memory.py's Transformer fitted 3 layers
-  # where it fits 16 now (loop_executor's docstring). Memory on a worker is
+  # where it fits 16 now (docs/loop_executor.md). Memory on a worker is
   # not measurable from here, so this checks the graph.
   pipe = PipeliningLayer.Params().Set(
       name='pipe', layers=[dense.Dense.Params().Set(
