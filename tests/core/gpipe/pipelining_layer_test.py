@@ -491,9 +491,14 @@ def test_time_and_memory_partitioning_need_only_fprop(method):
   assert sum(c.num_layers for c in report.cells) == 5
   assert sum(c.num_params for c in report.cells) == PipeliningLayer.NumParams(p)
   assert report.cells[0].num_params > 0
-  assert all(c.flops is None for c in report.cells)
+  # FLOPs are counted up to the cell holding 'scale', the first layer
+  # without FPropMeta; where the cut falls depends on measured times.
+  first_unknown = next(k for k, c in enumerate(report.cells)
+                       if 'scale' in c.layer_names)
+  assert [c.flops is None for c in report.cells] == [
+      k >= first_unknown for k in range(len(report.cells))], report.cells
   text = report_lib.FormatTable(report)
-  assert "FLOPs: unknown, layer 'scale' (_Scale) has no FPropMeta" in text
+  assert "FLOPs: unknown, layer 'scale' (_Scale) has no FPropMeta" in text, text
   x = tf.random.stateless_normal([4, 6], [1, 2])
   assert pipe.FPropDefaultTheta(x).shape == (4, 6)
 
