@@ -16,6 +16,8 @@ import dataclasses
 import math
 from typing import Any, Iterator, Optional
 
+from absl import logging
+
 from lingvo_gpipe import model_registry
 from lingvo_gpipe.core import graph_optimization
 from lingvo_gpipe.core import hyperparams
@@ -273,9 +275,20 @@ def SetDevices(params: hyperparams.Params, devices: list[str]) -> None:
 
 
 def SetTpuBackend(params: hyperparams.Params) -> None:
-  """Puts every pipeline's cells on TPU logical cores (placement_backend='tpu')."""
-  for _, template in Pipelines(params):
+  """Puts every pipeline's cells on TPU logical cores (placement_backend='tpu').
+
+  A pipeline set to executor='loop' (lm.lm1b.TransformerL, for its build
+  time on TensorFlow devices) runs unrolled there, with that logged: XLA
+  compiles a TPU step whole and cannot compile the loop (loop_executor.py).
+  """
+  for path, template in Pipelines(params):
     template.placement_backend = 'tpu'
+    if template.executor == 'loop':
+      logging.warning(
+          "%s: executor='loop' runs unrolled on TPU cores (XLA compiles the "
+          "step whole and cannot compile the loop); set executor='unrolled' "
+          'to silence this.', path)
+      template.executor = 'unrolled'
 
 
 def _CheckCellCount(path: str, template: hyperparams.Params, k: int) -> None:

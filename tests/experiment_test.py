@@ -92,3 +92,15 @@ def test_more_micro_batches_than_examples_is_refused():
   p = _Resolve(model=_TOY, num_micro_batches=16)
   with pytest.raises(hyperparams.ParamsError, match='each of 2 replicas gets 8'):
     experiment.CheckMicroBatches(p, num_replicas=2)
+
+
+def test_tpu_backend_runs_a_loop_pipeline_unrolled():
+  # lm.lm1b.TransformerL asks for the loop, which XLA cannot compile whole.
+  p = _Resolve(model='lm.lm1b.TransformerL')
+  assert p.task.network.pipeline.executor == 'loop'
+  experiment.SetTpuBackend(p)
+  assert p.task.network.pipeline.placement_backend == 'tpu'
+  assert p.task.network.pipeline.executor == 'unrolled'
+  digits = _Resolve(model=_DIGITS)
+  experiment.SetTpuBackend(digits)
+  assert digits.task.network.pipeline.executor == 'auto'

@@ -17,7 +17,9 @@ blocks, K=8, M=32; bench/results/graph_build_transformer_l.md) it traced
 and ran its first step in 9.5 s against 171 s, at 0.9 GB peak RSS against
 3.6 GB, and its steady step took 0.86× as long. Same numbers either way
 (tests/params/lm1b_test.py); `--params_override=
-"task.network.pipeline.executor='unrolled'"` gives the other.
+"task.network.pipeline.executor='unrolled'"` gives the other. On TPU cores
+(`--tpu`) it runs unrolled: XLA compiles a TPU step whole and cannot compile
+the loop (lingvo_gpipe/core/gpipe/loop_executor.py).
 
 At the depths of Pipeline-128 (1663 blocks), `--params_override=
 'task.network.inline_stacked_body=false; train.graph_optimization=off'`

@@ -40,6 +40,7 @@ from absl import logging
 import tensorflow as tf
 
 from lingvo_gpipe.core.gpipe import loop_executor
+from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe import recompute as recompute_lib
 from lingvo_gpipe.core.gpipe import schedule as schedule_lib
 
@@ -74,7 +75,8 @@ def EstimatedUnrolledOps(forward_ops: Sequence[int],
 
 
 def Choose(schedule: schedule_lib.Schedule,
-           runners: Sequence[recompute_lib.CellRunner], inputs: Any,
+           runners: Sequence[recompute_lib.CellRunner],
+           placement: placement_lib.Placement, inputs: Any,
            sizes: Sequence[int], recompute: str, batch_dim: int,
            max_unrolled_ops: int, skip_bubbles: bool = True) -> Choice:
   """The executor 'auto' runs for this pipeline, and why.
@@ -82,6 +84,7 @@ def Choose(schedule: schedule_lib.Schedule,
   Args:
     schedule: the task order.
     runners: per cell, its CellRunner.
+    placement: where each cell runs.
     inputs: the first cell's inputs (tensors), batched along batch_dim.
     sizes: the micro-batch sizes.
     recompute: the re-materialization mode.
@@ -89,7 +92,7 @@ def Choose(schedule: schedule_lib.Schedule,
     max_unrolled_ops: the unrolled graph's size above which the loop runs.
     skip_bubbles: the loop's setting, which decides how it traces the cells.
   """
-  refusal = loop_executor.Refusal(schedule, recompute, batch_dim)
+  refusal = loop_executor.Refusal(schedule, recompute, batch_dim, placement)
   if refusal:
     return Choice('unrolled', refusal, 0)
   # Sized as the unrolled executor traces a micro-batch: with the batch

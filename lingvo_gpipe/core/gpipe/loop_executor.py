@@ -51,7 +51,9 @@ What it does not do yet, and refuses by name: input_grads_first with kept
 activations (a kept backward is one function call whose ops cannot be
 ordered from outside), layers that record statistics without MergeStats,
 activations whose shapes (but the batch) are not known when the graph is
-built, a batch dimension other than 0, and schedules other than fill-drain.
+built, a batch dimension other than 0, schedules other than fill-drain,
+and TPU placement (XLA compiles a TPU step whole, and these loops do not
+compile: their arrays and the empty-started sums change shape).
 `Refusal` and `TracedRefusal` say which, so executor='auto' runs those
 pipelines unrolled (executor_choice.py).
 
@@ -99,9 +101,19 @@ def _FillDrain(schedule: schedule_lib.Schedule) -> schedule_lib.FillDrain:
       split_backward=getattr(schedule, 'split_backward', False))
 
 
-def Refusal(schedule: schedule_lib.Schedule, recompute: str,
-            batch_dim: int) -> Optional[str]:
+def Refusal(schedule: schedule_lib.Schedule, recompute: str, batch_dim: int,
+            placement: placement_lib.Placement) -> Optional[str]:
   """Why this loop cannot run a pipeline of these settings, or None if it can."""
+  if isinstance(placement, placement_lib.TpuPlacement):
+    # XLA compiles a TPU step whole. It needs each loop variable of one
+    # shape (the loop's arrays hold micro-batches of an unknown size, an
+    # unpacked cell's running sums start empty) and has no kernel for the
+    # TensorList resizes the arrays use (measured under whole-step
+    # jit_compile on this CPU; docs/loop_executor.md).
+    return ("executor='loop' does not run under placement_backend='tpu': "
+            'XLA compiles a TPU step whole and cannot compile the loop\'s '
+            "arrays and empty-started sums; use executor='unrolled' "
+            "(executor='auto' does).")
   expected = _FillDrain(schedule)
   if any(schedule.CellOrder(c) != expected.CellOrder(c)
          for c in range(schedule.num_cells)):
@@ -197,7 +209,7 @@ class LoopExecutor:
                weights: Optional[Sequence[Any]] = None,
                pack_weights: bool = True):
     recompute_lib.CheckMode(recompute)
-    refusal = Refusal(schedule, recompute, batch_dim)
+    refusal = Refusal(schedule, recompute, batch_dim, placement)
     if refusal:
       raise hyperparams.ConfigError(refusal)
     expected = _FillDrain(schedule)

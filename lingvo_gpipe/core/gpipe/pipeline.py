@@ -158,9 +158,9 @@ def RunPipeline(cells: Sequence[Any],
   weights, collector, runners = (prepared.weights, prepared.collector,
                                  prepared.runners)
   if executor == 'auto':
-    choice = executor_choice.Choose(schedule, runners, inputs, sizes,
-                                    recompute, batch_dim, max_unrolled_ops,
-                                    skip_bubbles)
+    choice = executor_choice.Choose(schedule, runners, placement, inputs,
+                                    sizes, recompute, batch_dim,
+                                    max_unrolled_ops, skip_bubbles)
     executor_choice.Log(choice)
     if on_choice is not None:
       on_choice(choice)

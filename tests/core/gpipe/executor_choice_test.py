@@ -1,5 +1,7 @@
 """Tests of executor='auto': unrolled while the graph stays small, the loop beyond, same numbers."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,6 +9,8 @@ import tensorflow as tf
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import executor_choice
+from lingvo_gpipe.core.gpipe import pipeline
+from lingvo_gpipe.core.gpipe import placement as placement_lib
 from lingvo_gpipe.core.gpipe.pipelining_layer import PipeliningLayer
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.nested_map import NestedMap
@@ -169,3 +173,60 @@ def test_a_bad_bound_is_refused_by_name(value, message):
 def test_estimated_unrolled_ops_scales_forward_ops_by_the_measured_factor():
   assert executor_choice.EstimatedUnrolledOps([10, 20], 4) == int(
       executor_choice.UNROLLED_OPS_PER_FORWARD_OP * 30 * 4)
+
+
+class _PassThroughTpuStrategy:
+  """Stands in for a TPUStrategy off a TPU: pins nothing, so steps run here."""
+
+  def experimental_assign_to_logical_device(self, tensor, logical_device_id):
+    del logical_device_id
+    return tensor
+
+
+def _TpuStep(pipe, x, executor, jit_compile):
+  """A step of `pipe`'s cells placed as on TPU cores, compiled whole or not."""
+  tpu = placement_lib.TpuPlacement(2, _PassThroughTpuStrategy())
+
+  @tf.function(jit_compile=jit_compile, autograph=False)
+  def Step():
+    thetas = [pipe.CellTheta(pipe.theta, k) for k in range(2)]
+    with tf.GradientTape() as tape:
+      y = pipeline.RunPipeline(pipe.cells, thetas, x, [2] * 4, tpu,
+                               executor=executor, max_unrolled_ops=0,
+                               on_choice=choices.append)
+      loss = tf.reduce_sum(y * y)
+    return loss, tape.gradient(loss, pipe.trainable_variables)
+
+  choices = []
+  return Step(), choices
+
+
+def test_tpu_placement_runs_unrolled_under_auto_and_compiles_whole():
+  # A TPU step is compiled whole by XLA, as jit_compile=True compiles it
+  # here (one device: XLA on CPU reads no variable of another); the loop's
+  # arrays do not compile, so 'auto' runs it unrolled even above the bound.
+  pipe = PipeliningLayer.Params().Set(
+      name='pipe', layers=_Dense(4), num_partitions=2, num_micro_batches=4,
+      devices=['/device:CPU:0']).Instantiate()
+  x = tf.random.stateless_normal([8, 8], [3, 4])
+  (loss, grads), choices = _TpuStep(pipe, x, 'auto', jit_compile=True)
+  assert [c.executor for c in choices] == ['unrolled']
+  assert "does not run under placement_backend='tpu'" in choices[0].reason
+  want_loss, want_grads = _Step(pipe, x)()
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loop_under_tpu_placement_is_refused_by_name():
+  with pytest.raises(hyperparams.ConfigError, match=re.escape(
+      "pipe: executor='loop'; valid: 'auto' or 'unrolled' with "
+      "placement_backend='tpu'")):
+    _Pipeline(_Dense(4), 2, 4, executor='loop', placement_backend='tpu')
+  # Below the Params, the pipeline itself refuses it.
+  pipe = _Pipeline(_Dense(4), 2, 4)
+  with pytest.raises(hyperparams.ConfigError, match=re.escape(
+      "executor='loop' does not run under placement_backend='tpu': XLA "
+      "compiles a TPU step whole and cannot compile the loop's arrays and "
+      "empty-started sums; use executor='unrolled' (executor='auto' does).")):
+    _TpuStep(pipe, tf.ones([8, 8]), 'loop', jit_compile=False)
