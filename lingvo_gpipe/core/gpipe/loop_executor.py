@@ -35,7 +35,7 @@ and in the backward their running sums, packed: one tensor per dtype
 (packed_weights.py). `clocks_per_iteration` clocks run in one iteration.
 
 Memory: the running sums of a cell's unpacked weights start empty
-(`_StartingSums`), and the cell's first micro-batch in the backward, M-1,
+(`_StartsEmpty`), and the cell's first micro-batch in the backward, M-1,
 starts them. Statistics layers record (BatchNorm's moments) are loop
 variables too, merged a micro-batch at a time (BaseLayer.MergeStats) and
 recorded once. Every recompute mode runs: a micro-batch that keeps its
@@ -625,7 +625,7 @@ class LoopExecutor:
               g_theta: list, valid: tf.Tensor) -> list:
     """Cell k's running `sums` with one micro-batch's `g_theta` added.
 
-    Sums that start empty (`_StartingSums`) are started by the cell's first
+    Sums that start empty (`_StartsEmpty`) are started by the cell's first
     micro-batch in the backward, M-1, with its gradients. A bubble clock
     computed before it (`skip_bubbles=False`) also starts them, and
     micro-batch M-1 starts them again.
@@ -651,18 +651,17 @@ class LoopExecutor:
     new_sums = list(sums)
     if not summed:
       return new_sums
-    if self._packs[k] is not None:  # zeros to add to (_StartingSums)
-      totals = Added()
-    else:
+    if self._StartsEmpty(k):
       totals = tf.cond(tf.equal(micro_batch, self._m - 1),
                        lambda: list(grads), Added)
+    else:  # zeros to add to
+      totals = Added()
     for i, total in zip(summed, totals):
       new_sums[i] = total
     return new_sums
 
-  def _StartingSums(self, k: int, like: Sequence[tf.Tensor]
-                    ) -> list[tf.Tensor]:
-    """Cell k's running sums before any micro-batch: empty, or zeros if packed.
+  def _StartsEmpty(self, k: int) -> bool:
+    """Whether cell k's running sums start empty (else as zeros): unless packed.
 
     Zeros of every weight's shape made before the loop depend on nothing;
     on a worker some were made at the start of the step and were alive at
@@ -673,9 +672,14 @@ class LoopExecutor:
     at M=64, where single runs here vary by ±15%); a packed cell's weights
     are small (packed_weights.Worth), so its sums start as zeros.
     """
-    if self._packs[k] is not None:
-      return [tf.zeros_like(t) for t in like]
-    return [tf.zeros([0], t.dtype) for t in like]
+    return self._packs[k] is None
+
+  def _StartingSums(self, k: int, like: Sequence[tf.Tensor]
+                    ) -> list[tf.Tensor]:
+    """Cell k's running sums before any micro-batch (`_StartsEmpty`)."""
+    if self._StartsEmpty(k):
+      return [tf.zeros([0], t.dtype) for t in like]
+    return [tf.zeros_like(t) for t in like]
 
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
@@ -721,21 +725,22 @@ class LoopExecutor:
 
     loop_vars = (tf.constant(0), grads_in, input_grads, sums,
                  self._residuals)
-    # The sums' shape changes once, from empty to the weights'.
+    # Sums that start empty change shape once, to the weights'.
     invariants = tf.nest.map_structure(lambda _: None, loop_vars)
-    invariants = invariants[:3] + (tf.nest.map_structure(
-        lambda _: tf.TensorShape(None), sums),) + invariants[4:]
+    invariants = invariants[:3] + ([
+        [tf.TensorShape(None) if self._StartsEmpty(k) else None] * len(s)
+        for k, s in enumerate(sums)],) + invariants[4:]
     _, _, input_grads, sums, _ = tf.while_loop(
         lambda s, *_: s < self._clocks, Body, loop_vars,
         shape_invariants=invariants, parallel_iterations=1)
     for k, pack in enumerate(self._packs):
       with self._placement.CellScope(k):
-        # A weight with no gradient keeps its empty sum (None below); a
-        # packed sum always has one (Pack packs a missing gradient as zeros).
-        sums[k] = [s if none and pack is None else tf.ensure_shape(s, shape)
-                   for s, shape, none in zip(sums[k], shapes[k],
-                                             self._no_grad[k])]
-        if pack is not None:
+        if self._StartsEmpty(k):
+          # A weight with no gradient keeps its empty sum (None below).
+          sums[k] = [s if none else tf.ensure_shape(s, shape)
+                     for s, shape, none in zip(sums[k], shapes[k],
+                                               self._no_grad[k])]
+        else:  # packed: a missing gradient was packed as zeros
           sums[k] = pack.Unpack(sums[k])
     sums = [[None if none else g for g, none in zip(cell_sums, no_grad)]
             for cell_sums, no_grad in zip(sums, self._no_grad)]
