@@ -36,7 +36,9 @@ and in the backward their running sums, packed: one tensor per dtype
 
 Memory: the running sums of a cell's unpacked weights start empty
 (`_StartsEmpty`), and the cell's first micro-batch in the backward, M-1,
-starts them. Statistics layers record (BatchNorm's moments) are loop
+starts them. Where bubbles are skipped, the backward empties each slot of
+the boundary arrays (cells' inputs, input gradients) once read
+(`_Emptied`), as the unrolled executor frees them. Statistics layers record (BatchNorm's moments) are loop
 variables too, merged a micro-batch at a time (BaseLayer.MergeStats) and
 recorded once. Every recompute mode runs: a micro-batch that keeps its
 activations (recompute 'never'; under 'except_last' the last one) cannot
@@ -460,6 +462,20 @@ class LoopExecutor:
     return [a.write(slot, tf.zeros([0], a.dtype))
             if a.dtype.is_numpy_compatible else a for a in arrays]
 
+  def _Emptied(self, arrays: Sequence[tf.TensorArray], slot: tf.Tensor,
+               spec: Any) -> list[tf.TensorArray]:
+    """`arrays` with `slot` emptied (0 rows) once the backward has read it.
+
+    The unrolled executor frees a micro-batch's boundary activation and
+    input gradient after its backward; an array the loop only reads would
+    hold all M until the loop ends. Where bubble clocks compute, the spare
+    slot M keeps its row for them, so nothing is emptied.
+    """
+    if not self._skip_bubbles:
+      return list(arrays)
+    return [a.write(slot, tf.zeros([0] + s.shape[1:].as_list(), s.dtype))
+            for a, s in zip(arrays, tf.nest.flatten(spec))]
+
   def _Keeping(self, micro_batch: tf.Tensor, kept: Callable[[], Any],
                recomputed: Callable[[], Any]) -> Any:
     """`kept()` for a micro-batch that keeps its activations, else `recomputed()`."""
@@ -696,9 +712,14 @@ class LoopExecutor:
         sums.append(self._StartingSums(k, summed))
     self._no_grad = [[False] * r.num_theta for r in self._runners]
 
-    def Body(done, grads_in, input_grads, sums, residuals):
+    # Cells' input arrays (from the forward) as loop variables, so that a
+    # slot read for the last time is emptied (`_Emptied`); the first cell's
+    # inputs are the batch's own, read where they are.
+    inputs = [[]] + [list(a) for a in self._inputs[1:]]
+
+    def Body(done, grads_in, input_grads, sums, residuals, inputs):
       grads_in, sums = [list(g) for g in grads_in], [list(a) for a in sums]
-      residuals = [list(r) for r in residuals]
+      residuals, inputs = [list(r) for r in residuals], [list(a) for a in inputs]
       # First cell first: each reads its output gradient before the cell
       # behind it writes this clock's.
       for t, k in ((self._clocks - 1 - done - u, k)
@@ -709,28 +730,33 @@ class LoopExecutor:
         with self._placement.CellScope(k):
           # At a bubble clock both are the spare row, the output gradient
           # zero (or a bubble's zero input gradient): nothing is added.
-          x = self._Read(self._inputs[k], slot, micro_batch,
-                         self._in_specs[k])
+          x = self._Read(inputs[k] if k else self._inputs[0], slot,
+                         micro_batch, self._in_specs[k])
           out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
                       tf.nest.map_structure(MicroBatchSpec, dy))
           dy_k = self._Read(grads_in[k] if k + 1 < self._k else last,
                             slot, micro_batch, out_spec)
+          if k:
+            inputs[k] = self._Emptied(inputs[k], slot, self._in_specs[k])
+          if k + 1 < self._k:
+            grads_in[k] = self._Emptied(grads_in[k], slot, out_spec)
           sums[k], g_x, residuals[k] = self._CellBackward(
               k, micro_batch, slot, x, dy_k, sums[k], residuals[k])
         if k > 0:
           grads_in[k - 1] = self._Written(k - 1, grads_in[k - 1], slot, g_x)
         else:
           input_grads = self._Written(0, input_grads, slot, g_x)
-      return done + self._unroll, grads_in, input_grads, sums, residuals
+      return (done + self._unroll, grads_in, input_grads, sums, residuals,
+              inputs)
 
     loop_vars = (tf.constant(0), grads_in, input_grads, sums,
-                 self._residuals)
+                 self._residuals, inputs)
     # Sums that start empty change shape once, to the weights'.
     invariants = tf.nest.map_structure(lambda _: None, loop_vars)
     invariants = invariants[:3] + ([
         [tf.TensorShape(None) if self._StartsEmpty(k) else None] * len(s)
         for k, s in enumerate(sums)],) + invariants[4:]
-    _, _, input_grads, sums, _ = tf.while_loop(
+    _, _, input_grads, sums, _, _ = tf.while_loop(
         lambda s, *_: s < self._clocks, Body, loop_vars,
         shape_invariants=invariants, parallel_iterations=1)
     for k, pack in enumerate(self._packs):
