@@ -38,9 +38,9 @@ Memory: the running sums of a cell's unpacked weights start empty
 (`_StartsEmpty`), and the cell's first micro-batch in the backward, M-1,
 starts them. Where bubbles are skipped, the backward empties each slot of
 the boundary arrays (cells' inputs, input gradients) once read
-(`_Emptied`), as the unrolled executor frees them. Statistics layers record (BatchNorm's moments) are loop
-variables too, merged a micro-batch at a time (BaseLayer.MergeStats) and
-recorded once. Every recompute mode runs: a micro-batch that keeps its
+(`_Emptied`), as the unrolled executor frees them. Statistics layers
+record (BatchNorm's moments) are loop variables too, merged a micro-batch
+at a time (BaseLayer.MergeStats) and recorded once. Every recompute mode runs: a micro-batch that keeps its
 activations (recompute 'never'; under 'except_last' the last one) cannot
 keep a tape from one loop to the other, so in the forward loop the cell
 also returns the tensors its gradient reads, written into arrays on its
@@ -719,7 +719,8 @@ class LoopExecutor:
 
     def Body(done, grads_in, input_grads, sums, residuals, inputs):
       grads_in, sums = [list(g) for g in grads_in], [list(a) for a in sums]
-      residuals, inputs = [list(r) for r in residuals], [list(a) for a in inputs]
+      residuals = [list(r) for r in residuals]
+      inputs = [list(a) for a in inputs]
       # First cell first: each reads its output gradient before the cell
       # behind it writes this clock's.
       for t, k in ((self._clocks - 1 - done - u, k)
