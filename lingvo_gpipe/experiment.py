@@ -23,6 +23,7 @@ from lingvo_gpipe.core import graph_optimization
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core import loss_scale
 from lingvo_gpipe.core import precision
+from lingvo_gpipe.core.gpipe import loop_executor
 from lingvo_gpipe.core.gpipe import pipelining_layer
 
 
@@ -285,9 +286,9 @@ def SetTpuBackend(params: hyperparams.Params) -> None:
     template.placement_backend = 'tpu'
     if template.executor == 'loop':
       logging.warning(
-          "%s: executor='loop' runs unrolled on TPU cores (XLA compiles the "
-          "step whole and cannot compile the loop); set executor='unrolled' "
-          'to silence this.', path)
+          "%s: executor='loop' runs unrolled on TPU cores (%s); set "
+          "executor='unrolled' to silence this.", path,
+          loop_executor.XLA_WHOLE_STEP)
       template.executor = 'unrolled'
 
 

@@ -40,7 +40,8 @@ starts them. Where bubbles are skipped, the backward empties each slot of
 the boundary arrays (cells' inputs, input gradients) once read
 (`_Emptied`), as the unrolled executor frees them. Statistics layers
 record (BatchNorm's moments) are loop variables too, merged a micro-batch
-at a time (BaseLayer.MergeStats) and recorded once. Every recompute mode runs: a micro-batch that keeps its
+at a time (BaseLayer.MergeStats) and recorded once. Every recompute mode
+runs: a micro-batch that keeps its
 activations (recompute 'never'; under 'except_last' the last one) cannot
 keep a tape from one loop to the other, so in the forward loop the cell
 also returns the tensors its gradient reads, written into arrays on its
@@ -103,6 +104,11 @@ def _FillDrain(schedule: schedule_lib.Schedule) -> schedule_lib.FillDrain:
       split_backward=getattr(schedule, 'split_backward', False))
 
 
+# Why TPU pipelines do not run on this loop, said wherever one is refused.
+XLA_WHOLE_STEP = ("XLA compiles a TPU step whole and cannot compile the "
+                  "loop's arrays and empty-started sums")
+
+
 def Refusal(schedule: schedule_lib.Schedule, recompute: str, batch_dim: int,
             placement: placement_lib.Placement) -> Optional[str]:
   """Why this loop cannot run a pipeline of these settings, or None if it can."""
@@ -113,9 +119,8 @@ def Refusal(schedule: schedule_lib.Schedule, recompute: str, batch_dim: int,
     # TensorList resizes the arrays use (measured under whole-step
     # jit_compile on this CPU; docs/loop_executor.md).
     return ("executor='loop' does not run under placement_backend='tpu': "
-            'XLA compiles a TPU step whole and cannot compile the loop\'s '
-            "arrays and empty-started sums; use executor='unrolled' "
-            "(executor='auto' does).")
+            f"{XLA_WHOLE_STEP}; use executor='unrolled' (executor='auto' "
+            'does).')
   expected = _FillDrain(schedule)
   if any(schedule.CellOrder(c) != expected.CellOrder(c)
          for c in range(schedule.num_cells)):

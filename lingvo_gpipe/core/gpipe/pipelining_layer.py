@@ -26,6 +26,7 @@ from absl import logging
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import hyperparams
 from lingvo_gpipe.core.gpipe import executor_choice
+from lingvo_gpipe.core.gpipe import loop_executor
 from lingvo_gpipe.core.gpipe import microbatch
 from lingvo_gpipe.core.gpipe import partition
 from lingvo_gpipe.core.gpipe import pipeline
@@ -168,7 +169,8 @@ class PipeliningLayer(base_layer.BaseLayer):
              "mode and schedule), 'loop' (two loops over clocks: build time "
              'and graph do not grow with M; fill-drain, every recompute '
              'mode, input_grads_first with recompute always only, not '
-             "with placement_backend='tpu'; loop_executor.py) or 'auto' (the loop where the unrolled graph "
+             "with placement_backend='tpu'; loop_executor.py) or 'auto' "
+             "(the loop where the unrolled graph "
              'would hold more than max_unrolled_ops ops and the loop runs '
              'the pipeline, else unrolled; executor_choice.py).')
     p.Define('max_unrolled_ops', executor_choice.DEFAULT_MAX_UNROLLED_OPS,
@@ -305,9 +307,9 @@ class PipeliningLayer(base_layer.BaseLayer):
       _CheckBool(path, field, p.Get(field))
     if p.executor == 'loop' and p.placement_backend == 'tpu':
       raise _Refuse(path, 'executor', p.executor,
-                    "'auto' or 'unrolled' with placement_backend='tpu' (XLA "
-                    "compiles a TPU step whole and cannot compile the loop; "
-                    "'auto' runs it unrolled)")
+                    "'auto' or 'unrolled' with placement_backend='tpu' ("
+                    f"{loop_executor.XLA_WHOLE_STEP}; 'auto' runs it "
+                    'unrolled)')
     p.num_partitions = _CheckInt(path, 'num_partitions', p.num_partitions, 1,
                                  'the number of cells')
     p.max_unrolled_ops = _CheckInt(path, 'max_unrolled_ops',
