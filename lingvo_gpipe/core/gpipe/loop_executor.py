@@ -20,10 +20,11 @@ compute on a one-row spare batch instead, whose output gradient is zero.
 
 Where tensors live: each TensorArray on the device of the cell that reads
 it, the cell before writing into it there; a cell on a TensorFlow worker
-process reads its weights inside the loops, on its own device; the whole
-batches the loops only read (the first cell's inputs, the last cell's
-output gradient) are sliced a micro-batch at a clock (`_Whole`), not copied
-into arrays.
+process reads its weights inside the loops, on its own device; the first
+cell's inputs, which both loops read, are sliced a micro-batch at a clock
+(`_Whole`), not copied into arrays; the last cell's output gradient, which
+only the backward reads, is split into an array (`_Split`) so that its
+slots can be emptied as they are read.
 
 What each clock runs: each cell is traced once (`TraceCells`), as a
 function of (its weights, the micro-batch index, its input); the forward
@@ -37,8 +38,10 @@ and in the backward their running sums, packed: one tensor per dtype
 Memory: the running sums of a cell's unpacked weights start empty
 (`_StartsEmpty`), and the cell's first micro-batch in the backward, M-1,
 starts them. Where bubbles are skipped, the backward empties each slot of
-the boundary arrays (cells' inputs, input gradients) once read
-(`_Emptied`), as the unrolled executor frees them. Statistics layers
+the boundary arrays (cells' inputs, output gradients) once read
+(`_Emptied`), as the unrolled executor frees them; the last cell's output
+gradient then shrinks by a micro-batch a clock, where the unrolled
+executor holds it whole to the end. Statistics layers
 record (BatchNorm's moments) are loop variables too, merged a micro-batch
 at a time (BaseLayer.MergeStats) and recorded once. Every recompute mode
 runs: a micro-batch that keeps its
@@ -309,7 +312,7 @@ class LoopExecutor:
     return arrays
 
   def _Split(self, k: int, value: Any) -> list[tf.TensorArray]:
-    """`value`'s micro-batches in arrays on cell k's device; slot M one zero row.
+    """`value`'s micro-batches in arrays on cell k's device; slot M `_Spare`.
 
     The array is split from `value` itself and grown by the spare slot: one
     copy of `value` (the split's), where concatenating the zero row first
@@ -322,7 +325,7 @@ class LoopExecutor:
                              infer_shape=False, clear_after_read=False,
                              element_shape=MicroBatchSpec(leaf).shape).split(
                                  leaf, self._sizes).write(
-                                     self._m, tf.zeros_like(leaf[:1]))
+                                     self._m, self._Spare(leaf))
               for leaf in tf.nest.flatten(value)]
 
   def _Written(self, k: int, arrays: Sequence[tf.TensorArray],
@@ -359,8 +362,8 @@ class LoopExecutor:
 
     Where bubble clocks are skipped, the loops slice each micro-batch from
     `value` itself (microbatch.Indexed), which shares its buffer: split into
-    an array it was copied, a second copy of the batch's output gradient
-    alive beside the first (docs/loop_executor.md). A bubble clock that computes
+    an array it is copied, and the first cell's inputs are read by both
+    loops, so no slot could be emptied early. A bubble clock that computes
     reads the spare row, which only an array has (`_Split`). The identity
     on cell k's device is what the loops capture: a tensor enters a loop on
     its producer's device, and one made elsewhere would be sent to cell k
@@ -704,9 +707,13 @@ class LoopExecutor:
 
   def RunBackward(self, dy: Any) -> tuple[list[Optional[list]], list]:
     """(per cell, its flat theta's summed gradients; the inputs' flat gradients)."""
-    last = self._Whole(self._k - 1, dy)
+    # The output gradient is split into arrays (a copy), not sliced: its
+    # slots are emptied as read, like the boundary arrays', so it shrinks by
+    # a micro-batch a clock where a slice would hold all of it to the end.
+    # The copy and the whole gradient are both alive only during the first
+    # clock, whose running sums do not exist yet (docs/loop_executor.md).
     grads_in = [self._Arrays(k, self._in_specs[k + 1])
-                for k in range(self._k - 1)] + [[]]
+                for k in range(self._k - 1)] + [self._Split(self._k - 1, dy)]
     input_grads = self._Arrays(0, self._in_specs[0])
     sums, shapes = [], []
     for k, runner in enumerate(self._runners):
@@ -740,12 +747,10 @@ class LoopExecutor:
                          micro_batch, self._in_specs[k])
           out_spec = (self._in_specs[k + 1] if k + 1 < self._k else
                       tf.nest.map_structure(MicroBatchSpec, dy))
-          dy_k = self._Read(grads_in[k] if k + 1 < self._k else last,
-                            slot, micro_batch, out_spec)
+          dy_k = self._Read(grads_in[k], slot, micro_batch, out_spec)
           if k:
             inputs[k] = self._Emptied(inputs[k], slot, self._in_specs[k])
-          if k + 1 < self._k:
-            grads_in[k] = self._Emptied(grads_in[k], slot, out_spec)
+          grads_in[k] = self._Emptied(grads_in[k], slot, out_spec)
           sums[k], g_x, residuals[k] = self._CellBackward(
               k, micro_batch, slot, x, dy_k, sums[k], residuals[k])
         if k > 0:

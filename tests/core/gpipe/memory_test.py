@@ -83,10 +83,12 @@ def test_the_loop_executor_keeps_activations_as_the_unrolled_one_does():
 def test_the_loop_executor_holds_the_batch_and_its_gradient_once():
   # Two Dense(512) on a batch of 16384: the input and the output gradient
   # are 32 MiB each, the weights 2 MiB, a micro-batch's activations 4 MiB.
-  # The loops read each micro-batch as a slice of the whole batch, which
-  # shares its buffer; split into arrays, both were copied (the loop
-  # peaked 11 MiB above the unrolled executor, 139 against 128 MiB), and
-  # merging the outputs with a spare row made a tensor one row too long.
+  # The loops read each micro-batch of the input as a slice of the whole
+  # batch, which shares its buffer; split into arrays, both the input and the
+  # output gradient were copied whole (the loop peaked 11 MiB above the
+  # unrolled executor, 139 against 128 MiB), and merging the outputs with a
+  # spare row made a tensor one row too long. The output gradient is split
+  # again now, its slots emptied as read, and the peak stays at 106 MiB.
   flags = ('--num_micro_batches=8', '--num_layers=2', '--batch=16384')
   unrolled = _PeakMiB(*flags)
   loop = _PeakMiB(*flags, '--executor=loop')
