@@ -41,12 +41,11 @@ starts them. Where bubbles are skipped, the backward empties each slot of
 the boundary arrays (cells' inputs, output gradients) once read
 (`_Emptied`), as the unrolled executor frees them; the last cell's output
 gradient then shrinks by a micro-batch a clock, where the unrolled
-executor holds it whole to the end. Statistics layers
-record (BatchNorm's moments) are loop variables too, merged a micro-batch
-at a time (BaseLayer.MergeStats) and recorded once. Every recompute mode
-runs: a micro-batch that keeps its
-activations (recompute 'never'; under 'except_last' the last one) cannot
-keep a tape from one loop to the other, so in the forward loop the cell
+executor holds it whole to the end. Statistics layers record (BatchNorm's
+moments) are loop variables too, merged a micro-batch at a time
+(BaseLayer.MergeStats) and recorded once. Every recompute mode runs: a
+micro-batch that keeps its activations (recompute 'never'; under
+'except_last' the last one) cannot keep a tape from one loop to the other, so in the forward loop the cell
 also returns the tensors its gradient reads, written into arrays on its
 device, one slot per micro-batch, and the backward loop reads them where it
 would have recomputed, then overwrites the slot it read with an empty
@@ -474,10 +473,11 @@ class LoopExecutor:
                spec: Any) -> list[tf.TensorArray]:
     """`arrays` with `slot` emptied (0 rows) once the backward has read it.
 
-    The unrolled executor frees a micro-batch's boundary activation and
-    input gradient after its backward; an array the loop only reads would
-    hold all M until the loop ends. Where bubble clocks compute, the spare
-    slot M keeps its row for them, so nothing is emptied.
+    An array the loop only reads would hold all M micro-batches until the
+    loop ends: a cell's inputs and output gradients, which the unrolled
+    executor frees after each micro-batch's backward, and the pipeline's
+    output gradient, which it holds whole. Where bubble clocks compute, the
+    spare slot M keeps its row for them, so nothing is emptied.
     """
     if not self._skip_bubbles:
       return list(arrays)

@@ -170,9 +170,9 @@ class PipeliningLayer(base_layer.BaseLayer):
              'and graph do not grow with M; fill-drain, every recompute '
              'mode, input_grads_first with recompute always only, not '
              "with placement_backend='tpu'; loop_executor.py) or 'auto' "
-             "(the loop where the unrolled graph "
-             'would hold more than max_unrolled_ops ops and the loop runs '
-             'the pipeline, else unrolled; executor_choice.py).')
+             '(the loop where the unrolled graph would hold more than '
+             'max_unrolled_ops ops and the loop runs the pipeline, else '
+             'unrolled; executor_choice.py).')
     p.Define('max_unrolled_ops', executor_choice.DEFAULT_MAX_UNROLLED_OPS,
              "executor='auto': the unrolled graph's estimated size (ops) above "
              'which the loop runs; the unrolled trace and first step cost '

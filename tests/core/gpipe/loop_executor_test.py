@@ -328,6 +328,7 @@ def test_the_running_sums_start_empty_not_as_zeros(skip_bubbles):
   assert made and all(t.shape.num_elements() == 0 for t in made), [
       (t.op.type, t.shape) for t in made]
 
+
 @pytest.mark.parametrize('skip_bubbles', [True, False])
 def test_the_backward_empties_each_boundary_slot_it_has_read(skip_bubbles):
   # The unrolled executor frees a micro-batch's boundary activation and
@@ -373,6 +374,7 @@ def test_the_spare_slot_holds_a_row_only_where_bubbles_compute(skip_bubbles):
            if op.type == 'TensorListSetItem']
   assert spare and set(spare) == {0 if skip_bubbles else 1}, spare
   assert np.isfinite(Step(tf.ones([12, 8])).numpy()).all()
+
 
 class _BatchSeen(base_layer.BaseLayer):
   """Identity that notes the batch size its FProp is traced with."""
