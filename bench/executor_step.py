@@ -19,6 +19,10 @@ spare row (`loop_spare_row`, skip_bubbles=False).
       --write_results
   python -m bench.executor_step --one_device --micro_batches=8,64 \\
       --variants=unrolled,loop_unlowered --write_results
+  python -m bench.executor_step --micro_batches=64 \\
+      --tanh_per_layer=0,4,16,32 --write_results
+  python -m bench.executor_step --stack=amoebanet --num_layers=3 --dim=16 \\
+      --num_partitions=2 --micro_batches=4 --write_results
 """
 
 from __future__ import annotations
@@ -62,16 +66,24 @@ _UNLOWERED = ('loop_unlowered',)
 _VARIANTS = flags.DEFINE_list('variants', 'unrolled,loop', 'Two of '
                               f'{", ".join(VARIANTS)}; the ratio is the '
                               'second over the first.')
-_STACK = flags.DEFINE_enum('stack', 'dense', ['dense', 'transformer'],
+_STACK = flags.DEFINE_enum('stack', 'dense',
+                           ['dense', 'transformer', 'amoebanet'],
                            'dense: Dense layers on vectors; transformer: the '
-                           'narrow Transformer LM, its blocks one Repeat.')
+                           'narrow Transformer LM, its blocks one Repeat; '
+                           'amoebanet: AmoebaNet-D on random images '
+                           '(--num_layers cells, --dim filters).')
 _NUM_PARTITIONS = flags.DEFINE_integer('num_partitions', 4, 'K cells.')
 _MICRO_BATCHES = flags.DEFINE_list('micro_batches', '16,64', 'Values of M.')
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', 16, 'Dense layers or '
                                    'Transformer blocks.')
 _DIM = flags.DEFINE_integer('dim', 64, 'Width of every layer (d_model).')
+_TANH = flags.DEFINE_list('tanh_per_layer', '0', 'dense: values of how many '
+                          'tanh activations follow each Dense, so that a '
+                          'cell runs more small ops per micro-batch on the '
+                          'same weights.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Mini-batch size (sequences).')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 8, 'transformer: tokens a sequence.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 8, 'amoebanet: image side.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 256, 'transformer: vocabulary.')
 _CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
                                "executor's clocks per loop iteration.")
@@ -90,12 +102,20 @@ _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
                                    'name saying the variants and stack).')
 
 
-def _Stack() -> stacks.Stack:
+def _Tanh() -> list[int]:
+  return [int(v) for v in _TANH.value]
+
+
+def _Stack(tanh: int) -> stacks.Stack:
+  if _STACK.value == 'amoebanet':
+    return stacks.AmoebaNetStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value,
+                                 _IMAGE_SIZE.value)
   if _STACK.value == 'transformer':
     return stacks.TransformerStack(_NUM_LAYERS.value, _DIM.value,
                                    _BATCH.value, _SEQ_LEN.value, 4,
                                    _VOCAB.value, stacked=True)
-  return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value)
+  return stacks.DenseStack(_NUM_LAYERS.value, _DIM.value, _BATCH.value,
+                           tanh)
 
 
 @contextlib.contextmanager
@@ -112,11 +132,12 @@ def _Lowering(lower: bool) -> Iterator[None]:
     control_flow_util_v2._DISABLE_LOWER_USING_SWITCH_MERGE = saved  # pylint: disable=protected-access
 
 
-def Measure(m: int, devices: list[str], variants: list[str]) -> dict:
+def Measure(m: int, devices: list[str], variants: list[str],
+            tanh: int = 0) -> dict:
   """Per variant, each round's median step (s); and the per-round ratios."""
   steps = {}
   for name in variants:
-    layers, x, loss_fn = _Stack()
+    layers, x, loss_fn = _Stack(tanh)
     model = common.BuildPipeline(
         layers, _NUM_PARTITIONS.value, m, _RECOMPUTE.value, devices,
         clocks_per_iteration=_CLOCKS.value, **VARIANTS[name])
@@ -144,6 +165,8 @@ def _ResultsFile(variants: list[str]) -> str:
     clocks += '_one_device'
   if _RECOMPUTE.value != 'always':
     clocks += f'_recompute_{_RECOMPUTE.value}'
+  if _STACK.value == 'dense' and any(_Tanh()):
+    clocks += f'_tanh{"_".join(_TANH.value)}'
   if (variants == ['unrolled', 'loop'] and _STACK.value == 'dense' and
       _RECOMPUTE.value == 'always'):
     return f'executor_step_d{_DIM.value}{clocks}.md'
@@ -167,28 +190,39 @@ def main(argv):
              else placement.SplitCpu(_NUM_PARTITIONS.value))
   first, second = variants
   rows = []
-  for m in (int(v) for v in _MICRO_BATCHES.value):
-    r = Measure(m, devices, variants)
-    med = {e: statistics.median(v) * 1e3 for e, v in r['medians'].items()}
-    k = _NUM_PARTITIONS.value
-    bubble = schedule.FillDrain(k, m).TheoreticalBubble()
-    rows.append([m, f'{bubble:.0%}', f'{med[first]:.1f}',
-                 f'{med[second]:.1f}',
-                 f'{statistics.median(r["ratios"]):.2f} '
-                 f'({min(r["ratios"]):.2f}–{max(r["ratios"]):.2f})'])
-    print(rows[-1], flush=True)
+  # A column for the tanh activations only where some are asked for.
+  tanh_column = _STACK.value == 'dense' and any(_Tanh())
+  for tanh in (_Tanh() if _STACK.value == 'dense' else [0]):
+    for m in (int(v) for v in _MICRO_BATCHES.value):
+      r = Measure(m, devices, variants, tanh)
+      med = {e: statistics.median(v) * 1e3 for e, v in r['medians'].items()}
+      k = _NUM_PARTITIONS.value
+      bubble = schedule.FillDrain(k, m).TheoreticalBubble()
+      rows.append([tanh] * tanh_column + [
+          m, f'{bubble:.0%}', f'{med[first]:.1f}', f'{med[second]:.1f}',
+          f'{statistics.median(r["ratios"]):.2f} '
+          f'({min(r["ratios"]):.2f}–{max(r["ratios"]):.2f})'])
+      print(rows[-1], flush=True)
   body = common.MarkdownTable(
-      ('M', 'bubble (K-1)/(M+K-1)', f'{first} ms', f'{second} ms',
-       f'{second} / {first}, median (range)'), rows)
+      ('tanh per Dense',) * tanh_column + (
+          'M', 'bubble (K-1)/(M+K-1)', f'{first} ms', f'{second} ms',
+          f'{second} / {first}, median (range)'), rows)
   print(body)
   if _WRITE_RESULTS.value:
-    if _STACK.value == 'transformer':
+    if _STACK.value == 'amoebanet':
+      model = (f'AmoebaNet-D, {_NUM_LAYERS.value} cells of {_DIM.value} '
+               f'filters, BatchNorm; batch {_BATCH.value} random '
+               f'{_IMAGE_SIZE.value}×{_IMAGE_SIZE.value} images, recompute '
+               f'{_RECOMPUTE.value}')
+    elif _STACK.value == 'transformer':
       model = (f'Transformer LM: embedding, {_NUM_LAYERS.value} causal '
                f'blocks (d_model {_DIM.value}, one Repeat), softmax over '
                f'{_VOCAB.value}; batch {_BATCH.value} × {_SEQ_LEN.value} '
                f'tokens, recompute {_RECOMPUTE.value}')
     else:
-      model = (f'{_NUM_LAYERS.value} × Dense({_DIM.value}), batch '
+      tanh = (f', each followed by {" or ".join(_TANH.value)} tanh '
+              'activations' if any(_Tanh()) else '')
+      model = (f'{_NUM_LAYERS.value} × Dense({_DIM.value}){tanh}, batch '
                f'{_BATCH.value}, recompute {_RECOMPUTE.value}')
     config = {
         'model': model,

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from lingvo_gpipe.core.layers import activations
 from lingvo_gpipe.core.layers import dense
 from lingvo_gpipe.core.layers import repeat
 from lingvo_gpipe.core.layers import transformer
@@ -28,16 +29,28 @@ class NotOnPath(ImportError):
   """The application's module a stack needs is not importable from here."""
 
 
-def DenseLayers(num_layers: int, dim: int) -> list:
-  """Params of `num_layers` Dense(dim→dim, relu) layers."""
-  return [dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim, output_dim=dim)
-          for i in range(num_layers)]
+def DenseLayers(num_layers: int, dim: int, tanh_per_layer: int = 0) -> list:
+  """Params of `num_layers` Dense(dim→dim, relu) layers.
+
+  Each followed by `tanh_per_layer` tanh activations: more small ops for a
+  cell to run per micro-batch, with the same weights (bench/executor_step.py
+  measures what an op costs each executor with them).
+  """
+  layers = []
+  for i in range(num_layers):
+    layers.append(dense.Dense.Params().Set(name=f'fc{i}', input_dim=dim,
+                                           output_dim=dim))
+    layers += [activations.Activation.Params().Set(
+        name=f'tanh{i}_{j}', activation='tanh') for j in range(tanh_per_layer)]
+  return layers
 
 
-def DenseStack(num_layers: int, dim: int, batch: int) -> Stack:
+def DenseStack(num_layers: int, dim: int, batch: int,
+               tanh_per_layer: int = 0) -> Stack:
   """DenseLayers on random vectors; loss mean(y²)."""
   x = tf.random.stateless_normal([batch, dim], [0, 1])
-  return DenseLayers(num_layers, dim), x, lambda y: tf.reduce_mean(y * y)
+  return (DenseLayers(num_layers, dim, tanh_per_layer), x,
+          lambda y: tf.reduce_mean(y * y))
 
 
 def TransformerStack(num_layers: int, dim: int, batch: int, seq_len: int,

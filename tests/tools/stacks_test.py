@@ -48,3 +48,25 @@ def test_dense_stack():
   assert [l.name for l in layers] == ['fc0', 'fc1', 'fc2']
   assert x.shape == (7, 5)
   assert loss_fn(tf.ones([2, 2])).numpy() == 1.0
+
+
+def test_dense_stack_with_tanh_adds_activations_not_weights():
+  layers, x, loss_fn = stacks.DenseStack(num_layers=2, dim=5, batch=7,
+                                         tanh_per_layer=2)
+  assert [l.name for l in layers] == ['fc0', 'tanh0_0', 'tanh0_1', 'fc1',
+                                      'tanh1_0', 'tanh1_1']
+  assert [l.activation for l in layers if l.name.startswith('tanh')] == [
+      'tanh'] * 4
+  plain, _, _ = stacks.DenseStack(num_layers=2, dim=5, batch=7)
+
+  def Model(stack):
+    return pipelining_layer.PipeliningLayer.Params().Set(
+        name='stack', layers=stack, num_partitions=1).Instantiate()
+
+  with_tanh, without = Model(layers), Model(plain)
+  assert (sum(v.shape.num_elements() for v in with_tanh.trainable_variables)
+          == sum(v.shape.num_elements() for v in without.trainable_variables))
+  # The output is tanh-squashed: every value in (-1, 1).
+  y = with_tanh.FPropDefaultTheta(x * 100.0)
+  assert float(tf.reduce_max(tf.abs(y))) < 1.0
+  assert float(loss_fn(y)) >= 0.0
