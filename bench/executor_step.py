@@ -21,6 +21,8 @@ spare row (`loop_spare_row`, skip_bubbles=False).
       --variants=unrolled,loop_unlowered --write_results
   python -m bench.executor_step --micro_batches=64 \\
       --tanh_per_layer=0,4,16,32 --write_results
+  python -m bench.executor_step --threads=1 --micro_batches=8,64 \\
+      --variants=unrolled,loop_c4 --write_results
   python -m bench.executor_step --stack=amoebanet --num_layers=3 --dim=16 \\
       --num_partitions=2 --micro_batches=4 --write_results
 """
@@ -39,6 +41,7 @@ tf_setup.Setup()  # before TensorFlow loads: log noise, TensorFlow's own allocat
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+import tensorflow as tf
 
 from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
 
@@ -53,6 +56,8 @@ VARIANTS = {
     'auto': dict(executor='auto'),  # the default: one of the two per pipeline
     'loop': dict(executor='loop', skip_bubbles=True),
     'loop_spare_row': dict(executor='loop', skip_bubbles=False),
+    # Four clocks an iteration, whatever --clocks_per_iteration says.
+    'loop_c4': dict(executor='loop', clocks_per_iteration=4),
     'loop_unpacked': dict(executor='loop', pack_weights=False),
     'unrolled_jit': dict(executor='unrolled', jit_compile=True),
     'loop_jit': dict(executor='loop', jit_compile=True),
@@ -90,6 +95,10 @@ _CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                ['always', 'except_last', 'never'],
                                'Re-materialization, both variants.')
+_THREADS = flags.DEFINE_integer(
+    'threads', 0, "Threads of each of TensorFlow's two pools, the one that "
+    "runs a step's nodes and the one an op splits its work over (0: "
+    "TensorFlow's default, one per core): 1 runs the step on one thread.")
 _ONE_DEVICE = flags.DEFINE_bool('one_device', False, 'Place all K cells on '
                                  "this process's one CPU device instead of K "
                                  'logical ones: whether a cost lies in '
@@ -138,9 +147,10 @@ def Measure(m: int, devices: list[str], variants: list[str],
   steps = {}
   for name in variants:
     layers, x, loss_fn = _Stack(tanh)
+    fields = {'clocks_per_iteration': _CLOCKS.value, **VARIANTS[name]}
     model = common.BuildPipeline(
         layers, _NUM_PARTITIONS.value, m, _RECOMPUTE.value, devices,
-        clocks_per_iteration=_CLOCKS.value, **VARIANTS[name])
+        **fields)
     steps[name] = (common.TrainStep(model, plain=False, loss_fn=loss_fn), x)
     with _Lowering(name not in _UNLOWERED):  # the first call traces
       for _ in range(3):  # trace, first step, warm-up
@@ -165,6 +175,8 @@ def _ResultsFile(variants: list[str]) -> str:
     clocks += '_one_device'
   if _RECOMPUTE.value != 'always':
     clocks += f'_recompute_{_RECOMPUTE.value}'
+  if _THREADS.value:
+    clocks += f'_threads{_THREADS.value}'
   if _STACK.value == 'dense' and any(_Tanh()):
     clocks += f'_tanh{"_".join(_TANH.value)}'
   if (variants == ['unrolled', 'loop'] and _STACK.value == 'dense' and
@@ -182,6 +194,12 @@ def main(argv):
   if unknown or len(variants) != 2 or variants[0] == variants[1]:
     raise app.UsageError(f'--variants={",".join(variants)}: name two '
                          f'different ones of {", ".join(VARIANTS)}.')
+  if _THREADS.value < 0:
+    raise app.UsageError(f'--threads={_THREADS.value}: give 0 (the default) '
+                         'or more threads.')
+  # Before any op runs: TensorFlow fixes its pools at the first.
+  tf.config.threading.set_inter_op_parallelism_threads(_THREADS.value)
+  tf.config.threading.set_intra_op_parallelism_threads(_THREADS.value)
   if set(variants) & set(_UNLOWERED) and not _ONE_DEVICE.value:
     raise app.UsageError(f'--variants={",".join(variants)}: an unlowered loop '
                          'runs its whole body on one device; add --one_device.')
@@ -234,6 +252,8 @@ def main(argv):
             f'{v}: {VARIANTS[v]}' + (', loops and conds not lowered to frames'
                                      if v in _UNLOWERED else '')
             for v in variants),
+        'threads of each pool': (_THREADS.value or
+                                 "TensorFlow's default (one per core)"),
         'timing': f'{_ROUNDS.value} alternating rounds of {_STEPS.value} '
                   'steps per variant; a round\'s median per variant',
         'load average at end (1, 5, 15 min)': common.LoadAverage(),

@@ -6,12 +6,14 @@ on, and counts the nodes of the partition graphs TensorFlow actually runs
 and what the executor adds around it (loop and cond control flow, sends
 between devices, array reads and writes, weight packing, constants). For the
 loop executor the counts are per loop and per cell-clock (a loop's nodes run
-once an iteration, K cells an iteration); for the unrolled executor per cell
+once an iteration, K cells at each of its clocks); for the unrolled executor per cell
 micro-batch (K·M of them). Why the loop's step is longer on cells of a few
 tiny layers, and shorter on bigger cells, is in these counts
 (docs/loop_executor.md, "Where a tiny cell's step goes").
 
   python -m bench.loop_census --micro_batches=64 --write_results
+  python -m bench.loop_census --micro_batches=64 --clocks_per_iteration=4 \\
+      --write_results
 """
 
 from __future__ import annotations
@@ -40,17 +42,21 @@ _DIM = flags.DEFINE_integer('dim', 64, 'Width of every layer.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Mini-batch size.')
 _TANH = flags.DEFINE_integer('tanh_per_layer', 0, 'tanh activations after '
                              'each Dense (stacks.DenseLayers).')
+_CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
+                               "executor's clocks per loop iteration.")
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the tables '
                                    'to bench/results/loop_census*.md.')
 
 def Census(executor: str) -> dict[str, collections.Counter]:
   """Per part of the step ('step' or a loop's name), nodes by role."""
+  loop_fields = ({'clocks_per_iteration': _CLOCKS.value}
+                 if executor == 'loop' else {})
   devices = placement.SplitCpu(_NUM_PARTITIONS.value)
   layers, x, loss_fn = stacks.DenseStack(_NUM_LAYERS.value, _DIM.value,
                                          _BATCH.value, _TANH.value)
   model = common.BuildPipeline(layers, _NUM_PARTITIONS.value,
                                _MICRO_BATCHES.value, 'always', devices,
-                               executor=executor)
+                               executor=executor, **loop_fields)
   step = common.TrainStep(model, plain=False, loss_fn=loss_fn)
   ctx = context.context()
   ctx.enable_run_metadata()  # records each function's graphs as it is built
@@ -78,11 +84,14 @@ def main(argv):
   unrolled = Census('unrolled')['step']
   per_clock = [loop['while'], loop['while_1']]
   rows = []
+  # An iteration runs K cells at each of its clocks.
+  cell_clocks = k * _CLOCKS.value
   for role in node_roles.ROLES + ('all',):
     def Of(counter, role=role):
       return sum(counter.values()) if role == 'all' else counter[role]
-    rows.append([role, f'{Of(per_clock[0]) / k:.1f}',
-                 f'{Of(per_clock[1]) / k:.1f}', f'{Of(unrolled) / (k * m):.1f}'])
+    rows.append([role, f'{Of(per_clock[0]) / cell_clocks:.1f}',
+                 f'{Of(per_clock[1]) / cell_clocks:.1f}',
+                 f'{Of(unrolled) / (k * m):.1f}'])
   body = common.MarkdownTable(
       ('role', 'loop: forward, per cell-clock', 'loop: backward, per '
        'cell-clock', 'unrolled: whole step, per cell micro-batch'), rows)
@@ -95,14 +104,16 @@ def main(argv):
                  f'{_BATCH.value}, recompute always',
         'pipeline': f'K={k} cells on as many logical CPU devices, M={m}, one '
                     'process; executors loop (bubbles skipped, weights '
-                    'packed) and unrolled',
+                    f'packed, {_CLOCKS.value} clock(s) per iteration) and '
+                    'unrolled',
         'counted': 'nodes of the partition graphs TensorFlow runs (after '
                    'Grappler), from the run metadata of the first step; a '
                    "loop's nodes run once an iteration but for its enters "
                    'and exits',
     }
-    name = f'loop_census_d{_DIM.value}' + (f'_tanh{_TANH.value}'
-                                          if _TANH.value else '') + '.md'
+    name = (f'loop_census_d{_DIM.value}' +
+            (f'_tanh{_TANH.value}' if _TANH.value else '') +
+            (f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else '') + '.md')
     path = common.WriteResults(
         name, 'Nodes a step runs, by role, after Grappler',
         'python -m bench.loop_census ' + ' '.join(sys.argv[1:]),
