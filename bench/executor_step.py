@@ -112,7 +112,15 @@ _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
 
 
 def _Tanh() -> list[int]:
-  return [int(v) for v in _TANH.value]
+  """--tanh_per_layer's values; UsageError naming a bad one."""
+  try:
+    values = [int(v) for v in _TANH.value]
+  except ValueError:
+    values = [-1]
+  if min(values) < 0:
+    raise app.UsageError(f'--tanh_per_layer={",".join(_TANH.value)}: give '
+                         'whole numbers of 0 or more, e.g. 0,4,16.')
+  return values
 
 
 def _Stack(tanh: int) -> stacks.Stack:
@@ -194,6 +202,7 @@ def main(argv):
   if unknown or len(variants) != 2 or variants[0] == variants[1]:
     raise app.UsageError(f'--variants={",".join(variants)}: name two '
                          f'different ones of {", ".join(VARIANTS)}.')
+  _Tanh()  # checked before anything is built
   if _THREADS.value < 0:
     raise app.UsageError(f'--threads={_THREADS.value}: give 0 (the default) '
                          'or more threads.')

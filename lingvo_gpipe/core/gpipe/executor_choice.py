@@ -27,10 +27,11 @@ for its refusals).
 
 The bound is on build time alone. The loop's slower step on tiny cells is a
 fixed cost per cell and clock (about 110 nodes of its loops' bookkeeping a
-micro-batch, bench/results/loop_census_d64.md), which cells with more work
-pay off, but a cell's op count does not predict the ratio well enough to
-choose by (an AmoebaNet-D of hundreds of ops a cell stepped 1.04× on the
-loop; docs/loop_executor.md). So 64 × Dense(64), K=8, M=32 (about 29,000
+micro-batch, bench/results/loop_census_d64.md) and a second core kept less
+busy than by the unrolled graph, which cells with more work pay off; but a
+cell's op count does not predict the ratio well enough to choose by (an
+AmoebaNet-D of hundreds of ops a cell stepped 1.04× on the loop;
+docs/loop_executor.md). So 64 × Dense(64), K=8, M=32 (about 29,000
 estimated ops) gets the loop, 6.5 s to build against 31 s, at 1.5× the
 unrolled step (bench/results/graph_build_auto_dense_64x64_k8.md); a long run
 of such a model wants executor='unrolled' or a higher bound.
