@@ -47,6 +47,7 @@ _CLOCKS = flags.DEFINE_integer('clocks_per_iteration', 1, "The loop "
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the tables '
                                    'to bench/results/loop_census*.md.')
 
+
 def Census(executor: str) -> dict[str, collections.Counter]:
   """Per part of the step ('step' or a loop's name), nodes by role."""
   loop_fields = ({'clocks_per_iteration': _CLOCKS.value}
