@@ -177,7 +177,7 @@ def Measure(m: int, devices: list[str], variants: list[str],
   return dict(medians=medians, ratios=ratios)
 
 
-def _ResultsFile(variants: list[str]) -> str:
+def _ResultsFile(variants: list[str], tanhs: list[int]) -> str:
   clocks = f'_c{_CLOCKS.value}' if _CLOCKS.value > 1 else ''
   if _ONE_DEVICE.value:
     clocks += '_one_device'
@@ -185,8 +185,8 @@ def _ResultsFile(variants: list[str]) -> str:
     clocks += f'_recompute_{_RECOMPUTE.value}'
   if _THREADS.value:
     clocks += f'_threads{_THREADS.value}'
-  if _STACK.value == 'dense' and any(_Tanh()):
-    clocks += f'_tanh{"_".join(_TANH.value)}'
+  if any(tanhs):
+    clocks += f'_tanh{"_".join(str(t) for t in tanhs)}'
   if (variants == ['unrolled', 'loop'] and _STACK.value == 'dense' and
       _RECOMPUTE.value == 'always'):
     return f'executor_step_d{_DIM.value}{clocks}.md'
@@ -202,7 +202,8 @@ def main(argv):
   if unknown or len(variants) != 2 or variants[0] == variants[1]:
     raise app.UsageError(f'--variants={",".join(variants)}: name two '
                          f'different ones of {", ".join(VARIANTS)}.')
-  _Tanh()  # checked before anything is built
+  # Checked before anything is built; only the Dense stack has tanh.
+  tanhs = _Tanh() if _STACK.value == 'dense' else [0]
   if _THREADS.value < 0:
     raise app.UsageError(f'--threads={_THREADS.value}: give 0 (the default) '
                          'or more threads.')
@@ -218,8 +219,8 @@ def main(argv):
   first, second = variants
   rows = []
   # A column for the tanh activations only where some are asked for.
-  tanh_column = _STACK.value == 'dense' and any(_Tanh())
-  for tanh in (_Tanh() if _STACK.value == 'dense' else [0]):
+  tanh_column = any(tanhs)
+  for tanh in tanhs:
     for m in (int(v) for v in _MICRO_BATCHES.value):
       r = Measure(m, devices, variants, tanh)
       med = {e: statistics.median(v) * 1e3 for e, v in r['medians'].items()}
@@ -247,8 +248,8 @@ def main(argv):
                f'{_VOCAB.value}; batch {_BATCH.value} × {_SEQ_LEN.value} '
                f'tokens, recompute {_RECOMPUTE.value}')
     else:
-      tanh = (f', each followed by {" or ".join(_TANH.value)} tanh '
-              'activations' if any(_Tanh()) else '')
+      tanh = (f', each followed by {" or ".join(str(t) for t in tanhs)} '
+              'tanh activations' if tanh_column else '')
       model = (f'{_NUM_LAYERS.value} × Dense({_DIM.value}){tanh}, batch '
                f'{_BATCH.value}, recompute {_RECOMPUTE.value}')
     config = {
@@ -268,7 +269,7 @@ def main(argv):
         'load average at end (1, 5, 15 min)': common.LoadAverage(),
     }
     path = common.WriteResults(
-        _ResultsFile(variants), f'Steady step: {second} against {first}',
+        _ResultsFile(variants, tanhs), f'Steady step: {second} against {first}',
         'python -m bench.executor_step ' + ' '.join(sys.argv[1:]), facts,
         config, body)
     print(f'wrote {path}')

@@ -6,10 +6,11 @@ on, and counts the nodes of the partition graphs TensorFlow actually runs
 and what the executor adds around it (loop and cond control flow, sends
 between devices, array reads and writes, weight packing, constants). For the
 loop executor the counts are per loop and per cell-clock (a loop's nodes run
-once an iteration, K cells at each of its clocks); for the unrolled executor per cell
-micro-batch (K·M of them). Why the loop's step is longer on cells of a few
-tiny layers, and shorter on bigger cells, is in these counts
-(docs/loop_executor.md, "Where a tiny cell's step goes").
+once an iteration, K cells at each of its clocks); for the unrolled executor
+per cell micro-batch (K·M of them). They are one part of why the loop's step
+is longer on cells of a few tiny layers; the other is how busy each
+executor keeps a second core (docs/loop_executor.md, "Where a tiny cell's
+step goes").
 
   python -m bench.loop_census --micro_batches=64 --write_results
   python -m bench.loop_census --micro_batches=64 --clocks_per_iteration=4 \\

@@ -7,11 +7,14 @@ from lingvo_gpipe.core.gpipe import pipelining_layer
 from lingvo_gpipe.tools import stacks
 
 
-def _Loss(layers, inputs, loss_fn, num_micro_batches):
-  p = pipelining_layer.PipeliningLayer.Params().Set(
+def _Model(layers, num_micro_batches=1):
+  return pipelining_layer.PipeliningLayer.Params().Set(
       name='stack', layers=layers, num_partitions=1,
-      num_micro_batches=num_micro_batches)
-  model = p.Instantiate()
+      num_micro_batches=num_micro_batches).Instantiate()
+
+
+def _Loss(layers, inputs, loss_fn, num_micro_batches):
+  model = _Model(layers, num_micro_batches)
   return float(loss_fn(model.FPropDefaultTheta(inputs)))
 
 
@@ -58,12 +61,7 @@ def test_dense_stack_with_tanh_adds_activations_not_weights():
   assert [l.activation for l in layers if l.name.startswith('tanh')] == [
       'tanh'] * 4
   plain, _, _ = stacks.DenseStack(num_layers=2, dim=5, batch=7)
-
-  def Model(stack):
-    return pipelining_layer.PipeliningLayer.Params().Set(
-        name='stack', layers=stack, num_partitions=1).Instantiate()
-
-  with_tanh, without = Model(layers), Model(plain)
+  with_tanh, without = _Model(layers), _Model(plain)
   assert (sum(v.shape.num_elements() for v in with_tanh.trainable_variables)
           == sum(v.shape.num_elements() for v in without.trainable_variables))
   # The output is tanh-squashed: every value in (-1, 1).

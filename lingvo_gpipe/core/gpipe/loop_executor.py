@@ -45,12 +45,13 @@ executor holds it whole to the end. Statistics layers record (BatchNorm's
 moments) are loop variables too, merged a micro-batch at a time
 (BaseLayer.MergeStats) and recorded once. Every recompute mode runs: a
 micro-batch that keeps its activations (recompute 'never'; under
-'except_last' the last one) cannot keep a tape from one loop to the other, so in the forward loop the cell
-also returns the tensors its gradient reads, written into arrays on its
-device, one slot per micro-batch, and the backward loop reads them where it
-would have recomputed, then overwrites the slot it read with an empty
-tensor, freeing it (`_Consumed`). The forward's own inputs (weights, the
-cell's input) are not stored: the backward is given them again.
+'except_last' the last one) cannot keep a tape from one loop to the other,
+so in the forward loop the cell also returns the tensors its gradient
+reads, written into arrays on its device, one slot per micro-batch, and the
+backward loop reads them where it would have recomputed, then overwrites
+the slot it read with an empty tensor, freeing it (`_Consumed`). The
+forward's own inputs (weights, the cell's input) are not stored: the
+backward is given them again.
 
 What it does not do yet, and refuses by name: input_grads_first with kept
 activations (a kept backward is one function call whose ops cannot be
