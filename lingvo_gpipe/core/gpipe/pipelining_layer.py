@@ -538,10 +538,11 @@ class PipeliningLayer(base_layer.BaseLayer):
                                 pack_weights=p.pack_weights,
                                 jit_compile=p.jit_compile,
                                 max_unrolled_ops=p.max_unrolled_ops,
-                                on_choice=self._RecordChoice)
+                                on_choice=self.RecordChoice)
 
-  def _RecordChoice(self, choice: executor_choice.Choice) -> None:
-    """Keeps what executor='auto' chose at the last trace (executor_choice).
+  def RecordChoice(self, choice: executor_choice.Choice) -> None:
+    """Keeps what executor='auto' chose at the last trace (executor_choice),
+    or what the trainer's executor trial kept (executor_trial.py).
 
     Untracked, as `cells`: a checkpoint holds weights only.
     """
