@@ -175,7 +175,7 @@ _AT_LEAST = {
     'train.max_checkpoints_to_keep': 1, 'train.eval_max_batches': 0,
     'train.clip_gradient_norm': 0, 'train.epsilon': 0,
     'input.batch_size': 1, 'train.loss_scale_growth_steps': 1,
-    'train.loss_scale_initial': 1.0,
+    'train.loss_scale_initial': 1.0, 'train.executor_trial_steps': 0,
 }
 _POSITIVE = ('train.learning_rate',)
 

@@ -10,12 +10,16 @@ split, so one evaluator per split runs beside the trainer.
 `DIR/params.txt` describes the run whose checkpoints are in DIR: it is
 (re)written only after the run was accepted (its Params built a model that
 restored DIR's checkpoint), atomically, so a refused run never changes it.
+`DIR/executor_trial.txt` keeps what the run's executor trial kept
+(core/gpipe/executor_trial.py), for the Params it was measured under, so a
+resumed run steps on the same graph as one that never stopped.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 from typing import Optional
 
@@ -24,6 +28,7 @@ from absl import logging
 from lingvo_gpipe.core import hyperparams
 
 PARAMS_FILE = 'params.txt'
+TRIAL_FILE = 'executor_trial.txt'
 _LOCK_FILE = '.lock'
 
 
@@ -92,9 +97,56 @@ def WriteParams(logdir: str, params: hyperparams.Params) -> None:
     changed = sorted(set(text.splitlines()) ^ set(old.splitlines()))
     logging.warning('%s differs from this run\'s Params (%d lines, e.g. %s); '
                     'it is replaced.', path, len(changed), changed[:4])
+  _WriteAtomically(logdir, PARAMS_FILE, text)
+
+
+def _ParamsKey(params: hyperparams.Params) -> str:
+  """What decides which executor steps faster: the task (network, pipelines,
+  devices) and the batch; not e.g. train.max_steps, which a longer resumed
+  run raises."""
+  text = params.task.ToText() + f'\nbatch_size: {params.input.batch_size}'
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _WriteAtomically(logdir: str, name: str, text: str) -> None:
+  path = os.path.join(logdir, name)
   try:
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
       f.write(text)
     os.replace(path + '.tmp', path)
   except OSError as e:
     raise NotWritable(logdir, e) from e
+
+
+def WriteTrial(logdir: str, params: hyperparams.Params, executor: str,
+               text: str) -> None:
+  """Writes DIR/executor_trial.txt: the executor kept, under these Params."""
+  _WriteAtomically(logdir, TRIAL_FILE, f'executor: {executor}\n'
+                   f'params: {_ParamsKey(params)}\n{text}\n')
+
+
+def ReadTrial(logdir: str, params: hyperparams.Params) -> Optional[str]:
+  """The executor DIR's trial kept under these Params, or None.
+
+  None if there is no trial file, or it was written under another task or
+  batch size (then the run tries again: another M or K can change which is
+  faster).
+  """
+  path = os.path.join(logdir, TRIAL_FILE)
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError) as e:
+    logging.warning('%s cannot be read (%s); the trial runs again.', path, e)
+    return None
+  fields = dict(line.split(': ', 1) for line in lines[:2] if ': ' in line)
+  if fields.get('params') != _ParamsKey(params):
+    return None
+  executor = fields.get('executor')
+  if executor not in ('loop', 'unrolled'):
+    logging.warning('%s names no executor (%r); the trial runs again.',
+                    path, executor)
+    return None
+  return executor

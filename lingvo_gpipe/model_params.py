@@ -84,6 +84,14 @@ class ModelParams:
              "'pipeline/schedule_measured' (when each cell's tasks started and "
              "ended) and the scalar 'pipeline/measured_bubble', for a task "
              'with one pipeline (core/gpipe/measured.py).')
+    p.Define('executor_trial_steps', 20,
+             "Where a pipeline's executor is 'auto' and its unrolled graph "
+             'would be small, start on the loop executor (it builds in a '
+             'time independent of M), build the unrolled graph a step later, '
+             'time this many alternating steps of each and keep the faster '
+             '(core/gpipe/executor_trial.py); only in a run with at least 10 '
+             'times the trial left to train. 0: no trial, as \'auto\' '
+             'chooses by size alone.')
     p.Define('save_interval_steps', 500,
              'Write a checkpoint every this many steps (and at the end).')
     p.Define('max_checkpoints_to_keep', 5, 'Checkpoints kept; older ones are deleted.')

@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional, Union
 from absl import logging
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
+from lingvo_gpipe import logdir as logdir_lib
 from lingvo_gpipe import warm_start
 from lingvo_gpipe.core import base_layer
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
@@ -31,12 +33,20 @@ from lingvo_gpipe.core import lr_schedule
 from lingvo_gpipe.core import optimizer as optimizer_lib
 from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core import summary
+from lingvo_gpipe.core.gpipe import executor_trial
 from lingvo_gpipe.core.gpipe import measured
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import report as report_lib
 from lingvo_gpipe.core.nested_map import NestedMap
 
 TRAIN_SUBDIR = 'train'
+
+# The executor trial starts only in a run with this many times its own
+# length left to train (TrainProgram.TrialLength).
+TRIAL_RUN_LENGTHS = 10
+# Untimed loop steps before the trial builds the unrolled graph: the run's
+# second step, which measure_schedule profiles, runs on the loop.
+_TRIAL_WARMUP_STEPS = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -134,6 +144,9 @@ class TrainProgram:
     # The step's code uses tf.cond and tf.while_loop itself; autograph would
     # only re-parse every layer's source at each trace.
     self._step_fn = tf.function(self._Step, autograph=False)
+    # The executor trial, if the first Run starts one (_StartTrial).
+    self._trial: Optional[executor_trial.ExecutorTrial] = None
+    self._trial_considered = False
 
   @property
   def step(self) -> int:
@@ -251,6 +264,9 @@ class TrainProgram:
     """
     p = self.params.train
     target = min(until_step or p.max_steps, p.max_steps)
+    if not self._trial_considered:
+      self._trial_considered = True
+      self._StartTrial()
     meter = _Meter()
     try:
       while self.step < target:
@@ -260,6 +276,68 @@ class TrainProgram:
           f'Interrupted at global step {self.step}. {self._Kept()}') from None
     self.writer.flush()
     return self.step
+
+  def TrialLength(self) -> int:
+    """Steps the executor trial takes: warm-up, build, timed steps."""
+    return _TRIAL_WARMUP_STEPS + 2 + 2 * self.params.train.executor_trial_steps
+
+  def _StartTrial(self) -> None:
+    """Steps on an executor trial (executor_trial.py) where it is wanted.
+
+    Not if train.executor_trial_steps is 0, or TensorFlow's op determinism
+    is on (the trial's choice depends on timing), or replicas run in other
+    processes (each would choose alone); not in a run with less than
+    TRIAL_RUN_LENGTHS times the trial's length left to train. A run whose
+    logdir records a trial's choice (logdir.ReadTrial) steps on that
+    executor from its first step, without trying again.
+    """
+    p = self.params.train
+    if not p.executor_trial_steps:
+      return
+    if OpDeterminism():
+      logging.info('No executor trial: op determinism is on, and the trial '
+                   'chooses by timing; executor=\'auto\' chooses by size.')
+      return
+    if self.replicas.num_replicas > len(self.replicas.tasks):
+      # Each process would time its own steps and could keep another
+      # graph than the others, whose all-reduces would then not match.
+      logging.info('No executor trial: replicas in other processes would '
+                   "have to choose alike; executor='auto' chooses by size.")
+      return
+    decided = logdir_lib.ReadTrial(self.logdir, self.params)
+    if decided is None and (
+        p.max_steps - self.step < TRIAL_RUN_LENGTHS * self.TrialLength()):
+      return
+    if decided is not None:
+      logging.info('Executor trial: this run kept the %s executor (%s); '
+                   'no trial.', decided, os.path.join(
+                       self.logdir, logdir_lib.TRIAL_FILE))
+    choices = {}  # candidate -> {pipeline path: its choice at that trace}
+
+    def Traced(name: str) -> None:
+      choices[name] = {pipe.path: pipe.executor_choice
+                       for pipe in self.task.Pipelines()}
+
+    def Decided(decision: executor_trial.Decision) -> None:
+      # The pipelines say what runs: the kept candidate's choices.
+      for pipe in self.task.Pipelines():
+        kept = choices.get(decision.executor, {}).get(pipe.path)
+        if kept is not None:
+          pipe.RecordChoice(kept)
+      if self.replicas.is_chief:
+        try:
+          logdir_lib.WriteTrial(self.logdir, self.params, decision.executor,
+                                decision.Text())
+        except logdir_lib.LogdirError as e:  # e.g. a full disk: train on
+          logging.warning('%s A resumed run will try the executors again.', e)
+        with self.writer.as_default():
+          summary.Text('executor_trial', decision.Text(), self.step)
+
+    self._trial = executor_trial.ExecutorTrial(
+        self._Step, p.executor_trial_steps, _TRIAL_WARMUP_STEPS,
+        decided=decided, on_decision=Decided, on_trace=Traced,
+        autograph=False)
+    self._step_fn = self._trial
 
   def _RunStep(self, meter: '_Meter', target: int,
                on_checkpoint: Optional[Callable[[int, str], None]]) -> None:
@@ -273,7 +351,9 @@ class TrainProgram:
     with (measured.Profiled(hosts, min(60.0, 1.0 + 2 * meter.last_time))
           if measure else contextlib.nullcontext()) as trace:
       out = {k: v.numpy() for k, v in self._step_fn().items()}
-    meter.Add(time.time() - start, out['loss'])
+    traced = meter.steps_run == 0 or (self._trial is not None and
+                                      self._trial.last_call_traced)
+    meter.Add(time.time() - start, out['loss'], traced)
     if not out['finite'] or not (out['applied'] or out['skipped']):
       self._RaiseNonFinite(out)
     step = int(out['step'])
@@ -287,6 +367,9 @@ class TrainProgram:
       logging.info('Step %d took %.1f s (tracing the step included).',
                    step, meter.last_time)
       self._WriteStaticSummaries(step)
+    elif traced:
+      logging.info('Step %d took %.1f s (the executor trial building the '
+                   'unrolled graph included).', step, meter.last_time)
     if measure:
       try:
         self._WriteMeasuredSchedule(step, trace)
@@ -400,12 +483,13 @@ class _Meter:
     """Whether the last step added was this process's first (mostly tracing)."""
     return self.steps_run == 1
 
-  def Add(self, seconds: float, loss: float) -> None:
+  def Add(self, seconds: float, loss: float, traced: bool = False) -> None:
+    """Counts a step; one that `traced` its graph is left out of step times."""
     self.steps_run += 1
     self.last_time = seconds
     self.loss_sum += float(loss)
     self.loss_count += 1
-    if not self.first:
+    if not traced:
       self.count += 1
       self.seconds += seconds
 
@@ -423,6 +507,15 @@ class _Meter:
       line += (f'  {batch_size / step_time:.1f} examples/s  {step_time:.3f} s/step'
                f'  ETA {_Duration(eta)}')
     return line
+
+
+def OpDeterminism() -> bool:
+  """Whether tf.config.experimental.enable_op_determinism() was called.
+
+  TensorFlow's query for it is not public (pinned in requirements.txt;
+  tests/train_program_test.py calls it).
+  """
+  return tf_config.is_op_determinism_enabled()
 
 
 def _AllFinite(variables: list[tf.Variable]) -> tf.Tensor:

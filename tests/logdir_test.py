@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from lingvo_gpipe import experiment
 from lingvo_gpipe import logdir
 from lingvo_gpipe.core import hyperparams
 
@@ -46,3 +47,29 @@ def test_write_params_replaces_atomically(tmp_path):
   logdir.WriteParams(str(tmp_path), p)
   assert logdir.ReadParams(str(tmp_path)) == 'a : 2\n'
   assert sorted(os.listdir(tmp_path)) == ['params.txt']
+
+
+def _TrialParams():
+  return experiment.Resolve(experiment.Settings(model='example.toy.ToyRegression'))
+
+
+def test_the_trial_record_holds_for_its_task_and_batch_only(tmp_path, caplog):
+  params = _TrialParams()
+  assert logdir.ReadTrial(str(tmp_path), params) is None  # none written
+  logdir.WriteTrial(str(tmp_path), params, 'loop', 'Executor trial: ...')
+  assert logdir.ReadTrial(str(tmp_path), params) == 'loop'
+  longer = _TrialParams()
+  longer.train.max_steps = 10 * params.train.max_steps  # a longer resumed run
+  assert logdir.ReadTrial(str(tmp_path), longer) == 'loop'
+  for field, value in (('input.batch_size', 7),
+                       ('task.network.pipeline.num_micro_batches', 1)):
+    other = _TrialParams()
+    other.Set(**{field: value})
+    assert logdir.ReadTrial(str(tmp_path), other) is None, field
+  path = tmp_path / logdir.TRIAL_FILE
+  path.write_text(path.read_text().replace('executor: loop', 'executor: fast'))
+  assert logdir.ReadTrial(str(tmp_path), params) is None
+  assert "names no executor ('fast')" in caplog.text
+  path.write_bytes(b'\xff\xfe')
+  assert logdir.ReadTrial(str(tmp_path), params) is None
+  assert 'cannot be read' in caplog.text

@@ -7,8 +7,10 @@ import pytest
 import tensorflow as tf
 
 from lingvo_gpipe import experiment
+from lingvo_gpipe import logdir as logdir_lib
 from lingvo_gpipe import train_program
 from lingvo_gpipe.core import checkpoint as checkpoint_lib
+from lingvo_gpipe.core import replicas as replicas_lib
 from lingvo_gpipe.core import summary
 
 _TOY = 'example.toy.ToyRegression'
@@ -200,3 +202,81 @@ def test_the_step_is_traced_without_autograph(tmp_path, monkeypatch):
   monkeypatch.setattr(program.task, 'FPropDefaultTheta', BranchingFProp)
   with pytest.raises(tf.errors.OperatorNotAllowedInGraphError):
     program.Run(until_step=1)
+
+
+def _TrialRun(logdir, trial_steps, until_step=12):
+  program = _Program(logdir, f'train.max_steps=70; train.executor_trial_steps={trial_steps}')
+  program.Run(until_step=until_step)
+  return program
+
+
+def test_a_long_run_tries_both_executors_and_trains_as_one_executor(
+    tmp_path, caplog):
+  # 70 steps left, at least 10 times a trial of 2 timed steps each (7 steps).
+  caplog.set_level(logging.INFO)
+  tried = _TrialRun(tmp_path / 'tried', 2)
+  plain = _TrialRun(tmp_path / 'plain', 0)
+  assert tried._trial is not None and plain._trial is None  # pylint: disable=protected-access
+  decision = tried._trial.decision  # pylint: disable=protected-access
+  assert decision is not None and decision.steps == 2
+  for a, b in zip(_Weights(tried) + _Slots(tried), _Weights(plain) + _Slots(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert any(r.getMessage().startswith('Executor trial: the loop stepped in')
+             for r in caplog.records)
+  assert any('the executor trial building the unrolled graph included' in
+             r.getMessage() for r in caplog.records)
+  texts = summary.ReadEvents(str(tmp_path / 'tried' / 'train'))['executor_trial']
+  assert len(texts) == 1 and decision.Text() in texts[0][1].decode()
+  # The pipeline says what runs on: the kept candidate's choice.
+  (pipe,) = tried.task.Pipelines()
+  assert pipe.executor_choice.executor == decision.executor
+  assert ('the executor trial runs the loop' in
+          pipe.executor_choice.reason) == (decision.executor == 'loop')
+
+
+def test_a_short_run_builds_one_graph(tmp_path):
+  program = _Program(tmp_path, 'train.max_steps=69; train.executor_trial_steps=2')
+  program.Run(until_step=4)
+  assert program._trial is None  # pylint: disable=protected-access
+  (pipe,) = program.task.Pipelines()
+  assert pipe.executor_choice.executor == 'unrolled'
+
+
+def test_a_resumed_run_steps_on_the_executor_its_trial_kept(tmp_path):
+  straight = _TrialRun(tmp_path / 'straight', 2, until_step=14)
+  first = _TrialRun(tmp_path / 'resumed', 2, until_step=10)
+  kept = first._trial.decision.executor  # pylint: disable=protected-access
+  trial_file = tmp_path / 'resumed' / logdir_lib.TRIAL_FILE
+  assert trial_file.read_text().startswith(f'executor: {kept}\n')
+  resumed = _Program(tmp_path / 'resumed',
+                     'train.max_steps=70; train.executor_trial_steps=2')
+  assert resumed.Restore() == 10  # the checkpoint at the end of Run
+  resumed.Run(until_step=14)
+  trial = resumed._trial  # pylint: disable=protected-access
+  assert trial.decision is None and not trial.trying
+  assert list(trial._candidates) == [kept]  # pylint: disable=protected-access
+  for a, b in zip(_Weights(straight) + _Slots(straight),
+                  _Weights(resumed) + _Slots(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Under another task the record does not hold: the trial runs again.
+  other = _Program(tmp_path / 'resumed', 'train.max_steps=70; '
+                   'train.executor_trial_steps=2; '
+                   'task.network.pipeline.num_micro_batches=1')
+  assert logdir_lib.ReadTrial(str(tmp_path / 'resumed'), other.params) is None
+
+
+@pytest.mark.parametrize('why', ['op determinism is on',
+                                 'replicas in other processes'])
+def test_no_trial_where_a_timed_choice_would_not_do(tmp_path, monkeypatch,
+                                                    caplog, why):
+  caplog.set_level(logging.INFO)
+  assert train_program.OpDeterminism() is False  # TensorFlow's query works
+  if why == 'op determinism is on':
+    monkeypatch.setattr(train_program, 'OpDeterminism', lambda: True)
+  else:  # as under MultiWorker: this process holds 1 of 2 replicas
+    monkeypatch.setattr(replicas_lib.Replicas, 'num_replicas',
+                        property(lambda self: 2))
+  program = _TrialRun(tmp_path, 2, until_step=3)
+  assert program._trial is None  # pylint: disable=protected-access
+  assert any(r.getMessage().startswith(f'No executor trial: {why}')
+             for r in caplog.records)
