@@ -25,6 +25,8 @@ spare row (`loop_spare_row`, skip_bubbles=False).
       --variants=unrolled,loop_c4 --write_results
   python -m bench.executor_step --stack=amoebanet --num_layers=3 --dim=16 \\
       --num_partitions=2 --micro_batches=4 --write_results
+  python -m bench.executor_step --variants=unrolled,trial \\
+      --micro_batches=8,64 --write_results
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
 
 from bench import common
+from lingvo_gpipe.core.gpipe import executor_trial
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import schedule
 from lingvo_gpipe.tools import stacks
@@ -65,6 +68,10 @@ VARIANTS = {
     # (each iteration calls the body as a function) instead of lowered to
     # frames; such a loop runs its whole body on one device (--one_device).
     'loop_unlowered': dict(executor='loop'),
+    # The trainer's executor trial (core/gpipe/executor_trial.py): 'auto'
+    # started on the loop, the unrolled graph tried, the faster kept; run to
+    # its decision before the timed rounds.
+    'trial': dict(executor='auto'),
 }
 _UNLOWERED = ('loop_unlowered',)
 
@@ -103,6 +110,9 @@ _ONE_DEVICE = flags.DEFINE_bool('one_device', False, 'Place all K cells on '
                                  "this process's one CPU device instead of K "
                                  'logical ones: whether a cost lies in '
                                  'crossing devices.')
+_TRIAL_STEPS = flags.DEFINE_integer('trial_steps', 20, 'trial: timed steps '
+                                    'per executor in the trial (the '
+                                    "trainer's train.executor_trial_steps).")
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per variant per round.')
 _WRITE_RESULTS = flags.DEFINE_bool('write_results', False, 'Write the table '
@@ -151,18 +161,29 @@ def _Lowering(lower: bool) -> Iterator[None]:
 
 def Measure(m: int, devices: list[str], variants: list[str],
             tanh: int = 0) -> dict:
-  """Per variant, each round's median step (s); and the per-round ratios."""
-  steps = {}
+  """Per variant, each round's median step (s); the per-round ratios; per
+  variant its first call's seconds (trace and first step); the trial's
+  Decision if one ran."""
+  steps, first_call, decision = {}, {}, None
   for name in variants:
     layers, x, loss_fn = _Stack(tanh)
     fields = {'clocks_per_iteration': _CLOCKS.value, **VARIANTS[name]}
     model = common.BuildPipeline(
         layers, _NUM_PARTITIONS.value, m, _RECOMPUTE.value, devices,
         **fields)
-    steps[name] = (common.TrainStep(model, plain=False, loss_fn=loss_fn), x)
+    step = common.TrainStep(model, plain=False, loss_fn=loss_fn)
+    if name == 'trial':
+      step = executor_trial.ExecutorTrial(step.python_function,
+                                          _TRIAL_STEPS.value)
+    steps[name] = (step, x)
     with _Lowering(name not in _UNLOWERED):  # the first call traces
-      for _ in range(3):  # trace, first step, warm-up
+      first_call[name] = common.RunOnce(*steps[name])[0]
+      for _ in range(2):  # first step, warm-up
         common.RunOnce(*steps[name])
+      while name == 'trial' and step.trying:  # to its decision
+        common.RunOnce(*steps[name])
+    if name == 'trial':
+      decision = step.decision
   medians = {name: [] for name in variants}
   for _ in range(_ROUNDS.value):
     for name in variants:
@@ -174,7 +195,8 @@ def Measure(m: int, devices: list[str], variants: list[str],
       medians[name].append(statistics.median(times))
   first, second = variants
   ratios = [b / a for a, b in zip(medians[first], medians[second])]
-  return dict(medians=medians, ratios=ratios)
+  return dict(medians=medians, ratios=ratios, first_call=first_call,
+              decision=decision)
 
 
 def _ResultsFile(variants: list[str], tanhs: list[int]) -> str:
@@ -217,7 +239,7 @@ def main(argv):
   devices = (['/device:CPU:0'] * _NUM_PARTITIONS.value if _ONE_DEVICE.value
              else placement.SplitCpu(_NUM_PARTITIONS.value))
   first, second = variants
-  rows = []
+  rows, notes = [], []
   # A column for the tanh activations only where some are asked for.
   tanh_column = any(tanhs)
   for tanh in tanhs:
@@ -231,10 +253,16 @@ def main(argv):
           f'{statistics.median(r["ratios"]):.2f} '
           f'({min(r["ratios"]):.2f}–{max(r["ratios"]):.2f})'])
       print(rows[-1], flush=True)
+      notes.append(
+          f'M={m}: first call (trace and first step) ' + ', '.join(
+              f'{name} {r["first_call"][name]:.2f} s' for name in variants) +
+          ('' if r['decision'] is None else f'. {r["decision"].Text()}'))
+      print(notes[-1], flush=True)
   body = common.MarkdownTable(
       ('tanh per Dense',) * tanh_column + (
           'M', 'bubble (K-1)/(M+K-1)', f'{first} ms', f'{second} ms',
           f'{second} / {first}, median (range)'), rows)
+  body += '\n\n' + '\n\n'.join(notes)
   print(body)
   if _WRITE_RESULTS.value:
     if _STACK.value == 'amoebanet':
