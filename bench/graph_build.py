@@ -10,7 +10,10 @@ the narrow Transformer LM that `lingvo_gpipe.tools.step_memory` trains
 d_model --dim, untied softmax; --seq_len tokens, cross-entropy loss).
 --executor takes a list: with unrolled,loop every M is measured with both,
 in alternating order (and --rounds repeats the sweep), and the table adds
-the ratios of the two.
+the ratios of the two. `trial` is 'auto' run by the trainer's executor trial
+(core/gpipe/executor_trial.py): its trace and first step are the loop's,
+then the trial runs to its decision (a note says what it kept, in how many
+steps and seconds), and its steady step is the kept graph's.
 Each point runs in a process of its own (fresh TensorFlow, no cached traces or
 kernels), recording
   trace         `get_concrete_function` of the training step (autograph,
@@ -28,6 +31,9 @@ the floor.
   python -m bench.graph_build --stack=transformer --num_layers=16 --dim=32 \
       --seq_len=8 --batch=64 --micro_batches=8,32 --executor=unrolled,loop \
       --write_results
+  python -m bench.graph_build --num_layers=16 --dim=64 --batch=64 \
+      --micro_batches=8,64 --executor=unrolled,trial --rounds=2 \
+      --write_results --results_file=graph_build_trial_dense_d64.md
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import tensorflow as tf
 
 from bench import common
 from lingvo_gpipe.core import graph_optimization
+from lingvo_gpipe.core.gpipe import executor_trial
 from lingvo_gpipe.core.gpipe import pipeline
 from lingvo_gpipe.core.gpipe import placement
 from lingvo_gpipe.core.gpipe import recompute
@@ -85,14 +92,21 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'amoebanet: image side '
 _RECOMPUTE = flags.DEFINE_enum('recompute', 'always',
                                list(recompute.RECOMPUTE_MODES),
                                'Re-materialization mode.')
+# The executors a point can measure: the pipeline's, and the trainer's
+# executor trial (core/gpipe/executor_trial.py) over 'auto'.
+EXECUTORS = pipeline.EXECUTORS + ('trial',)
 _EXECUTOR = flags.DEFINE_list(
     'executor', ['unrolled'], "The pipeline's executors, comma-separated, of "
-    f'{", ".join(pipeline.EXECUTORS)} (loop: a graph that does not grow with '
-    'M); with more than one, each M is measured with each, in alternating '
-    'order.')
+    f'{", ".join(EXECUTORS)} (loop: a graph that does not grow with M; '
+    "trial: 'auto' through the trainer's executor trial, its trace and first "
+    'step the loop\'s, its steady step the kept graph\'s after the trial); '
+    'with more than one, each M is measured with each, in alternating order.')
 flags.register_validator(
-    'executor', lambda v: bool(v) and set(v) <= set(pipeline.EXECUTORS),
-    f'--executor takes a list of {", ".join(pipeline.EXECUTORS)}.')
+    'executor', lambda v: bool(v) and set(v) <= set(EXECUTORS),
+    f'--executor takes a list of {", ".join(EXECUTORS)}.')
+_TRIAL_STEPS = flags.DEFINE_integer('trial_steps', 20, 'trial: timed steps '
+                                    'per executor (the trainer\'s '
+                                    'train.executor_trial_steps).')
 _ROUNDS = flags.DEFINE_integer('rounds', 1, 'Sweeps over the pipelined '
                                'points, the order of the executors flipped '
                                'every point and round; the table gives '
@@ -124,7 +138,7 @@ _POINT = flags.DEFINE_integer('point', None, 'Internal: measure one point in '
 _SHARED_FLAGS = (_STACK, _NUM_PARTITIONS, _NUM_LAYERS, _DIM, _BATCH, _SEQ_LEN,
                  _NUM_HEADS, _VOCAB, _STACK_LAYERS, _IMAGE_SIZE, _RECOMPUTE,
                  _STEADY_STEPS, _WARMUP_STEPS, _GRAPH_OPTIMIZATION,
-                 _INLINE_BODY)
+                 _INLINE_BODY, _TRIAL_STEPS)
 
 
 def _Stack() -> stacks.Stack:
@@ -147,15 +161,30 @@ def MeasurePoint(m: int, executor: str) -> dict:
   graph_optimization.Configure(_GRAPH_OPTIMIZATION.value)
   start = time.perf_counter()
   layers, x, loss_fn = _Stack()
+  trial = executor == 'trial'
   model = common.BuildPipeline(layers, k, max(m, 1), _RECOMPUTE.value, devices,
-                               executor=executor)
+                               executor='auto' if trial else executor)
   build = time.perf_counter() - start
   step = common.TrainStep(model, plain=(m == 0), loss_fn=loss_fn)
+  if trial:
+    step = executor_trial.ExecutorTrial(step.python_function,
+                                        _TRIAL_STEPS.value)
 
   wall, cpu = time.perf_counter(), time.process_time()
-  graph = step.get_concrete_function(x).graph
+  graph = (step.Trace(x) if trial else step.get_concrete_function(x)).graph
   trace = (time.perf_counter() - wall, time.process_time() - cpu)
   first = common.RunOnce(step, x)
+  extra = {}
+  if trial:  # to the trial's decision
+    wall, calls = time.perf_counter(), 0
+    while step.trying:
+      common.RunOnce(step, x)
+      calls += 1
+    decision = step.decision
+    extra = dict(trial_steps=calls, trial_seconds=time.perf_counter() - wall,
+                 kept=decision.executor if decision else 'no trial',
+                 unrolled_build_seconds=(decision.unrolled_build if decision
+                                         else 0.0))
   for _ in range(_WARMUP_STEPS.value):
     common.RunOnce(step, x)
   steady = [common.RunOnce(step, x) for _ in range(_STEADY_STEPS.value)]
@@ -166,7 +195,8 @@ def MeasurePoint(m: int, executor: str) -> dict:
               trace_seconds=trace[0], trace_cpu_seconds=trace[1],
               first_step_seconds=first[0], first_step_cpu_seconds=first[1],
               steady_wall_seconds=statistics.median(w for w, _ in steady),
-              steady_cpu_seconds=statistics.median(c for _, c in steady))
+              steady_cpu_seconds=statistics.median(c for _, c in steady),
+              **extra)
 
 
 def RunPoint(m: int, executor: str) -> dict:
@@ -265,6 +295,21 @@ def _GrowthNote(executor: str, piped: list[dict], k: int) -> str:
       'wall time.')
 
 
+def _TrialNote(points: list[dict]) -> str:
+  """What the trial did at each M: its steps, their time, what it kept."""
+  parts = []
+  for r in points:
+    if not _Finished(r):
+      continue
+    parts.append(
+        f'M={r["micro_batches"]} kept {r["kept"]} after {r["trial_steps"]} '
+        f'more steps in {r["trial_seconds"]:.1f} s (the unrolled graph\'s '
+        f'build {r["unrolled_build_seconds"]:.1f} s of them)')
+  return ('trial: its trace and first step are the loop\'s (graph ops: the '
+          'loop\'s); it then runs the trial to its decision, and its steady '
+          'step is the kept graph\'s: ' + '; '.join(parts) + '.')
+
+
 def _RatioTable(rounds: list[dict], micro_batches: list[int],
                 executors: list[str]) -> str:
   """Per M: the first executor's figures over the second's, per round."""
@@ -342,6 +387,8 @@ def Run() -> tuple[str, dict]:
   notes = [_GrowthNote(e, [merged[(m, e)] for m in micro_batches], k)
            for e in executors]
   body += ''.join(f'\n\n{n}' for n in notes if n)
+  if 'trial' in executors:
+    body += '\n\n' + _TrialNote([merged[(m, 'trial')] for m in micro_batches])
   builds = [(f'M={m} {e}', merged[(m, e)].get('build_seconds'))
             for m in micro_batches for e in executors]
   body += ('\n\nBefore the trace, building the layers (creating and '

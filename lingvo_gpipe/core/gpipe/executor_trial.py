@@ -152,6 +152,29 @@ class ExecutorTrial:
       return UNROLLED, ('build', 'warmup')[trial]
     return (LOOP, UNROLLED)[trial % 2], 'timed'
 
+  def Trace(self, *args: Any, **kwargs: Any) -> Any:
+    """Traces the candidate the first call runs, without running it.
+
+    Returns its ConcreteFunction (e.g. to time the trace apart from the
+    first step); the first call then runs that trace.
+    """
+    if self._calls:
+      raise ValueError('ExecutorTrial.Trace: the first call has traced it.')
+    name = self._Phase()[0]
+    if name != LOOP:
+      return self._candidates[name].get_concrete_function(*args, **kwargs)
+    with executor_choice.LoopFirst() as switched:
+      traced = self._candidates[LOOP].get_concrete_function(*args, **kwargs)
+    self._Switched(switched)
+    return traced
+
+  def _Switched(self, switched: list[executor_choice.Choice]) -> None:
+    """Notes what the loop candidate's trace switched, once."""
+    if self._switched is None and not self._decided:
+      self._switched = switched
+      if not switched:  # one graph, never a second
+        self._candidates = {LOOP: self._candidates[LOOP]}
+
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     name, phase = self._Phase()
     self.last_call_traced = phase in ('trace', 'build')
@@ -159,10 +182,7 @@ class ExecutorTrial:
     if name == LOOP:
       with executor_choice.LoopFirst() as switched:
         outputs = self._candidates[LOOP](*args, **kwargs)
-      if self._switched is None and not self._decided:
-        self._switched = switched
-        if not switched:  # one graph, never a second
-          self._candidates = {LOOP: self._candidates[LOOP]}
+      self._Switched(switched)
     else:
       try:
         outputs = self._candidates[UNROLLED](*args, **kwargs)

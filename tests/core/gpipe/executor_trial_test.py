@@ -189,3 +189,18 @@ def test_an_unrolled_graph_out_of_memory_keeps_the_loop_and_the_run_goes_on():
   assert list(trial._candidates) == ['loop']  # pylint: disable=protected-access
   # The build's step failed and ran again on the loop: one call more.
   assert int(calls.numpy()) == 7
+
+
+def test_tracing_first_switches_as_the_first_call_would():
+  pipe = _Pipeline()
+  trial = executor_trial.ExecutorTrial(_TrainingStep(pipe), steps=1)
+  traced = trial.Trace()
+  assert any(op.type in ('While', 'StatelessWhile')
+             for op in traced.graph.get_operations())
+  phases = []
+  for _ in range(6):
+    phases.append(trial._Phase())  # pylint: disable=protected-access
+    trial()
+  assert phases[:4] == _PHASES[:4] and trial.decision is not None
+  with pytest.raises(ValueError, match='the first call has traced it'):
+    trial.Trace()
