@@ -302,7 +302,7 @@ def _TrialNote(points: list[dict]) -> str:
     if not _Finished(r):
       continue
     parts.append(
-        f'M={r["micro_batches"]} kept {r["kept"]} after {r["trial_steps"]} '
+        f'M={r["micro_batches"]} kept {r["kept"]} after {r["trial_steps"]:.0f} '
         f'more steps in {r["trial_seconds"]:.1f} s (the unrolled graph\'s '
         f'build {r["unrolled_build_seconds"]:.1f} s of them)')
   return ('trial: its trace and first step are the loop\'s (graph ops: the '
