@@ -80,6 +80,8 @@ def test_errors_name_the_bad_thing():
     ('train.save_interval_steps=0', 'train.save_interval_steps=0: must be >= 1'),
     ('train.log_interval_steps=0', 'train.log_interval_steps=0: must be >= 1'),
     ('input.batch_size=-4', 'input.batch_size=-4: must be >= 1'),
+    ('train.executor_trial_steps=-2',
+     'train.executor_trial_steps=-2: must be >= 0'),
 ])
 def test_validate_names_a_knob_no_run_can_use(override, message):
   with pytest.raises(hyperparams.ParamsError, match=re.escape(message)):

@@ -1,9 +1,10 @@
 """The executor trial: a training step built on both executors, timed, the faster kept.
 
-Invariant: the trial never changes the numbers. Its two candidates are one
+Invariant: the trial never changes the math. Its two candidates are one
 step function traced twice, its executor='auto' pipelines on the loop
 executor and then as 'auto' chooses (executor_choice.py); both run the same
-tasks in the same per-cell order. Every call is one real step, run by one
+tasks in the same per-cell order, equal but for the rounding two different
+graphs may do differently. Every call is one real step, run by one
 candidate or the other, and the trial decides only which graph runs the
 steps after it.
 
@@ -13,8 +14,8 @@ loop's step is 1.3-1.7× the unrolled executor's, on narrow Transformer
 blocks 0.7×, on an AmoebaNet-D about the same (docs/loop_executor.md): the
 cells' work and the machine decide, so the trial measures. The loop builds
 in a time that does not grow with M, so the run starts on it; where 'auto'
-would build the unrolled graph instead, that graph is built a few steps
-later, while training goes on, and the candidates then alternate step by
+would build the unrolled graph instead, that graph is built on the
+`warmup_steps` + 2nd call, while training goes on, and the candidates then alternate step by
 step, `steps` timed steps each. The faster median stays; the other graph
 is dropped.
 
