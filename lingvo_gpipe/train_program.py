@@ -42,7 +42,7 @@ from lingvo_gpipe.core.nested_map import NestedMap
 TRAIN_SUBDIR = 'train'
 
 # The executor trial starts only in a run with this many times its own
-# length left to train (TrainProgram.TrialLength).
+# length (executor_trial.CallsToDecide) left to train.
 TRIAL_RUN_LENGTHS = 10
 # Untimed loop steps before the trial builds the unrolled graph: the run's
 # second step, which measure_schedule profiles, runs on the loop.
@@ -277,10 +277,6 @@ class TrainProgram:
     self.writer.flush()
     return self.step
 
-  def TrialLength(self) -> int:
-    """Steps the executor trial takes: warm-up, build, timed steps."""
-    return _TRIAL_WARMUP_STEPS + 2 + 2 * self.params.train.executor_trial_steps
-
   def _StartTrial(self) -> None:
     """Steps on an executor trial (executor_trial.py) where it is wanted.
 
@@ -305,8 +301,9 @@ class TrainProgram:
                    "have to choose alike; executor='auto' chooses by size.")
       return
     decided = logdir_lib.ReadTrial(self.logdir, self.params)
-    if decided is None and (
-        p.max_steps - self.step < TRIAL_RUN_LENGTHS * self.TrialLength()):
+    length = executor_trial.CallsToDecide(p.executor_trial_steps,
+                                          _TRIAL_WARMUP_STEPS)
+    if decided is None and p.max_steps - self.step < TRIAL_RUN_LENGTHS * length:
       return
     if decided is not None:
       logging.info('Executor trial: this run kept the %s executor (%s); '

@@ -14,10 +14,10 @@ loop's step is 1.3-1.7× the unrolled executor's, on narrow Transformer
 blocks 0.7×, on an AmoebaNet-D about the same (docs/loop_executor.md): the
 cells' work and the machine decide, so the trial measures. The loop builds
 in a time that does not grow with M, so the run starts on it; where 'auto'
-would build the unrolled graph instead, that graph is built on the
-`warmup_steps` + 2nd call, while training goes on, and the candidates then alternate step by
-step, `steps` timed steps each. The faster median stays; the other graph
-is dropped.
+would build the unrolled graph instead, that graph is built after
+`warmup_steps` more loop steps, while training goes on, and the candidates
+then alternate step by step, `steps` timed steps each (`CallsToDecide`).
+The faster median stays; the other graph is dropped.
 
 If the unrolled graph runs out of memory where the loop did not, the loop
 is kept and the step runs again on it (the batch the failed step took is
@@ -41,6 +41,13 @@ import tensorflow as tf
 from lingvo_gpipe.core.gpipe import executor_choice
 
 LOOP, UNROLLED = 'loop', 'unrolled'
+
+
+def CallsToDecide(steps: int, warmup_steps: int) -> int:
+  """Calls after the first until the trial decides: `warmup_steps` on the
+  loop, the unrolled graph's build and warm-up, then `steps` timed calls of
+  each (ExecutorTrial._Phase)."""
+  return warmup_steps + 2 + 2 * steps
 
 
 @dataclasses.dataclass(frozen=True)
